@@ -1,0 +1,28 @@
+"""Strict numerics for every test: float64, so gradient comparisons are meaningful."""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> pathlib.Path:
+  """The directory with the real ``.npz`` datasets.
+
+  ``$UDD_DATA_DIR`` if set, else ``../shared/data`` beside the repository. In CI
+  (``CI=true``) a missing directory is a failure, never a skip.
+  """
+  path = pathlib.Path(os.environ.get("UDD_DATA_DIR") or SHARED_DATA)
+  if not (path / "mnist.npz").is_file():
+    message = f"real data not found: {path / 'mnist.npz'} (set UDD_DATA_DIR)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+      pytest.fail(message)
+    pytest.skip(message)
+  return path

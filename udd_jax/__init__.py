@@ -1,0 +1,26 @@
+"""udd_jax: unsupervised dataset distillation by bilevel optimisation, in JAX.
+
+The public surface is re-exported here; implementation modules live in the
+sub-packages ``udd_jax.inner`` (inner learners and their losses) and
+``udd_jax.data`` (loading and preprocessing).
+"""
+
+from udd_jax.data import BUILTIN_DATASETS as BUILTIN_DATASETS
+from udd_jax.data import PREPROCESSING_METHODS as PREPROCESSING_METHODS
+from udd_jax.data import Preprocessing as Preprocessing
+from udd_jax.data import fit_preprocessing as fit_preprocessing
+from udd_jax.data import load_dataset as load_dataset
+from udd_jax.inner import GRBMParams as GRBMParams
+from udd_jax.inner import ae_grad_closed_form as ae_grad_closed_form
+from udd_jax.inner import ae_loss as ae_loss
+from udd_jax.inner import ae_penalty_closed_form as ae_penalty_closed_form
+from udd_jax.inner import denoising_score_matching_loss as denoising_score_matching_loss
+from udd_jax.inner import features as features
+from udd_jax.inner import gradient_penalty as gradient_penalty
+from udd_jax.inner import init_params as init_params
+from udd_jax.inner import score as score
+from udd_jax.inner import score_matching_grad_closed_form as score_matching_grad_closed_form
+from udd_jax.inner import score_matching_loss as score_matching_loss
+from udd_jax.inner import score_matching_penalty_closed_form as score_matching_penalty_closed_form
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Input checks shared by the public entry points.
+
+Every check raises ``ValueError`` or ``TypeError`` with a message that names the
+argument and the problem, so that bad input fails before any compilation or
+training. Two families of checks exist:
+
+* ``check_*`` functions on host data (numpy-convertible arrays): they may look at
+  values (finiteness, label range) and are used by entry points that are never
+  traced (data loading, ``distill``, ``evaluate``).
+* ``check_static_*`` functions that only look at shapes and dtypes, so they also
+  work on tracers inside ``jax.jit`` (used by the pure losses).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+  return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
+  """Returns ``value`` if it is one of ``choices``, else raises a ValueError listing them."""
+  choices = tuple(choices)
+  if not isinstance(value, str):
+    raise TypeError(f"{name} must be a string, one of {sorted(choices)}; got {type(value).__name__}.")
+  if value not in choices:
+    raise ValueError(f"unknown {name} {value!r}; valid options are {sorted(choices)}.")
+  return value
+
+
+def check_positive_int(value: Any, name: str) -> int:
+  """Returns ``value`` as an int if it is a positive integer (bools are rejected)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be a positive integer; got {value!r} of type {type(value).__name__}.")
+  if value <= 0:
+    raise ValueError(f"{name} must be a positive integer; got {value}.")
+  return int(value)
+
+
+def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+  """Returns ``value`` as a float if it is a finite positive (or non-negative) number."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}.")
+  value = float(value)
+  if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    bound = "non-negative" if allow_zero else "positive"
+    raise ValueError(f"{name} must be a finite {bound} number; got {value}.")
+  return value
+
+
+def check_array(
+    x: Any,
+    name: str,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    floating: bool = True,
+    finite: bool = True,
+) -> np.ndarray:
+  """Converts ``x`` to a numpy array and checks rank, emptiness, dtype and values.
+
+  Args:
+    x: array-like input.
+    name: argument name used in error messages.
+    ndim: required rank, if any.
+    min_ndim: minimal rank, if any.
+    floating: if True the array must hold real numbers (float, int or uint; not
+      bool, complex, string or object). Integer images are accepted here and
+      converted by the caller where a float is needed.
+    finite: if True, NaN and infinity are rejected.
+
+  Returns:
+    The input as a numpy array (no copy when possible).
+  """
+  try:
+    arr = np.asarray(x)
+  except Exception as e:  # ragged lists and the like
+    raise TypeError(f"{name} could not be converted to an array: {e}") from None
+  if arr.dtype == object or arr.dtype.kind in "USV":
+    raise TypeError(f"{name} must be a numeric array; got dtype {arr.dtype}.")
+  if floating and arr.dtype.kind not in "fiu":
+    raise TypeError(f"{name} must hold real numbers (float or integer); got dtype {arr.dtype}.")
+  if ndim is not None and arr.ndim != ndim:
+    raise ValueError(f"{name} must have rank {ndim}; got shape {_shape_str(arr.shape)}.")
+  if min_ndim is not None and arr.ndim < min_ndim:
+    raise ValueError(f"{name} must have rank >= {min_ndim}; got shape {_shape_str(arr.shape)}.")
+  if arr.size == 0:
+    raise ValueError(f"{name} is empty (shape {_shape_str(arr.shape)}).")
+  if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+    n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or infinity).")
+  return arr
+
+
+def check_labels(y: Any, name: str, *, n: int | None = None) -> np.ndarray:
+  """Checks integer class labels: rank 1, non-negative integers, length ``n``.
+
+  Float arrays holding whole numbers are accepted (and converted); any other
+  dtype, a fractional value or a negative value is rejected.
+
+  Returns:
+    The labels as an int32 numpy array.
+  """
+  arr = check_array(y, name, ndim=1, floating=True)
+  if arr.dtype.kind == "f":
+    if not np.all(arr == np.round(arr)):
+      raise TypeError(f"{name} must hold integer class labels; got non-integer values of dtype {arr.dtype}.")
+  if np.any(arr < 0):
+    raise ValueError(f"{name} must hold non-negative class labels; got minimum {arr.min()}.")
+  if n is not None and arr.shape[0] != n:
+    raise ValueError(f"{name} has {arr.shape[0]} labels but the inputs have {n} rows.")
+  return arr.astype(np.int32)
+
+
+def check_static_data(params: Any, x: Any, name: str = "x", *, sigma2: Any = 1.0) -> None:
+  """Shape and dtype checks of GRBM ``params`` and data ``x`` that also work under ``jit``.
+
+  ``sigma2`` is checked to be positive when it is a concrete Python number.
+  """
+  if isinstance(sigma2, numbers.Real) and not (sigma2 > 0 and np.isfinite(sigma2)):
+    raise ValueError(f"sigma2 must be a finite positive number; got {sigma2}.")
+  if not isinstance(params, tuple) or len(params) != 3:
+    raise TypeError(f"params must be a GRBMParams(W, b, a); got {type(params).__name__}.")
+  W, b, a = params
+  for pname, p, rank in (("params.W", W, 2), ("params.b", b, 1), ("params.a", a, 1)):
+    if not hasattr(p, "shape") or not hasattr(p, "dtype"):
+      raise TypeError(f"{pname} must be an array; got {type(p).__name__}.")
+    if p.ndim != rank:
+      raise ValueError(f"{pname} must have rank {rank}; got shape {_shape_str(p.shape)}.")
+    if not np.issubdtype(p.dtype, np.floating):
+      raise TypeError(f"{pname} must be a floating array; got dtype {p.dtype}.")
+  d, k = W.shape
+  if b.shape != (k,):
+    raise ValueError(f"params.b must have shape {_shape_str((k,))} to match params.W {_shape_str(W.shape)}; got {_shape_str(b.shape)}.")
+  if a.shape != (d,):
+    raise ValueError(f"params.a must have shape {_shape_str((d,))} to match params.W {_shape_str(W.shape)}; got {_shape_str(a.shape)}.")
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array; got {type(x).__name__}.")
+  if x.ndim != 2:
+    raise ValueError(f"{name} must have shape (n, {d}) (flattened inputs); got {_shape_str(x.shape)}.")
+  if x.shape[1] != d:
+    raise ValueError(f"{name} has {x.shape[1]} features but params.W expects {d}; got shape {_shape_str(x.shape)}.")
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} is empty (shape {_shape_str(x.shape)}).")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise TypeError(f"{name} must be a floating array (convert images with x.astype(float) / 255); got dtype {x.dtype}.")
