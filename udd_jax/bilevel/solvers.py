@@ -1,0 +1,427 @@
+"""Bilevel solvers: small immutable strategy objects with a pure ``init`` and ``step``.
+
+Every solver has the same interface::
+
+    state = solver.init(problem, key, images)
+    state, metrics = solver.step(problem, state, batch)   # pure; jit it once
+
+``images`` is the distilled set D, shape (N, d), in the space the learner sees.
+``metrics`` is a flat dict of scalars (the diagnostics: outer loss, inner gradient
+norm, CG iterations and residual, ...). Optimisers are optax throughout.
+
+* :class:`Penalty`: jointly over (D, w, heads), task losses + (mu/2)||grad_w L_in(w; D)||^2.
+* :class:`ValueFunction`: the optimal value reformulation, task losses +
+  mu (L_in(w; D) - L_in(w'; D)) with w' from warm-started inner steps (Danskin).
+* :class:`Implicit`: w*(D) from a warm-started inner solve; dL/dD by the implicit
+  function theorem with CG on damped Hessian-vector products.
+* :class:`Unrolled`: differentiate through T inner steps from a fresh random init
+  (the original dataset distillation), optionally learning the step sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray, Scalar
+
+from udd_jax import _validation
+from udd_jax.bilevel import implicit_diff
+from udd_jax.bilevel.inner_solve import inner_solve, unroll
+from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
+from udd_jax.heads import linear as heads_lib
+from udd_jax.inner.penalty import gradient_penalty
+
+Metrics = dict[str, Array]
+ScalarOrSchedule = float | Callable[[Array], Array]
+
+
+class SolverState(NamedTuple):
+  """The whole state of a distillation run; a pytree, so it checkpoints as arrays.
+
+  Attributes:
+    step: number of outer steps taken.
+    images: the distilled set D, (N, d).
+    params: inner parameters: the jointly learned w (penalty, OVR), the warm-started
+      inner solution w*(D) (implicit) or the last unrolled w_T (unrolled).
+    heads: task-head parameters stacked over tasks (``()`` for ridge heads).
+    extra: solver-specific state (see each solver).
+    opt_state: optax states, a tuple (see each solver).
+    key: PRNG key for the next step.
+  """
+
+  step: Array
+  images: Float[Array, "N d"]
+  params: Any
+  heads: Any
+  extra: Any
+  opt_state: tuple[Any, ...]
+  key: PRNGKeyArray
+
+
+def _schedule(value: ScalarOrSchedule, name: str) -> Callable[[Array], Array]:
+  if callable(value):
+    return value
+  return optax.constant_schedule(_validation.check_positive_float(value, name, allow_zero=True))
+
+
+def mu_schedule(kind: str, init: float, *, final: float | None = None, steps: int | None = None) -> optax.Schedule:
+  """The penalty weight ``mu`` over outer steps: ``"constant"``, ``"geometric"`` or ``"linear"``.
+
+  ``geometric`` and ``linear`` go from ``init`` to ``final`` over ``steps`` steps and
+  stay there.
+
+  Examples:
+    >>> s = mu_schedule("geometric", 1.0, final=100.0, steps=10)
+    >>> [round(float(s(t)), 3) for t in (0, 5, 10, 20)]
+    [1.0, 10.0, 100.0, 100.0]
+  """
+  _validation.check_choice(kind, "mu schedule", ("constant", "geometric", "linear"))
+  init = _validation.check_positive_float(init, "mu init")
+  if kind == "constant":
+    return optax.constant_schedule(init)
+  if final is None or steps is None:
+    raise ValueError(f"a {kind} mu schedule needs both final and steps.")
+  final = _validation.check_positive_float(final, "mu final")
+  steps = _validation.check_positive_int(steps, "mu steps")
+  if kind == "linear":
+    return optax.linear_schedule(init, final, steps)
+  return optax.exponential_decay(init, steps, final / init, end_value=final)
+
+
+def diversity(images: Float[Array, "N d"]) -> Scalar:
+  """Mean squared distance of the distilled points from their mean (the seed's diversity term)."""
+  return jnp.mean(jnp.sum((images - jnp.mean(images, axis=0)) ** 2, axis=1))
+
+
+def _apply(optimizer: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _fit_heads(
+    problem: Any, heads: Any, opt_state: Any, optimizer: optax.GradientTransformation, params: Any, batch: TaskBatch, steps: int
+) -> tuple[Any, Any, Array]:
+  """A few optimiser steps on the heads at fixed features; returns heads, state and the loss."""
+  feats = jax.lax.stop_gradient(jax.vmap(problem.features, in_axes=(None, 0))(params, batch.x))
+  mask = jnp.asarray(problem.class_mask)
+
+  def loss(h):
+    return heads_lib.multitask_loss(problem.head, h, feats, batch.y, mask)[0]
+
+  if not problem.head.has_params:
+    return heads, opt_state, loss(heads)
+
+  def body(carry, _):
+    h, s = carry
+    h, s = _apply(optimizer, jax.grad(loss)(h), s, h)
+    return (h, s), None
+
+  (heads, opt_state), _ = jax.lax.scan(body, (heads, opt_state), None, length=steps)
+  return heads, opt_state, loss(heads)
+
+
+def _init_common(problem: Any, key: PRNGKeyArray, images: Array) -> tuple[Any, Any, PRNGKeyArray]:
+  if isinstance(problem, BilevelProblem):
+    problem.check_images(images)
+  k_params, k_heads, key = jax.random.split(key, 3)
+  return problem.init_params(k_params, images.dtype), problem.init_heads(k_heads, images.dtype), key
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+  """Quadratic penalty: min over (D, w, heads) of sum_j L_j + (mu/2)||grad_w L_in(w; D)||^2 - lambda div(D).
+
+  Attributes:
+    mu: penalty weight, a float or an optax schedule of the outer step (see :func:`mu_schedule`).
+    diversity: weight ``lambda`` of the diversity term (0 disables it).
+    image_optimizer: optax optimiser for D.
+    model_optimizer: optax optimiser for (w, heads).
+
+  State: ``extra`` is ``()``; ``opt_state`` is ``(images, (w, heads))``.
+  """
+
+  mu: ScalarOrSchedule = 1.0
+  diversity: float = 0.0
+  image_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  model_optimizer: optax.GradientTransformation = optax.adam(1e-3)
+  name = "penalty"
+
+  def __post_init__(self):
+    _schedule(self.mu, "mu")
+    _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
+
+  def init(self, problem: Any, key: PRNGKeyArray, images: Array) -> SolverState:
+    params, heads, key = _init_common(problem, key, images)
+    opt_state = (self.image_optimizer.init(images), self.model_optimizer.init((params, heads)))
+    return SolverState(jnp.asarray(0), images, params, heads, (), opt_state, key)
+
+  def step(self, problem: Any, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+    key, k_inner = jax.random.split(state.key)
+    mu = _schedule(self.mu, "mu")(state.step)
+
+    def objective(images, model):
+      params, heads = model
+      outer, _ = problem.outer_loss(params, heads, batch)
+      penalty = gradient_penalty(problem.inner_loss, params, images, k_inner)
+      div = diversity(images)
+      return outer + 0.5 * mu * penalty - self.diversity * div, (outer, penalty, div)
+
+    (total, (outer, penalty, div)), (g_images, g_model) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        state.images, (state.params, state.heads)
+    )
+    s_images, s_model = state.opt_state
+    images, s_images = _apply(self.image_optimizer, g_images, s_images, state.images)
+    (params, heads), s_model = _apply(self.model_optimizer, g_model, s_model, (state.params, state.heads))
+    metrics = {
+        "objective": total,
+        "outer_loss": outer,
+        "penalty": penalty,
+        "inner_grad_norm": jnp.sqrt(penalty),
+        "mu": jnp.asarray(mu, total.dtype),
+        "diversity": div,
+        "image_grad_norm": optax.tree.norm(g_images),
+    }
+    new_state = SolverState(state.step + 1, images, params, heads, (), (s_images, s_model), key)
+    return new_state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueFunction:
+  """Optimal value reformulation: sum_j L_j + mu (L_in(w; D) - min_w' L_in(w'; D)).
+
+  The minimum is approximated by ``inner_steps`` warm-started steps of
+  ``inner_optimizer`` on an auxiliary w' (started from w when w fits D better);
+  by Danskin's theorem the gradient in D is the partial gradient at w'.
+
+  State: ``extra`` is ``(w', inner optimiser state)``; ``opt_state`` is ``(images, (w, heads))``.
+  """
+
+  mu: ScalarOrSchedule = 1.0
+  diversity: float = 0.0
+  inner_steps: int = 10
+  inner_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  image_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  model_optimizer: optax.GradientTransformation = optax.adam(1e-3)
+  name = "value_function"
+
+  def __post_init__(self):
+    _schedule(self.mu, "mu")
+    _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
+    _validation.check_positive_int(self.inner_steps, "inner_steps")
+
+  def init(self, problem: Any, key: PRNGKeyArray, images: Array) -> SolverState:
+    params, heads, key = _init_common(problem, key, images)
+    extra = (params, self.inner_optimizer.init(params))
+    opt_state = (self.image_optimizer.init(images), self.model_optimizer.init((params, heads)))
+    return SolverState(jnp.asarray(0), images, params, heads, extra, opt_state, key)
+
+  def step(self, problem: Any, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+    key, k_inner = jax.random.split(state.key)
+    mu = _schedule(self.mu, "mu")(state.step)
+    inner = lambda p, images: problem.inner_loss(p, images, k_inner)
+
+    w_prime, s_prime = state.extra
+    w_is_better = inner(state.params, state.images) < inner(w_prime, state.images)
+    w_start = jax.tree.map(lambda a, b: jnp.where(w_is_better, a, b), state.params, w_prime)
+    solved = inner_solve(
+        lambda p: inner(p, state.images), w_start, s_prime, self.inner_optimizer, max_steps=self.inner_steps
+    )
+    w_prime = solved.params
+
+    def objective(images, model):
+      params, heads = model
+      outer, _ = problem.outer_loss(params, heads, batch)
+      gap = inner(params, images) - inner(w_prime, images)
+      div = diversity(images)
+      return outer + mu * gap - self.diversity * div, (outer, gap, div)
+
+    (total, (outer, gap, div)), (g_images, g_model) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        state.images, (state.params, state.heads)
+    )
+    s_images, s_model = state.opt_state
+    images, s_images = _apply(self.image_optimizer, g_images, s_images, state.images)
+    (params, heads), s_model = _apply(self.model_optimizer, g_model, s_model, (state.params, state.heads))
+    metrics = {
+        "objective": total,
+        "outer_loss": outer,
+        "value_gap": gap,
+        "inner_value": inner(w_prime, state.images),
+        "inner_grad_norm": solved.grad_norm,
+        "mu": jnp.asarray(mu, total.dtype),
+        "diversity": div,
+        "image_grad_norm": optax.tree.norm(g_images),
+    }
+    new_state = SolverState(state.step + 1, images, params, heads, (w_prime, solved.opt_state), (s_images, s_model), key)
+    return new_state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit:
+  """Implicit differentiation: dL/dD = -(d^2 L_in / dD dw) (H_ww + damping I)^-1 grad_w L.
+
+  Each step: a warm-started inner solve (``inner_optimizer`` until the gradient
+  norm is below ``inner_tol`` or ``inner_steps``), ``head_steps`` updates of the
+  heads at w* (so they enter at their optimum, Danskin), then CG for the adjoint.
+
+  State: ``extra`` is the inner optimiser state; ``opt_state`` is ``(images, heads)``.
+  """
+
+  inner_steps: int = 100
+  inner_tol: float = 1e-4
+  inner_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  damping: float = 1e-3
+  cg_tol: float = 1e-5
+  cg_steps: int = 50
+  head_steps: int = 5
+  head_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  diversity: float = 0.0
+  image_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  name = "implicit"
+
+  def __post_init__(self):
+    _validation.check_positive_int(self.inner_steps, "inner_steps")
+    _validation.check_positive_float(self.inner_tol, "inner_tol", allow_zero=True)
+    _validation.check_positive_float(self.damping, "damping", allow_zero=True)
+    _validation.check_positive_int(self.cg_steps, "cg_steps")
+    _validation.check_positive_int(self.head_steps, "head_steps")
+    _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
+
+  def init(self, problem: Any, key: PRNGKeyArray, images: Array) -> SolverState:
+    params, heads, key = _init_common(problem, key, images)
+    opt_state = (self.image_optimizer.init(images), self.head_optimizer.init(heads))
+    return SolverState(jnp.asarray(0), images, params, heads, self.inner_optimizer.init(params), opt_state, key)
+
+  def step(self, problem: Any, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+    key, k_inner = jax.random.split(state.key)
+    inner = lambda p, images: problem.inner_loss(p, images, k_inner)
+    solved = inner_solve(
+        lambda p: inner(p, state.images),
+        state.params,
+        state.extra,
+        self.inner_optimizer,
+        max_steps=self.inner_steps,
+        tol=self.inner_tol,
+    )
+    s_images, s_heads = state.opt_state
+    heads, s_heads, _ = _fit_heads(problem, state.heads, s_heads, self.head_optimizer, solved.params, batch, self.head_steps)
+    outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(solved.params)
+    g_images, cg = implicit_diff.implicit_hypergradient(
+        inner, solved.params, state.images, v, damping=self.damping, tol=self.cg_tol, max_steps=self.cg_steps
+    )
+    if self.diversity:
+      g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
+    images, s_images = _apply(self.image_optimizer, g_images, s_images, state.images)
+    metrics = {
+        "outer_loss": outer,
+        "inner_value": inner(solved.params, state.images),
+        "inner_grad_norm": solved.grad_norm,
+        "inner_steps": solved.num_steps,
+        "cg_steps": cg.num_steps,
+        "cg_residual": cg.residual,
+        "cg_negative_curvature": cg.negative_curvature,
+        "image_grad_norm": optax.tree.norm(g_images),
+    }
+    new_state = SolverState(state.step + 1, images, solved.params, heads, solved.opt_state, (s_images, s_heads), key)
+    return new_state, metrics
+
+
+INNER_TRANSFORMS = {"sgd": optax.identity, "adam": optax.scale_by_adam}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrolled:
+  """Unrolled differentiation through ``unroll_steps`` inner steps from a fresh random init.
+
+  As in the original dataset distillation: each outer step samples a new init w0,
+  trains it on D for T steps (``inner_optimizer`` ``"sgd"`` or ``"adam"`` with one
+  step size per step, learned when ``learn_step_size``), fits the heads at w_T
+  (Danskin), and backpropagates the task losses through the T steps (or only the
+  last ``truncate`` of them).
+
+  State: ``extra`` is the log step sizes (T,); ``opt_state`` is ``((images, log step sizes), heads)``.
+  """
+
+  unroll_steps: int = 20
+  inner_optimizer: str = "sgd"
+  inner_lr: float = 0.1
+  learn_step_size: bool = True
+  truncate: int | None = None
+  head_steps: int = 5
+  head_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  diversity: float = 0.0
+  image_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  name = "unrolled"
+
+  def __post_init__(self):
+    _validation.check_choice(self.inner_optimizer, "inner_optimizer", INNER_TRANSFORMS)
+    _validation.check_positive_int(self.unroll_steps, "unroll_steps")
+    _validation.check_positive_float(self.inner_lr, "inner_lr")
+    _validation.check_positive_int(self.head_steps, "head_steps")
+    _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
+    if self.truncate is not None:
+      _validation.check_positive_int(self.truncate, "truncate")
+
+  def init(self, problem: Any, key: PRNGKeyArray, images: Array) -> SolverState:
+    params, heads, key = _init_common(problem, key, images)
+    log_lr = jnp.full((self.unroll_steps,), jnp.log(self.inner_lr), images.dtype)
+    opt_state = (self.image_optimizer.init((images, log_lr)), self.head_optimizer.init(heads))
+    return SolverState(jnp.asarray(0), images, params, heads, log_lr, opt_state, key)
+
+  def step(self, problem: Any, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+    key, k_init, k_inner = jax.random.split(state.key, 3)
+    inner = lambda p, images: problem.inner_loss(p, images, k_inner)
+    w0 = problem.init_params(k_init, state.images.dtype)
+    transform = INNER_TRANSFORMS[self.inner_optimizer]()
+
+    def train(images, log_lr):
+      return unroll(inner, w0, images, jnp.exp(log_lr), transform=transform, truncate=self.truncate)
+
+    w_final, vjp = jax.vjp(train, state.images, state.extra)
+    s_outer, s_heads = state.opt_state
+    heads, s_heads, _ = _fit_heads(problem, state.heads, s_heads, self.head_optimizer, w_final, batch, self.head_steps)
+    outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(w_final)
+    g_images, g_log_lr = vjp(v)
+    if self.diversity:
+      g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
+    if not self.learn_step_size:
+      g_log_lr = jnp.zeros_like(g_log_lr)
+    (images, log_lr), s_outer = _apply(self.image_optimizer, (g_images, g_log_lr), s_outer, (state.images, state.extra))
+    metrics = {
+        "outer_loss": outer,
+        "inner_value": inner(w_final, state.images),
+        "inner_grad_norm": optax.tree.norm(jax.grad(inner)(w_final, state.images)),
+        "mean_step_size": jnp.mean(jnp.exp(log_lr)),
+        "image_grad_norm": optax.tree.norm(g_images),
+    }
+    new_state = SolverState(state.step + 1, images, w_final, heads, log_lr, (s_outer, s_heads), key)
+    return new_state, metrics
+
+
+SOLVERS = {"penalty": Penalty, "value_function": ValueFunction, "implicit": Implicit, "unrolled": Unrolled}
+Solver = Penalty | ValueFunction | Implicit | Unrolled
+
+
+def get_solver(name: str | Solver, **options: Any) -> Solver:
+  """Builds a solver by name (``penalty``, ``value_function``, ``implicit``, ``unrolled``) with options.
+
+  Unknown options raise a ``TypeError`` that lists the valid ones.
+
+  Examples:
+    >>> get_solver("implicit", cg_steps=20).cg_steps
+    20
+  """
+  if isinstance(name, (Penalty, ValueFunction, Implicit, Unrolled)):
+    if options:
+      return dataclasses.replace(name, **options)
+    return name
+  cls = SOLVERS[_validation.check_choice(name, "solver", SOLVERS)]
+  valid = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(options) - valid)
+  if unknown:
+    raise TypeError(f"unknown option(s) {unknown} for solver {name!r}; valid options are {sorted(valid)}.")
+  return cls(**options)

@@ -1,0 +1,126 @@
+"""Task heads on top of learned features, stacked over tasks and ``vmap``ped.
+
+A head maps features ``(n, K)`` to a loss against integer labels. Tasks may have
+different numbers of classes: every task's head is padded to the largest count
+and a boolean ``class_mask`` (one row per task) marks the classes that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Scalar
+
+from udd_jax import _validation
+
+HEADS = ("softmax", "ridge")
+_MASKED_LOGIT = -1e9
+
+
+class LinearHeadParams(NamedTuple):
+  """A linear map from features to class scores: ``W`` (K, C), ``b`` (C,)."""
+
+  W: Float[Array, "K C"]
+  b: Float[Array, " C"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxHead:
+  """Multinomial logistic regression: mean cross-entropy plus ``l2/2 ||W||^2``."""
+
+  l2: float = 1e-4
+  has_params = True
+
+  def init(self, key: PRNGKeyArray, n_features: int, n_classes: int, dtype=jnp.float32) -> LinearHeadParams:
+    del key  # the loss is convex in the head: zeros are a fine and deterministic start
+    return LinearHeadParams(jnp.zeros((n_features, n_classes), dtype), jnp.zeros((n_classes,), dtype))
+
+  def logits(self, params: LinearHeadParams, feats: Float[Array, "n K"], class_mask: Bool[Array, " C"]) -> Array:
+    return jnp.where(class_mask, feats @ params.W + params.b, _MASKED_LOGIT)
+
+  def loss(
+      self,
+      params: LinearHeadParams,
+      feats: Float[Array, "n K"],
+      labels: Int[Array, " n"],
+      class_mask: Bool[Array, " C"],
+  ) -> Scalar:
+    ce = optax.softmax_cross_entropy_with_integer_labels(self.logits(params, feats, class_mask), labels)
+    return jnp.mean(ce) + 0.5 * self.l2 * jnp.sum(params.W**2)
+
+  def predict(self, params: LinearHeadParams, feats: Array, class_mask: Array, *, fit_feats=None, fit_labels=None) -> Array:
+    del fit_feats, fit_labels
+    return jnp.argmax(self.logits(params, feats, class_mask), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RidgeHead:
+  """Closed-form ridge regression onto one-hot labels, fitted on the batch it is given.
+
+  The loss is ``min_beta mean_i ||[f_i, 1] beta - e_{y_i}||^2 + l2 ||beta||^2``: the
+  head is at its optimum by construction, so it has no parameters of its own.
+  """
+
+  l2: float = 1e-3
+  has_params = False
+
+  def init(self, key: PRNGKeyArray, n_features: int, n_classes: int, dtype=jnp.float32) -> tuple[()]:
+    del key, n_features, n_classes, dtype
+    return ()
+
+  @staticmethod
+  def _design(feats: Array) -> Array:
+    return jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+
+  def fit(self, feats: Array, labels: Array, class_mask: Array) -> Array:
+    """The ridge coefficients ``beta`` (K+1, C) on ``feats``; last row is the bias."""
+    f1 = self._design(feats)
+    targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
+    n = feats.shape[0]
+    gram = f1.T @ f1 / n + self.l2 * jnp.eye(f1.shape[1], dtype=feats.dtype)
+    return jax.scipy.linalg.solve(gram, f1.T @ targets / n, assume_a="pos")
+
+  def loss(self, params: tuple[()], feats: Array, labels: Array, class_mask: Array) -> Scalar:
+    del params
+    beta = self.fit(feats, labels, class_mask)
+    targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
+    return jnp.mean(jnp.sum((self._design(feats) @ beta - targets) ** 2, axis=1)) + self.l2 * jnp.sum(beta**2)
+
+  def predict(self, params: tuple[()], feats: Array, class_mask: Array, *, fit_feats: Array, fit_labels: Array) -> Array:
+    del params
+    scores = self._design(feats) @ self.fit(fit_feats, fit_labels, class_mask)
+    return jnp.argmax(jnp.where(class_mask, scores, _MASKED_LOGIT), axis=-1)
+
+
+Head = SoftmaxHead | RidgeHead
+
+
+def get_head(name: str | Head, *, l2: float | None = None) -> Head:
+  """Returns the head called ``name`` (``"softmax"`` or ``"ridge"``); a head object passes through."""
+  if isinstance(name, (SoftmaxHead, RidgeHead)):
+    return name
+  _validation.check_choice(name, "head", HEADS)
+  cls = SoftmaxHead if name == "softmax" else RidgeHead
+  if l2 is None:
+    return cls()
+  return cls(l2=_validation.check_positive_float(l2, "head_l2", allow_zero=True))
+
+
+def multitask_loss(
+    head: Head,
+    heads_params: Any,
+    feats: Float[Array, "T n K"],
+    labels: Int[Array, "T n"],
+    class_mask: Bool[Array, "T C"],
+) -> tuple[Scalar, Float[Array, " T"]]:
+  """Sum over tasks of each task's head loss, the heads stacked on a leading axis and vmapped.
+
+  Returns:
+    ``(total, per_task)``.
+  """
+  per_task = jax.vmap(head.loss)(heads_params, feats, labels, class_mask)
+  return jnp.sum(per_task), per_task
