@@ -343,7 +343,13 @@ class Unrolled:
   (Danskin), and backpropagates the task losses through the T steps (or only the
   last ``truncate`` of them).
 
-  State: ``extra`` is the log step sizes (T,); ``opt_state`` is ``((images, log step sizes), heads)``.
+  Because every step starts from a new init, the features of w_T change from step
+  to step (hidden units come out in any order), so heads are fitted afresh each
+  step: ``head_steps`` steps of ``head_optimizer`` from zero for softmax heads;
+  a ridge head (``make_problem(head="ridge")``) is fitted in closed form and is
+  the better match for this solver.
+
+  State: ``extra`` is the log step sizes (T,); ``opt_state`` is ``((images, log step sizes),)``.
   """
 
   unroll_steps: int = 20
@@ -351,8 +357,8 @@ class Unrolled:
   inner_lr: float = 0.1
   learn_step_size: bool = True
   truncate: int | None = None
-  head_steps: int = 5
-  head_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  head_steps: int = 50
+  head_optimizer: optax.GradientTransformation = optax.adam(0.1)
   diversity: float = 0.0
   image_optimizer: optax.GradientTransformation = optax.adam(1e-2)
   name = "unrolled"
@@ -369,11 +375,11 @@ class Unrolled:
   def init(self, problem: Any, key: PRNGKeyArray, images: Array) -> SolverState:
     params, heads, key = _init_common(problem, key, images)
     log_lr = jnp.full((self.unroll_steps,), jnp.log(self.inner_lr), images.dtype)
-    opt_state = (self.image_optimizer.init((images, log_lr)), self.head_optimizer.init(heads))
+    opt_state = (self.image_optimizer.init((images, log_lr)),)
     return SolverState(jnp.asarray(0), images, params, heads, log_lr, opt_state, key)
 
   def step(self, problem: Any, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
-    key, k_init, k_inner = jax.random.split(state.key, 3)
+    key, k_init, k_inner, k_heads = jax.random.split(state.key, 4)
     inner = lambda p, images: problem.inner_loss(p, images, k_inner)
     w0 = problem.init_params(k_init, state.images.dtype)
     transform = INNER_TRANSFORMS[self.inner_optimizer]()
@@ -382,8 +388,11 @@ class Unrolled:
       return unroll(inner, w0, images, jnp.exp(log_lr), transform=transform, truncate=self.truncate)
 
     w_final, vjp = jax.vjp(train, state.images, state.extra)
-    s_outer, s_heads = state.opt_state
-    heads, s_heads, _ = _fit_heads(problem, state.heads, s_heads, self.head_optimizer, w_final, batch, self.head_steps)
+    (s_outer,) = state.opt_state
+    heads = problem.init_heads(k_heads, state.images.dtype)
+    heads, _, _ = _fit_heads(
+        problem, heads, self.head_optimizer.init(heads), self.head_optimizer, w_final, batch, self.head_steps
+    )
     outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(w_final)
     g_images, g_log_lr = vjp(v)
     if self.diversity:
@@ -398,7 +407,7 @@ class Unrolled:
         "mean_step_size": jnp.mean(jnp.exp(log_lr)),
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    new_state = SolverState(state.step + 1, images, w_final, heads, log_lr, (s_outer, s_heads), key)
+    new_state = SolverState(state.step + 1, images, w_final, heads, log_lr, (s_outer,), key)
     return new_state, metrics
 
 

@@ -30,7 +30,7 @@ class LinearHeadParams(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxHead:
-  """Multinomial logistic regression: mean cross-entropy plus ``l2/2 ||W||^2``."""
+  """Multinomial logistic regression: mean cross-entropy plus ``l2/2 ||W||^2`` (over existing classes)."""
 
   l2: float = 1e-4
   has_params = True
@@ -50,7 +50,8 @@ class SoftmaxHead:
       class_mask: Bool[Array, " C"],
   ) -> Scalar:
     ce = optax.softmax_cross_entropy_with_integer_labels(self.logits(params, feats, class_mask), labels)
-    return jnp.mean(ce) + 0.5 * self.l2 * jnp.sum(params.W**2)
+    # Padded classes (absent from this task) carry no weight decay either.
+    return jnp.mean(ce) + 0.5 * self.l2 * jnp.sum(jnp.where(class_mask, params.W, 0.0) ** 2)
 
   def predict(self, params: LinearHeadParams, feats: Array, class_mask: Array, *, fit_feats=None, fit_labels=None) -> Array:
     del fit_feats, fit_labels

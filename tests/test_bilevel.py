@@ -1,0 +1,341 @@
+"""Bilevel solvers against problems with known answers (float64)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import udd_jax
+from udd_jax import bilevel
+from udd_jax.heads import linear as heads_lib
+
+# ---------------------------------------------------------------------------
+# Oracle 1: inner ridge regression, w*(D) = (D^T D + lam I)^-1 D^T t, outer 1/2||B w - c||^2.
+# ---------------------------------------------------------------------------
+
+LAM = 0.5
+
+
+def ridge_problem(seed=0, n=7, p=4, m=5):
+  rng = np.random.default_rng(seed)
+  D = jnp.asarray(rng.normal(size=(n, p)))
+  t = jnp.asarray(rng.normal(size=n))
+  B = jnp.asarray(rng.normal(size=(m, p)))
+  c = jnp.asarray(rng.normal(size=m))
+  inner = lambda w, D: 0.5 * jnp.sum((D @ w - t) ** 2) + 0.5 * LAM * jnp.sum(w**2)
+  outer = lambda w: 0.5 * jnp.sum((B @ w - c) ** 2)
+  return D, t, B, c, inner, outer
+
+
+def ridge_oracle(D, t, B, c):
+  """Analytic dL/dD = (t - D w*) u^T - D u w*^T with u = M^-1 grad L(w*), M = D^T D + lam I."""
+  M = D.T @ D + LAM * jnp.eye(D.shape[1])
+  w = jnp.linalg.solve(M, D.T @ t)
+  u = jnp.linalg.solve(M, B.T @ (B @ w - c))
+  return w, jnp.outer(t - D @ w, u) - jnp.outer(D @ u, w)
+
+
+def test_ridge_oracle_matches_autodiff_of_closed_form():
+  D, t, B, c, _, outer = ridge_problem()
+  w_star = lambda D: jnp.linalg.solve(D.T @ D + LAM * jnp.eye(D.shape[1]), D.T @ t)
+  np.testing.assert_allclose(jax.grad(lambda D: outer(w_star(D)))(D), ridge_oracle(D, t, B, c)[1], rtol=1e-12)
+
+
+def test_implicit_hypergradient_matches_oracle():
+  D, t, B, c, inner, outer = ridge_problem()
+  w, expected = ridge_oracle(D, t, B, c)
+  g, stats = bilevel.implicit_hypergradient(inner, w, D, jax.grad(outer)(w), damping=0.0, tol=1e-13, max_steps=100)
+  np.testing.assert_allclose(g, expected, rtol=1e-9, atol=1e-12)
+  assert stats.residual < 1e-12 and not stats.negative_curvature
+  assert 1 <= stats.num_steps <= 4 + 1  # CG on a 4x4 SPD system: at most 4 steps in exact arithmetic
+
+
+def test_implicit_argmin_custom_vjp_matches_oracle():
+  D, t, B, c, inner, outer = ridge_problem(seed=1)
+  opt = optax.sgd(0.05)
+
+  def solve(w0, D):
+    return bilevel.inner_solve(lambda w: inner(w, D), w0, opt.init(w0), opt, max_steps=20000, tol=1e-13).params
+
+  argmin = bilevel.implicit_argmin(inner, solve, damping=0.0, tol=1e-13, max_steps=100)
+  g = jax.grad(lambda D: outer(argmin(jnp.zeros(4), D)))(D)
+  np.testing.assert_allclose(g, ridge_oracle(D, t, B, c)[1], rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("truncate", [None, 1500])
+def test_unrolled_hypergradient_with_many_steps_matches_oracle(truncate):
+  D, t, B, c, inner, outer = ridge_problem(seed=2)
+  M = D.T @ D + LAM * jnp.eye(4)
+  lr = 1.0 / jnp.linalg.eigvalsh(M).max()
+  steps = jnp.full((3000,), lr)
+  g = jax.grad(lambda D: outer(bilevel.unroll(inner, jnp.zeros(4), D, steps, truncate=truncate)))(D)
+  np.testing.assert_allclose(g, ridge_oracle(D, t, B, c)[1], rtol=1e-7, atol=1e-10)
+
+
+def test_unrolled_gradient_wrt_step_sizes_matches_finite_differences():
+  D, t, B, c, inner, outer = ridge_problem(seed=3)
+  steps = jnp.linspace(0.01, 0.05, 10)
+  loss = lambda s: outer(bilevel.unroll(inner, jnp.zeros(4), D, s, transform=optax.scale_by_adam()))
+  g = jax.grad(loss)(steps)
+  eps = 1e-6
+  for i in (0, 4, 9):
+    e = jnp.zeros(10).at[i].set(eps)
+    fd = (loss(steps + e) - loss(steps - e)) / (2 * eps)
+    assert abs(g[i] - fd) <= 1e-6 * max(abs(fd), 1e-3)
+
+
+def test_inner_solve_stops_at_tolerance():
+  opt = optax.sgd(0.1)
+  res = bilevel.inner_solve(lambda w: 0.5 * jnp.sum(w**2), jnp.ones(3), opt.init(jnp.ones(3)), opt, max_steps=1000, tol=1e-3)
+  # ||grad|| = sqrt(3) 0.9^k <= 1e-3 first at k = 71.
+  assert int(res.num_steps) == 71 and res.grad_norm <= 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Oracle 2: penalty and OVR converge to the bilevel solution as mu grows.
+# inner 1/2 (w1 - th)^2 + 1/2 (w2 - th)^2, outer 1/2 (w1 - 1)^2 + 1/2 (w2 + 3)^2.
+# Bilevel solution th* = -1, w* = (-1, -1). Penalty/OVR solution: th = -1,
+# w1 = (1 - mu)/(1 + mu), w2 = (-3 - mu)/(1 + mu), so ||w - w*(th)|| = 2 sqrt(2)/(1 + mu).
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyProblem:
+  head = heads_lib.RidgeHead()
+  class_mask = np.ones((1, 1), bool)
+
+  def inner_loss(self, w, images, key):
+    return 0.5 * jnp.sum((w - images[0, 0]) ** 2)
+
+  def outer_loss(self, w, heads, batch):
+    value = 0.5 * (w[0] - 1.0) ** 2 + 0.5 * (w[1] + 3.0) ** 2
+    return value, value[None]
+
+  def init_params(self, key, dtype=jnp.float64):
+    return jnp.zeros(2, dtype)
+
+  def init_heads(self, key, dtype=jnp.float64):
+    return ()
+
+
+def run_solver(solver, problem, images, steps, batch=None):
+  state = solver.init(problem, jax.random.key(0), images)
+
+  @jax.jit
+  def run(state):
+    return jax.lax.scan(lambda s, _: solver.step(problem, s, batch), state, None, length=steps)
+
+  return run(state)
+
+
+@pytest.mark.parametrize("solver_name", ["penalty", "value_function"])
+def test_penalty_and_value_function_converge_to_bilevel_solution(solver_name):
+  errors = []
+  for mu in (1.0, 10.0, 100.0):
+    lr = 0.5 / (1.0 + 2.0 * mu)
+    options = dict(mu=mu, image_optimizer=optax.sgd(lr), model_optimizer=optax.sgd(lr))
+    if solver_name == "value_function":
+      options.update(inner_steps=1, inner_optimizer=optax.sgd(1.0))  # exact inner minimum in one step
+    state, _ = run_solver(bilevel.get_solver(solver_name, **options), ToyProblem(), jnp.zeros((1, 1)), 20000)
+    theta, w = float(state.images[0, 0]), np.asarray(state.params)
+    np.testing.assert_allclose(theta, -1.0, atol=1e-8)
+    np.testing.assert_allclose(w, [(1 - mu) / (1 + mu), (-3 - mu) / (1 + mu)], atol=1e-8)
+    errors.append(np.linalg.norm(w - theta))
+  np.testing.assert_allclose(errors, [2 * np.sqrt(2) / (1 + mu) for mu in (1.0, 10.0, 100.0)], rtol=1e-6)
+
+
+def test_geometric_mu_schedule_drives_the_gap_to_zero():
+  schedule = bilevel.mu_schedule("geometric", 1.0, final=1e4, steps=20000)
+  solver = bilevel.Penalty(mu=schedule, image_optimizer=optax.adam(1e-2), model_optimizer=optax.adam(1e-2))
+  state, metrics = run_solver(solver, ToyProblem(), jnp.zeros((1, 1)), 30000)
+  assert abs(float(state.images[0, 0]) + 1.0) < 1e-2
+  np.testing.assert_allclose(state.params, [-1.0, -1.0], atol=1e-2)
+  assert metrics["mu"][-1] == pytest.approx(1e4)
+
+
+# ---------------------------------------------------------------------------
+# Oracle 3: the real GRBM problem. Implicit hypergradient at a converged inner solution
+# equals central finite differences of the outer loss with the inner problem re-solved.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner, weight_decay", [("ae", 0.0), ("score_matching", 1e-2)])
+def test_implicit_hypergradient_matches_finite_differences_on_grbm(inner, weight_decay):
+  """Data from two clusters, so the fitted GRBM uses its hidden units and the minimum is strict.
+
+  Score matching on such data has a nearly flat direction (a hidden unit that saturates),
+  so the oracle applies only with a little weight decay, which is added here.
+  """
+  rng = np.random.default_rng(0)
+  problem = bilevel.make_problem(n_visible=5, n_hidden=2, n_classes=3, inner=inner, init_scale=0.5)
+  centres = 2.0 * rng.normal(size=(2, 5))
+  images = jnp.asarray(centres[rng.integers(0, 2, 20)] + 0.5 * rng.normal(size=(20, 5)))
+  batch = bilevel.TaskBatch(jnp.asarray(rng.normal(size=(1, 30, 5))), jnp.asarray(rng.integers(0, 3, size=(1, 30))))
+  heads = heads_lib.LinearHeadParams(jnp.asarray(rng.normal(size=(1, 2, 3))), jnp.asarray(rng.normal(size=(1, 3))))
+  key = jax.random.key(0)
+  f = lambda p, D: problem.inner_loss(p, D, key) + 0.5 * weight_decay * optax.tree.norm(p, squared=True)
+  w0 = problem.init_params(jax.random.key(1), jnp.float64)
+  flat0, unravel = ravel_pytree(w0)
+
+  @jax.jit
+  def newton_solve(flat, D):
+    g = lambda z: ravel_pytree(jax.grad(f)(unravel(z), D))[0]
+
+    def body(z, _):
+      return z - jnp.linalg.solve(jax.jacfwd(g)(z), g(z)), None
+
+    return jax.lax.scan(body, flat, None, length=30)[0]
+
+  opt = optax.adam(0.02)
+  warm = bilevel.inner_solve(lambda p: f(p, images), w0, opt.init(w0), opt, max_steps=5000).params
+  w_star = newton_solve(ravel_pytree(warm)[0], images)
+  assert optax.tree.norm(jax.grad(f)(unravel(w_star), images)) < 1e-12
+  hessian = jax.hessian(lambda z: f(unravel(z), images))(w_star)
+  assert jnp.linalg.eigvalsh(hessian).min() > 1e-3  # a strict local minimum: the oracle applies
+
+  outer = lambda z: problem.outer_loss(unravel(z), heads, batch)[0]
+  v = jax.grad(lambda p: problem.outer_loss(p, heads, batch)[0])(unravel(w_star))
+  g, stats = bilevel.implicit_hypergradient(f, unravel(w_star), images, v, damping=0.0, tol=1e-12, max_steps=200)
+  assert stats.residual < 1e-10
+
+  eps = 1e-5
+  for _ in range(3):
+    direction = jnp.asarray(rng.normal(size=images.shape))
+    fd = (
+        outer(newton_solve(w_star, images + eps * direction)) - outer(newton_solve(w_star, images - eps * direction))
+    ) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g, direction), fd, rtol=1e-6, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# Heads and tasks.
+# ---------------------------------------------------------------------------
+
+
+def test_ridge_head_matches_least_squares():
+  rng = np.random.default_rng(0)
+  feats, labels = rng.normal(size=(40, 6)), rng.integers(0, 4, size=40)
+  head = heads_lib.RidgeHead(l2=0.1)
+  beta = head.fit(jnp.asarray(feats), jnp.asarray(labels), jnp.ones(4, bool))
+  f1 = np.hstack([feats, np.ones((40, 1))])
+  expected = np.linalg.solve(f1.T @ f1 / 40 + 0.1 * np.eye(7), f1.T @ np.eye(4)[labels] / 40)
+  np.testing.assert_allclose(beta, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("head", ["softmax", "ridge"])
+def test_vmap_over_tasks_equals_python_loop(head):
+  rng = np.random.default_rng(1)
+  problem = bilevel.make_problem(n_visible=6, n_hidden=4, n_classes=[5, 2, 3], head=head)
+  params = udd_jax.init_params(jax.random.key(0), 6, 4, init_scale=1.0, dtype=jnp.float64)
+  heads = problem.init_heads(jax.random.key(1), jnp.float64)
+  heads = jax.tree.map(lambda h: h + jnp.asarray(rng.normal(size=h.shape)), heads)
+  batch = bilevel.TaskBatch(jnp.asarray(rng.uniform(size=(3, 20, 6))), jnp.asarray(rng.integers(0, 2, size=(3, 20))))
+  total, per_task = problem.outer_loss(params, heads, batch)
+  loop = []
+  for t, n_classes in enumerate((5, 2, 3)):
+    task_problem = dataclasses.replace(problem, n_classes=(n_classes,))
+    task_heads = jax.tree.map(lambda h: h[t : t + 1, ..., :n_classes] if h.ndim == 2 else h[t : t + 1, :, :n_classes], heads)
+    task_batch = bilevel.TaskBatch(batch.x[t : t + 1], batch.y[t : t + 1])
+    loop.append(task_problem.outer_loss(params, task_heads, task_batch)[0])
+  np.testing.assert_allclose(per_task, loop, rtol=1e-12)
+  assert float(total) == pytest.approx(float(sum(loop)), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# The solvers on real data: jit equals no-jit, no recompilation, they learn.
+# ---------------------------------------------------------------------------
+
+SOLVER_OPTIONS = {
+    "penalty": dict(mu=0.01, model_optimizer=optax.adam(3e-2)),
+    "value_function": dict(inner_steps=5, model_optimizer=optax.adam(3e-2)),
+    "implicit": dict(inner_steps=20, cg_steps=10, damping=0.1),
+    "unrolled": dict(unroll_steps=5, head_steps=10),
+}
+
+
+def digits_tasks(n_tasks):
+  (x, y), _ = udd_jax.load_dataset("digits")
+  x = jnp.asarray(x.reshape(len(x), -1), jnp.float64)
+  y = jnp.asarray(y)
+  tasks = ((x, y), (x, y % 2), (x, (y >= 5).astype(jnp.int32)))[:n_tasks]
+  return x, tasks, [10, 2, 2][:n_tasks]
+
+
+@pytest.mark.parametrize("name", list(bilevel.SOLVERS))
+def test_jit_equals_no_jit_and_no_recompilation(name):
+  x, tasks, n_classes = digits_tasks(3)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1)
+  solver = bilevel.get_solver(name, **SOLVER_OPTIONS[name])
+  state = solver.init(problem, jax.random.key(0), x[:10])
+  batch = bilevel.sample_batch(jax.random.key(1), tasks, 16)
+  eager_state, eager_metrics = solver.step(problem, state, batch)
+
+  traces = []
+
+  def step(state, batch):
+    traces.append(1)
+    return solver.step(problem, state, batch)
+
+  jitted = jax.jit(step)
+  jit_state, jit_metrics = jitted(state, batch)
+  for a, b in zip(jax.tree.leaves((eager_state, eager_metrics)), jax.tree.leaves((jit_state, jit_metrics))):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  for i in range(3):
+    jit_state, _ = jitted(jit_state, bilevel.sample_batch(jax.random.key(2 + i), tasks, 16))
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("n_tasks", [1, 3])
+@pytest.mark.parametrize("name", list(bilevel.SOLVERS))
+def test_solvers_reduce_the_outer_loss_on_digits(name, n_tasks):
+  x, tasks, n_classes = digits_tasks(n_tasks)
+  # Unrolled starts every step from a new init, so its heads are refitted each step: ridge does it exactly.
+  head = "ridge" if name == "unrolled" else "softmax"
+  problem = bilevel.make_problem(n_visible=64, n_hidden=16, n_classes=n_classes, init_scale=0.1, head=head)
+  solver = bilevel.get_solver(name, **SOLVER_OPTIONS[name])
+  state = solver.init(problem, jax.random.key(0), x[:10])
+
+  @jax.jit
+  def run(state):
+    def body(s, _):
+      k = jax.random.fold_in(s.key, 7)
+      return solver.step(problem, s, bilevel.sample_batch(k, tasks, 64))
+
+    return jax.lax.scan(body, state, None, length=60)
+
+  final, metrics = run(state)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in metrics.values())
+  outer = np.asarray(metrics["outer_loss"])
+  assert outer[-10:].mean() < 0.9 * outer[:5].mean()
+  assert not jnp.allclose(final.images, state.images)
+
+
+# ---------------------------------------------------------------------------
+# Options.
+# ---------------------------------------------------------------------------
+
+
+def test_solver_option_errors():
+  with pytest.raises(ValueError, match=r"unknown solver 'newton'; valid options are \['implicit', 'penalty'"):
+    bilevel.get_solver("newton")
+  with pytest.raises(TypeError, match=r"unknown option\(s\) \['cg_iters'\] for solver 'implicit'"):
+    bilevel.get_solver("implicit", cg_iters=3)
+  with pytest.raises(ValueError, match="unknown inner_optimizer 'rmsprop'"):
+    bilevel.Unrolled(inner_optimizer="rmsprop")
+  with pytest.raises(ValueError, match="mu must be a finite non-negative"):
+    bilevel.Penalty(mu=-1.0)
+  with pytest.raises(ValueError, match="needs both final and steps"):
+    bilevel.mu_schedule("linear", 1.0)
+  with pytest.raises(ValueError, match="unknown head 'svm'"):
+    bilevel.make_problem(n_visible=4, n_hidden=2, n_classes=3, head="svm")
+  with pytest.raises(ValueError, match="unknown inner loss 'vae'"):
+    bilevel.make_problem(n_visible=4, n_hidden=2, n_classes=3, inner="vae")
+  problem = bilevel.make_problem(n_visible=4, n_hidden=2, n_classes=3)
+  with pytest.raises(ValueError, match="images has 5 features but params.W expects 4"):
+    bilevel.Penalty().init(problem, jax.random.key(0), jnp.zeros((3, 5)))
