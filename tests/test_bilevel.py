@@ -339,3 +339,39 @@ def test_solver_option_errors():
   problem = bilevel.make_problem(n_visible=4, n_hidden=2, n_classes=3)
   with pytest.raises(ValueError, match="images has 5 features but params.W expects 4"):
     bilevel.Penalty().init(problem, jax.random.key(0), jnp.zeros((3, 5)))
+
+
+@pytest.mark.parametrize("inner", udd_jax.INNER_LOSSES)
+def test_every_inner_loss_works_with_every_solver(inner):
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, inner=inner, init_scale=0.1)
+  batch = bilevel.sample_batch(jax.random.key(1), tasks, 32)
+  for name in bilevel.SOLVERS:
+    solver = bilevel.get_solver(name, **SOLVER_OPTIONS[name])
+    state = solver.init(problem, jax.random.key(0), x[:10])
+    new_state, metrics = jax.jit(solver.step, static_argnums=0)(problem, state, batch)
+    assert all(bool(jnp.isfinite(v)) for v in metrics.values()), (name, metrics)
+    assert float(jnp.abs(new_state.images - state.images).max()) > 0, name
+
+
+def test_tasks_from_different_datasets(real_data_dir):
+  """MNIST, Fashion-MNIST and USPS (resized to 28x28) as three tasks sharing one D."""
+  tasks = []
+  for name in ("mnist", "fashion_mnist", "usps"):
+    (x, y), _ = udd_jax.load_dataset(name, data_dir=real_data_dir)
+    x = udd_jax.resize_images(x[:2000], (28, 28))
+    tasks.append((jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y[:2000])))
+  assert tasks[2][0].shape == (2000, 784)
+  problem = bilevel.make_problem(n_visible=784, n_hidden=16, n_classes=[10, 10, 10], init_scale=0.1)
+  solver = bilevel.get_solver("penalty", mu=0.01, model_optimizer=optax.adam(3e-2))
+  state = solver.init(problem, jax.random.key(0), tasks[0][0][:10])
+  step = jax.jit(solver.step, static_argnums=0)
+  losses = []
+  for i in range(40):
+    batch = bilevel.sample_batch(jax.random.key(i), tasks, 64)
+    assert batch.x.shape == (3, 64, 784)
+    state, metrics = step(problem, state, batch)
+    losses.append(float(metrics["outer_loss"]))
+  # Three 10-class tasks start at 3 log(10) = 6.91 and must all improve.
+  assert losses[0] == pytest.approx(3 * np.log(10), rel=1e-3)
+  assert np.mean(losses[-5:]) < 0.9 * losses[0]

@@ -244,3 +244,14 @@ def test_preprocessing_errors(digits_train):
     prep.invert(np.zeros((3, 63)))
   with pytest.raises(ValueError, match="lacks"):
     udd_jax.Preprocessing.from_dict({"method": "zca", "image_shape": [8, 8], "mean": np.zeros(64), "zca_reg": 0.1})
+
+
+def test_resize_images():
+  x = np.random.default_rng(0).uniform(size=(3, 16, 16)).astype(np.float32)
+  y = udd_jax.resize_images(x, (28, 28))
+  assert y.shape == (3, 28, 28) and y.dtype == np.float32
+  assert 0.0 <= y.min() and y.max() <= 1.0
+  np.testing.assert_allclose(y.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=0.02)
+  np.testing.assert_allclose(udd_jax.resize_images(x, (16, 16)), x, atol=1e-6)
+  with pytest.raises(ValueError, match="shape must be two positive integers"):
+    udd_jax.resize_images(x, (28,))

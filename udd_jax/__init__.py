@@ -1,21 +1,35 @@
 """udd_jax: unsupervised dataset distillation by bilevel optimisation, in JAX.
 
 The public surface is re-exported here; implementation modules live in the
-sub-packages ``udd_jax.inner`` (inner learners and their losses) and
-``udd_jax.data`` (loading and preprocessing).
+sub-packages ``udd_jax.inner`` (inner learners and their losses), ``udd_jax.heads``
+(task heads), ``udd_jax.bilevel`` (the problem and its solvers) and ``udd_jax.data``
+(loading and preprocessing).
 """
 
+from udd_jax.bilevel import Implicit as Implicit
+from udd_jax.bilevel import Penalty as Penalty
+from udd_jax.bilevel import SolverState as SolverState
+from udd_jax.bilevel import TaskBatch as TaskBatch
+from udd_jax.bilevel import Unrolled as Unrolled
+from udd_jax.bilevel import ValueFunction as ValueFunction
+from udd_jax.bilevel import get_solver as get_solver
+from udd_jax.bilevel import make_problem as make_problem
+from udd_jax.bilevel import mu_schedule as mu_schedule
+from udd_jax.bilevel import sample_batch as sample_batch
 from udd_jax.data import BUILTIN_DATASETS as BUILTIN_DATASETS
 from udd_jax.data import PREPROCESSING_METHODS as PREPROCESSING_METHODS
 from udd_jax.data import Preprocessing as Preprocessing
 from udd_jax.data import fit_preprocessing as fit_preprocessing
 from udd_jax.data import load_dataset as load_dataset
+from udd_jax.data import resize_images as resize_images
+from udd_jax.inner import INNER_LOSSES as INNER_LOSSES
 from udd_jax.inner import GRBMParams as GRBMParams
 from udd_jax.inner import ae_grad_closed_form as ae_grad_closed_form
 from udd_jax.inner import ae_loss as ae_loss
 from udd_jax.inner import ae_penalty_closed_form as ae_penalty_closed_form
 from udd_jax.inner import denoising_score_matching_loss as denoising_score_matching_loss
 from udd_jax.inner import features as features
+from udd_jax.inner import get_inner_learner as get_inner_learner
 from udd_jax.inner import gradient_penalty as gradient_penalty
 from udd_jax.inner import init_params as init_params
 from udd_jax.inner import score as score

@@ -8,3 +8,4 @@ from udd_jax.data.loading import resolve_data_dir as resolve_data_dir
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS as PREPROCESSING_METHODS
 from udd_jax.data.preprocessing import Preprocessing as Preprocessing
 from udd_jax.data.preprocessing import fit_preprocessing as fit_preprocessing
+from udd_jax.data.preprocessing import resize_images as resize_images

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from udd_jax import _validation
@@ -103,6 +104,26 @@ class Preprocessing:
         inverse=np.asarray(d["inverse"], dtype=np.float64) if has_matrix else None,
         zca_reg=float(np.asarray(d["zca_reg"])),
     )
+
+
+def resize_images(x: Any, shape: tuple[int, int], *, method: str = "linear") -> np.ndarray:
+  """Resizes images ``(n, H, W)`` or ``(n, H, W, C)`` to ``shape`` (H', W'), e.g. USPS 16x16 to 28x28.
+
+  This lets datasets of different sizes be tasks of one distillation. Uses
+  ``jax.image.resize`` (``"linear"``, ``"cubic"``, ``"nearest"``, ...); values stay in [0, 1]
+  for ``"linear"`` and ``"nearest"``.
+
+  Examples:
+    >>> import numpy as np
+    >>> resize_images(np.ones((2, 16, 16), np.float32), (28, 28)).shape
+    (2, 28, 28)
+  """
+  x = _validation.check_array(x, "x", min_ndim=3)
+  if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+    raise ValueError(f"shape must be two positive integers (height, width); got {shape!r}.")
+  target = (x.shape[0], *shape, *x.shape[3:])
+  out = jax.image.resize(np.asarray(x, np.float32), target, method=method)
+  return np.asarray(out, np.float32)
 
 
 def fit_preprocessing(x: Any, *, method: str = "none", zca_reg: float = 0.1) -> Preprocessing:
