@@ -1,0 +1,81 @@
+"""A converged multinomial logistic regression head (L-BFGS), the probe of SPEC section 5."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int
+
+
+class LogisticHead(NamedTuple):
+  """Standardisation of the features plus a linear map: ``((f - mean) / scale) @ W + b``."""
+
+  mean: Float[Array, " K"]
+  scale: Float[Array, " K"]
+  W: Float[Array, "K C"]
+  b: Float[Array, " C"]
+  num_steps: Array
+  grad_norm: Array
+
+
+def fit_logistic(
+    feats: Float[Array, "n K"],
+    labels: Int[Array, " n"],
+    n_classes: int,
+    *,
+    l2: float = 1e-4,
+    max_steps: int = 500,
+    tol: float = 1e-5,
+) -> LogisticHead:
+  """Fits ``mean CE + l2/2 ||W||^2`` on standardised features with L-BFGS until ``||grad|| <= tol``.
+
+  Features are standardised first (per feature; constant features keep scale 1), which
+  makes L-BFGS converge in a few hundred steps whatever the feature scale. Jit- and
+  vmap-friendly (a ``lax.while_loop``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (200, 3))
+    >>> y = (x[:, 0] > 0).astype(jnp.int32)
+    >>> head = fit_logistic(x, y, 2)
+    >>> float(accuracy(head, x, y)) > 0.95
+    True
+  """
+  mean = jnp.mean(feats, axis=0)
+  std = jnp.std(feats, axis=0)
+  scale = jnp.where(std > 1e-6, std, 1.0)
+  z = (feats - mean) / scale
+  onehot = jax.nn.one_hot(labels, n_classes, dtype=feats.dtype)
+
+  def loss(params):
+    W, b = params
+    return jnp.mean(optax.softmax_cross_entropy(z @ W + b, onehot)) + 0.5 * l2 * jnp.sum(W**2)
+
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  def cond(carry):
+    _, _, i, gnorm = carry
+    return (i < max_steps) & (gnorm > tol)
+
+  def body(carry):
+    params, state, i, _ = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    params = optax.apply_updates(params, updates)
+    return params, state, i + 1, optax.tree.norm(grad)
+
+  params0 = (jnp.zeros((feats.shape[1], n_classes), feats.dtype), jnp.zeros((n_classes,), feats.dtype))
+  (W, b), _, steps, gnorm = jax.lax.while_loop(cond, body, (params0, opt.init(params0), jnp.asarray(0), jnp.asarray(jnp.inf, feats.dtype)))
+  return LogisticHead(mean, scale, W, b, steps, gnorm)
+
+
+def predict(head: LogisticHead, feats: Float[Array, "n K"]) -> Int[Array, " n"]:
+  return jnp.argmax(((feats - head.mean) / head.scale) @ head.W + head.b, axis=-1)
+
+
+def accuracy(head: LogisticHead, feats: Float[Array, "n K"], labels: Int[Array, " n"]) -> Array:
+  return jnp.mean(predict(head, feats) == labels)
