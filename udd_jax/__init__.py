@@ -22,6 +22,12 @@ from udd_jax.data import Preprocessing as Preprocessing
 from udd_jax.data import fit_preprocessing as fit_preprocessing
 from udd_jax.data import load_dataset as load_dataset
 from udd_jax.data import resize_images as resize_images
+from udd_jax.distill import DistillResult as DistillResult
+from udd_jax.distill import distill as distill
+from udd_jax.distill import load_distilled as load_distilled
+from udd_jax.evaluation import EvaluationReport as EvaluationReport
+from udd_jax.evaluation import Recipe as Recipe
+from udd_jax.evaluation import evaluate as evaluate
 from udd_jax.inner import INNER_LOSSES as INNER_LOSSES
 from udd_jax.inner import GRBMParams as GRBMParams
 from udd_jax.inner import ae_grad_closed_form as ae_grad_closed_form

@@ -80,6 +80,31 @@ class Recipe:
     )
 
 
+def retrain_with_step_sizes(
+    images: Float[Array, "N d"],
+    step_sizes: Float[Array, " T"],
+    key: PRNGKeyArray,
+    *,
+    learner: learners.InnerLearner,
+    n_hidden: int,
+    init_scale: float | Array,
+    adam: bool,
+) -> tuple[Any, Array, Array]:
+  """Trains a fresh learner on ``images`` alone, full batch, one step per entry of ``step_sizes``.
+
+  ``adam`` selects Adam-scaled updates over plain gradient steps. ``step_sizes`` and
+  ``init_scale`` may be traced, so one compilation serves every recipe of a given length.
+  Returns (params, final inner loss, final gradient norm).
+  """
+  k_init, k_loss = jax.random.split(key)
+  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=1.0, dtype=images.dtype)
+  params = params._replace(W=init_scale * params.W)
+  loss = lambda p, d: learner.loss(p, d, k_loss)
+  transform = optax.scale_by_adam() if adam else optax.identity()
+  params = unroll(loss, params, images, step_sizes, transform=transform)
+  return params, loss(params, images), optax.tree.norm(jax.grad(loss)(params, images))
+
+
 def retrain(
     images: Float[Array, "N d"],
     recipe: Recipe,
@@ -90,14 +115,10 @@ def retrain(
     steps: int | None = None,
 ) -> tuple[Any, Array, Array]:
   """Trains a fresh learner on ``images`` alone with ``recipe``; returns (params, final loss, grad norm)."""
-  k_init, k_loss = jax.random.split(key)
-  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=recipe.init_scale, dtype=images.dtype)
-  loss = lambda p, d: learner.loss(p, d, k_loss)
-  params = unroll(
-      loss, params, images, jnp.asarray(recipe.step_sizes(steps), images.dtype),
-      transform=INNER_OPTIMIZERS[recipe.inner_optimizer](),
+  return retrain_with_step_sizes(
+      images, jnp.asarray(recipe.step_sizes(steps), images.dtype), key, learner=learner, n_hidden=n_hidden,
+      init_scale=recipe.init_scale, adam=recipe.inner_optimizer == "adam",
   )
-  return params, loss(params, images), optax.tree.norm(jax.grad(loss)(params, images))
 
 
 @dataclasses.dataclass

@@ -1,0 +1,433 @@
+"""``udd_jax.distill``: the distillation driver, its result, and saving / loading it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from udd_jax import _validation
+from udd_jax.bilevel import problem as problem_lib
+from udd_jax.bilevel import solvers as solvers_lib
+from udd_jax.data.preprocessing import PREPROCESSING_METHODS, Preprocessing, fit_preprocessing
+from udd_jax.evaluation import protocol
+from udd_jax.inner.grbm import GRBMParams
+
+FORMAT_VERSION = 1
+DEFAULT_SOLVER = "unrolled"
+INITS = ("real", "kmeans", "random")
+# Options of distill() itself; everything else in **options goes to the solver.
+PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
+# Per-solver defaults that differ from the solver classes' own (the best found, see docs/RESULTS.md).
+SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unrolled": dict(unroll_steps=200, inner_optimizer="adam", inner_lr=0.01),
+}
+DEFAULT_HEADS = {"unrolled": "ridge"}
+DEFAULT_STEPS = 500
+
+
+@dataclasses.dataclass
+class DistillResult:
+  """A distilled set with everything needed to use, re-train from and reproduce it.
+
+  Attributes:
+    images: the distilled set, (n_distill, *image_shape), in the value space of the input ``x``.
+    params: the inner parameters at the end of distillation (the jointly learned w for
+      penalty / value function; the last inner solution otherwise).
+    history: one dict of metrics per logged step.
+    config: every setting of the run, with the inner recipe under ``inner_optimizer``,
+      ``inner_lr``, ``inner_steps``, ``init_scale``.
+    preprocessing: the map from value space to the learner's inputs.
+  """
+
+  images: np.ndarray
+  params: GRBMParams
+  history: list[dict[str, float]]
+  config: dict[str, Any]
+  preprocessing: Preprocessing
+
+  @property
+  def recipe(self) -> protocol.Recipe:
+    """The inner recipe that re-trains a learner on :attr:`images`."""
+    return protocol.Recipe.from_config(self.config)
+
+  def save(self, path: str | os.PathLike) -> pathlib.Path:
+    """Writes one ``.npz`` (no pickle), atomically: write to a temporary file, then rename."""
+    path = pathlib.Path(path)
+    arrays = {
+        "format_version": np.asarray(FORMAT_VERSION),
+        "library_version": np.asarray(_library_version()),
+        "images": np.asarray(self.images),
+        "params_W": np.asarray(self.params.W),
+        "params_b": np.asarray(self.params.b),
+        "params_a": np.asarray(self.params.a),
+        "config": np.asarray(json.dumps(self.config)),
+        "history": np.asarray(json.dumps(self.history)),
+    }
+    arrays.update({f"preprocessing_{k}": v for k, v in self.preprocessing.to_dict().items()})
+    _atomic_savez(path, arrays)
+    return path
+
+
+def _library_version() -> str:
+  from udd_jax import __version__
+
+  return __version__
+
+
+def _atomic_savez(path: pathlib.Path, arrays: dict[str, Any]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def load_distilled(path: str | os.PathLike) -> DistillResult:
+  """Restores a :class:`DistillResult` written by :meth:`DistillResult.save`.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: truncated or corrupted file, a missing field, or an unknown format version.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no distilled set at {str(path)!r}.")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      data = {k: f[k] for k in f.files}
+  except Exception as e:
+    raise ValueError(f"{path} is not a readable distilled set (truncated or corrupted?): {e}") from None
+  if "format_version" not in data:
+    raise ValueError(f"{path} is not a udd_jax distilled set: it has no format_version.")
+  version = int(data["format_version"])
+  if version != FORMAT_VERSION:
+    raise ValueError(f"{path} has format version {version}; this udd_jax reads version {FORMAT_VERSION}.")
+  missing = [k for k in ("images", "params_W", "params_b", "params_a", "config", "history") if k not in data]
+  if missing:
+    raise ValueError(f"{path} lacks the field(s) {missing}.")
+  prep = {k[len("preprocessing_"):]: v for k, v in data.items() if k.startswith("preprocessing_")}
+  return DistillResult(
+      images=data["images"],
+      params=GRBMParams(data["params_W"], data["params_b"], data["params_a"]),
+      history=json.loads(str(data["history"])),
+      config=json.loads(str(data["config"])),
+      preprocessing=Preprocessing.from_dict(prep),
+  )
+
+
+def _tasks_from_inputs(x: Any, y: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Normalises the three ways of giving tasks into a list of (x, y) pairs."""
+  if y is None:
+    if not isinstance(x, (list, tuple)) or not x:
+      raise ValueError("y is None: x must then be a non-empty list of (x, y) pairs, one per dataset.")
+    pairs = list(x)
+  elif isinstance(y, (list, tuple)):
+    if not y:
+      raise ValueError("y is an empty list: give at least one label array.")
+    pairs = [(x, yj) for yj in y]
+  else:
+    pairs = [(x, y)]
+  tasks = []
+  for j, pair in enumerate(pairs):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+      raise ValueError(f"task {j} must be an (x, y) pair.")
+    xj = _validation.check_array(pair[0], f"x (task {j})", min_ndim=2)
+    yj = _validation.check_labels(pair[1], f"y (task {j})", n=xj.shape[0])
+    if tasks and xj.shape[1:] != tasks[0][0].shape[1:]:
+      raise ValueError(f"x (task {j}) has inputs of shape {xj.shape[1:]}, task 0 has {tasks[0][0].shape[1:]}: resize them first.")
+    tasks.append((xj.astype(np.float32) if xj.dtype != np.float32 else xj, yj))
+  return tasks
+
+
+def _initial_images(init: str, key: jax.Array, z: np.ndarray, n: int) -> jnp.ndarray:
+  if init == "real":
+    return jnp.asarray(z[np.asarray(jax.random.choice(key, z.shape[0], (n,), replace=False))])
+  if init == "kmeans":
+    return protocol.kmeans(key, jnp.asarray(z[:20000]), n)
+  return jax.random.uniform(key, (n, z.shape[1]), jnp.float32, z.min(), z.max())
+
+
+def _solver_recipe(solver: Any, state: solvers_lib.SolverState, recipe: protocol.Recipe | None, init_scale: float) -> protocol.Recipe:
+  if isinstance(solver, solvers_lib.Unrolled):
+    lrs = tuple(float(v) for v in np.exp(np.asarray(state.extra)))
+    return protocol.Recipe(solver.inner_optimizer, lrs, solver.unroll_steps, init_scale)
+  return recipe if recipe is not None else protocol.Recipe(init_scale=init_scale)
+
+
+def _flatten_state(state: solvers_lib.SolverState) -> dict[str, np.ndarray]:
+  leaves = jax.tree.leaves(state)
+  out = {}
+  for i, leaf in enumerate(leaves):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    out[f"leaf_{i:04d}"] = np.asarray(leaf)
+  return out
+
+
+def _unflatten_state(template: solvers_lib.SolverState, arrays: dict[str, np.ndarray]) -> solvers_lib.SolverState:
+  leaves, treedef = jax.tree.flatten(template)
+  if len(arrays) != len(leaves):
+    raise ValueError(f"checkpoint has {len(arrays)} arrays, the run's state has {len(leaves)}: a different configuration.")
+  restored = []
+  for i, leaf in enumerate(leaves):
+    value = arrays[f"leaf_{i:04d}"]
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      restored.append(jax.random.wrap_key_data(jnp.asarray(value)))
+    else:
+      if value.shape != leaf.shape:
+        raise ValueError(f"checkpoint array {i} has shape {value.shape}, expected {leaf.shape}: a different configuration.")
+      restored.append(jnp.asarray(value, leaf.dtype))
+  return jax.tree.unflatten(treedef, restored)
+
+
+class _Progress:
+  """One line per report with rate and ETA (to stderr), e.g. ``step 120/500 | 3.1 it/s | ETA 2m03s``."""
+
+  def __init__(self, total: int, start: int, enabled: bool):
+    self.total, self.start, self.enabled = total, start, enabled
+    self.t0 = time.perf_counter()
+
+  def report(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    elapsed = time.perf_counter() - self.t0
+    rate = (step - self.start) / max(elapsed, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("outer_loss", "inner_grad_norm", "penalty", "honest_accuracy"))
+    print(f"step {step}/{self.total} | {rate:.2f} it/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s | {shown}", file=sys.stderr, flush=True)
+
+
+def distill(
+    x: Any,
+    y: Any = None,
+    *,
+    n_distill: int,
+    n_hidden: int,
+    inner: str = "ae",
+    solver: str = DEFAULT_SOLVER,
+    steps: int | None = None,
+    seed: int = 0,
+    workdir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    init: str = "real",
+    preprocessing: str = "none",
+    recipe: protocol.Recipe | dict[str, Any] | None = None,
+    log_every: int = 10,
+    checkpoint_every: int = 50,
+    eval_every: int = 0,
+    eval_data: tuple[Any, Any, Any, Any] | None = None,
+    progress: bool = True,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    **options: Any,
+) -> DistillResult:
+  """Distils real labelled data into ``n_distill`` unlabeled points for an unsupervised learner.
+
+  Args:
+    x: real inputs (n, ...) in the user's value space; or, with ``y=None``, a list of
+      ``(x, y)`` pairs, one per dataset (tasks on datasets of one input shape).
+    y: integer labels (n,), or a list of label arrays (several tasks on the same ``x``).
+    n_distill: size of the distilled set.
+    n_hidden: hidden units K of the GRBM / tied autoencoder.
+    inner: ``"ae"``, ``"score_matching"`` or ``"denoising_score_matching"``.
+    solver: ``"unrolled"`` (default), ``"implicit"``, ``"penalty"`` or ``"value_function"``.
+    steps: outer steps (default 500).
+    seed: PRNG seed of the run (evaluation uses other, fresh seeds).
+    workdir: if given, the run writes ``config.json``, ``metrics.jsonl``, ``checkpoint.npz``
+      (every ``checkpoint_every`` steps; a restarted run resumes from it) and
+      ``distilled.npz`` there.
+    batch_size: real examples per task per step.
+    init: initial D: ``"real"`` images, ``"kmeans"`` centroids or ``"random"`` noise.
+    preprocessing: ``"none"``, ``"standardize"`` or ``"zca"`` (fitted on task 0's inputs).
+    recipe: the inner recipe to ship with D for solvers that do not learn one (the
+      unrolled solver's recipe is its own unroll: optimiser, learned step sizes, T).
+    log_every: steps per jitted chunk and per metrics line.
+    checkpoint_every: steps between checkpoints (rounded up to a multiple of ``log_every``).
+    eval_every: if > 0 and ``eval_data = (x_train, y_train, x_test, y_test)`` is given, the
+      honest accuracy (one fresh learner, recipe, logistic probe) is logged this often.
+    progress: print one line per ``log_every`` steps with rate and ETA.
+    callback: called as ``callback(step, metrics)`` after each logged chunk.
+    **options: ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale`` for the
+      problem; anything else is an option of the solver (e.g. ``mu``, ``unroll_steps``).
+
+  Returns:
+    A :class:`DistillResult`.
+  """
+  tasks = _tasks_from_inputs(x, y)
+  n_distill = _validation.check_positive_int(n_distill, "n_distill")
+  n_hidden = _validation.check_positive_int(n_hidden, "n_hidden")
+  steps = DEFAULT_STEPS if steps is None else _validation.check_positive_int(steps, "steps")
+  batch_size = _validation.check_positive_int(batch_size, "batch_size")
+  log_every = _validation.check_positive_int(log_every, "log_every")
+  checkpoint_every = _validation.check_positive_int(checkpoint_every, "checkpoint_every")
+  _validation.check_choice(init, "init", INITS)
+  _validation.check_choice(preprocessing, "preprocessing", PREPROCESSING_METHODS)
+  solver_name = solver if isinstance(solver, str) else solver.name
+  _validation.check_choice(solver_name, "solver", solvers_lib.SOLVERS)
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
+  if n_distill > tasks[0][0].shape[0] and init != "random":
+    raise ValueError(f"n_distill={n_distill} exceeds the {tasks[0][0].shape[0]} real inputs to initialise from.")
+  if eval_every and eval_data is None:
+    raise ValueError("eval_every > 0 needs eval_data = (x_train, y_train, x_test, y_test).")
+  if isinstance(recipe, dict):
+    recipe = protocol.Recipe.from_config(recipe)
+
+  problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options}
+  problem_options.setdefault("head", DEFAULT_HEADS.get(solver_name, "softmax"))
+  init_scale = problem_options.setdefault("init_scale", 0.01)
+  solver_options = dict(SOLVER_DEFAULTS.get(solver_name, {})) | options
+  solver_obj = solvers_lib.get_solver(solver, **solver_options) if isinstance(solver, str) else solvers_lib.get_solver(solver, **options)
+
+  image_shape = tasks[0][0].shape[1:]
+  prep = fit_preprocessing(tasks[0][0], method=preprocessing)
+  z_tasks = [(prep.apply(xj), yj) for xj, yj in tasks]
+  n_classes = [int(yj.max()) + 1 for _, yj in tasks]
+  problem = problem_lib.make_problem(n_visible=prep.dim, n_hidden=n_hidden, n_classes=n_classes, inner=inner, **problem_options)
+
+  config = dict(
+      solver=solver_name, inner=inner, n_distill=n_distill, n_hidden=n_hidden, steps=steps, seed=seed,
+      batch_size=batch_size, init=init, preprocessing=preprocessing, n_classes=n_classes, image_shape=list(image_shape),
+      problem_options={k: v for k, v in problem_options.items()},
+      solver_options={f.name: _jsonable(getattr(solver_obj, f.name)) for f in dataclasses.fields(solver_obj)},
+  )
+
+  key = jax.random.key(seed)
+  k_init_images, k_state, k_batches = jax.random.split(key, 3)
+  images0 = _initial_images(init, k_init_images, z_tasks[0][0], n_distill)
+  state = solver_obj.init(problem, k_state, images0)
+  device_tasks = tuple((jnp.asarray(zj), jnp.asarray(yj)) for zj, yj in z_tasks)
+
+  def chunk(state, start):
+    def body(s, i):
+      batch = problem_lib.sample_batch(jax.random.fold_in(k_batches, i), device_tasks, batch_size)
+      return solver_obj.step(problem, s, batch)
+
+    state, metrics = jax.lax.scan(body, state, start + jnp.arange(log_every))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  run_chunk = jax.jit(chunk, donate_argnums=0)
+
+  workdir = pathlib.Path(workdir) if workdir is not None else None
+  history: list[dict[str, float]] = []
+  if workdir is not None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    state, history = _resume(workdir, config, state)
+    (workdir / "config.json").write_text(json.dumps(config, indent=1))
+
+  honest_eval = None
+  if eval_every and eval_data is not None:
+    honest_eval = _make_honest_probe(eval_data, prep, problem, n_classes[0])
+
+  start = int(state.step)
+  bar = _Progress(steps, start, progress)
+  metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None else None
+  t_start = time.perf_counter()
+  try:
+    while int(state.step) < steps:
+      step0 = int(state.step)
+      state, metrics = run_chunk(state, jnp.asarray(step0))
+      step = int(state.step)
+      record = {k: float(v) for k, v in metrics.items()}
+      _check_finite(record, step, workdir)
+      record["step"] = step
+      record["wall_time"] = time.perf_counter() - t_start
+      if honest_eval is not None and (step % eval_every < log_every or step >= steps):
+        record["honest_accuracy"] = honest_eval(state, solver_obj, init_scale, recipe)
+      history.append(record)
+      if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if step % checkpoint_every < log_every or step >= steps:
+          _atomic_savez(workdir / "checkpoint.npz", _flatten_state(state) | {"history": np.asarray(json.dumps(history))})
+      bar.report(step, record)
+      if callback is not None:
+        callback(step, record)
+  finally:
+    if metrics_file is not None:
+      metrics_file.close()
+
+  final_recipe = _solver_recipe(solver_obj, state, recipe, init_scale)
+  config.update(final_recipe.to_config())
+  result = DistillResult(
+      images=prep.invert(np.asarray(state.images)),
+      params=jax.tree.map(np.asarray, state.params),
+      history=history,
+      config=config,
+      preprocessing=prep,
+  )
+  if workdir is not None:
+    result.save(workdir / "distilled.npz")
+  return result
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (int, float, str, bool)) or value is None:
+    return value
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return repr(value) if not callable(value) else getattr(value, "__name__", type(value).__name__)
+
+
+def _check_finite(record: dict[str, float], step: int, workdir: pathlib.Path | None) -> None:
+  bad = [k for k, v in record.items() if not np.isfinite(v)]
+  if bad:
+    where = f"; the last good checkpoint is {workdir / 'checkpoint.npz'}" if workdir is not None else ""
+    raise FloatingPointError(f"distillation diverged at step {step}: non-finite {', '.join(bad)}{where}.")
+
+
+def _resume(workdir: pathlib.Path, config: dict[str, Any], state: solvers_lib.SolverState):
+  ckpt = workdir / "checkpoint.npz"
+  if not ckpt.is_file():
+    return state, []
+  saved_config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else None
+  if saved_config is not None and {k: v for k, v in saved_config.items() if k != "steps"} != {
+      k: v for k, v in config.items() if k != "steps"
+  }:
+    raise ValueError(f"{workdir} holds a run with another configuration; use a new workdir.")
+  with np.load(ckpt, allow_pickle=False) as f:
+    arrays = {k: f[k] for k in f.files if k.startswith("leaf_")}
+    history = json.loads(str(f["history"]))
+  state = _unflatten_state(state, arrays)
+  # Lines logged after the checkpoint will be logged again: drop them from metrics.jsonl.
+  lines = [json.dumps(h) for h in history]
+  (workdir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+  return state, history
+
+
+def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, n_train: int = 10000, n_test: int = 10000):
+  """A cheap honest-accuracy probe for training curves: one fresh learner, 10k/10k real images."""
+  from udd_jax.evaluation import logistic
+
+  x_train, y_train, x_test, y_test = eval_data
+  z_train = jnp.asarray(prep.apply(np.asarray(x_train)[:n_train]))
+  z_test = jnp.asarray(prep.apply(np.asarray(x_test)[:n_test]))
+  y_train = jnp.asarray(np.asarray(y_train)[:n_train])
+  y_test = jnp.asarray(np.asarray(y_test)[:n_test])
+
+  @functools.partial(jax.jit, static_argnames="optimizer_is_adam")
+  def probe(images, step_sizes, init_scale, optimizer_is_adam):
+    params, _, _ = protocol.retrain_with_step_sizes(
+        images, step_sizes, jax.random.key(123_456), learner=problem.learner, n_hidden=problem.n_hidden,
+        init_scale=init_scale, adam=optimizer_is_adam,
+    )
+    head = logistic.fit_logistic(problem.features(params, z_train), y_train, n_classes, max_steps=300)
+    return logistic.accuracy(head, problem.features(params, z_test), y_test)
+
+  def run(state, solver_obj, init_scale, recipe):
+    rec = _solver_recipe(solver_obj, state, recipe, init_scale)
+    return float(probe(state.images, jnp.asarray(rec.step_sizes()), rec.init_scale, optimizer_is_adam=rec.inner_optimizer == "adam"))
+
+  return run

@@ -1,0 +1,95 @@
+"""Figures and the markdown report of a distillation run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def image_grid(images: np.ndarray, path: str | pathlib.Path, *, title: str = "", clip: tuple[float, float] | None = (0.0, 1.0)) -> None:
+  """Saves a grid of grey images (N, H, W); values are clipped to ``clip`` for display."""
+  images = np.asarray(images)
+  if images.ndim == 2:
+    side = int(math.isqrt(images.shape[1]))
+    images = images.reshape(-1, side, side)
+  n = images.shape[0]
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + (0.4 if title else 0)), squeeze=False)
+  vmin, vmax = clip if clip is not None else (images.min(), images.max())
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i < n:
+      ax.imshow(np.clip(images[i], vmin, vmax), cmap="gray", vmin=vmin, vmax=vmax)
+  if title:
+    fig.suptitle(title)
+  fig.savefig(path, dpi=80, bbox_inches="tight")
+  plt.close(fig)
+
+
+def filter_grid(W: np.ndarray, image_shape: Sequence[int], path: str | pathlib.Path, *, max_filters: int = 64) -> None:
+  """Saves the first ``max_filters`` columns of W (d, K) as images, each scaled to its own range."""
+  W = np.asarray(W)[:, :max_filters].T.reshape(-1, *image_shape)
+  lo = W.min(axis=tuple(range(1, W.ndim)), keepdims=True)
+  hi = W.max(axis=tuple(range(1, W.ndim)), keepdims=True)
+  image_grid((W - lo) / np.maximum(hi - lo, 1e-12), path, title="filters w_k (each scaled to [0, 1])")
+
+
+def training_curves(history: list[dict[str, float]], path: str | pathlib.Path) -> None:
+  """Outer loss, inner gradient norm (or penalty) and honest accuracy against the outer step."""
+  steps = [h["step"] for h in history]
+  panels = [("outer_loss", "outer (task) loss"), ("inner_grad_norm", "inner gradient norm"), ("honest_accuracy", "honest accuracy (probe)")]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+  for ax, (key, label) in zip(axes, panels):
+    points = [(s, h[key]) for s, h in zip(steps, history) if key in h]
+    if points:
+      xs, ys = zip(*points)
+      ax.plot(xs, ys, marker="." if len(points) < 30 else None)
+    if key == "inner_grad_norm" and points and min(ys) > 0:
+      ax.set_yscale("log")
+    ax.set_xlabel("outer step")
+    ax.set_title(label)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any], table: str, notes: Sequence[str] = ()) -> None:
+  """Writes the markdown report of a run: settings, the evaluation table, figures, notes."""
+  recipe = {k: config.get(k) for k in ("inner_optimizer", "inner_steps", "init_scale")}
+  lr = config.get("inner_lr")
+  recipe["inner_lr"] = f"{len(lr)} learned rates, mean {np.mean(lr):.4g}" if isinstance(lr, list) else lr
+  lines = [
+      f"# {title}",
+      "",
+      "## Settings",
+      "",
+      "```json",
+      json.dumps({k: v for k, v in config.items() if k != "inner_lr"}, indent=1),
+      "```",
+      "",
+      f"Inner recipe shipped with D: {recipe}",
+      "",
+      "## Evaluation",
+      "",
+      table,
+      "",
+      "## Figures",
+      "",
+      "![distilled set](distilled.png) ![filters](filters.png)",
+      "",
+      "![training curves](curves.png)",
+      "",
+  ]
+  if notes:
+    lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+  pathlib.Path(path).write_text("\n".join(lines))
