@@ -331,6 +331,9 @@ def distill(
   if eval_every and eval_data is not None:
     honest_eval = _make_honest_probe(eval_data, prep, problem, n_classes[0])
 
+  # The chunk donates the state's buffers; solver states may alias one array twice (the
+  # value function starts w' at w), so give every leaf its own buffer first.
+  state = jax.tree.map(jnp.copy, state)
   start = int(state.step)
   bar = _Progress(steps, start, progress)
   metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None else None

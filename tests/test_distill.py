@@ -1,0 +1,210 @@
+"""distill(), DistillResult, evaluate() and the experiment pipeline, on the embedded digits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import udd_jax
+from udd_jax import experiment
+from udd_jax.evaluation import protocol
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return udd_jax.load_dataset("digits")
+
+
+FAST = dict(n_distill=10, n_hidden=16, unroll_steps=20, batch_size=64, progress=False, log_every=5, checkpoint_every=5)
+
+
+def test_pipeline_on_digits_writes_artifacts_and_beats_random_features(tmp_path):
+  summary = experiment.run(
+      dataset="digits", workdir=str(tmp_path), n_distill=20, n_hidden=16, steps=60, eval_every=30, eval_seeds=3,
+      baselines=("random_w",), options=dict(unroll_steps=50), progress=False,
+  )
+  for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png", "filters.png",
+               "curves.png", "evaluation.json", "report.md"):
+    assert (tmp_path / name).is_file(), name
+  evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+  rows = {r["name"]: r for r in evaluation["rows"]}
+  honest = rows["distilled D, fresh learner (recipe)"]
+  assert len(honest["accuracies"]) == 3
+  assert honest["mean"] > rows["random untrained W"]["mean"] + 0.01
+  assert summary["honest_accuracy"] == pytest.approx(honest["mean"])
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == list(range(10, 61, 10))
+  assert "honest_accuracy" in json.loads(lines[-1])
+  report = (tmp_path / "report.md").read_text()
+  assert "| distilled D, fresh learner (recipe) |" in report and "Inner recipe shipped with D" in report
+
+
+def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
+  (x, y), _ = digits
+  result = udd_jax.distill(x, y, steps=10, seed=3, **FAST)
+  assert result.images.shape == (10, 8, 8) and result.images.dtype == np.float32
+  for key in ("inner_optimizer", "inner_lr", "inner_steps", "init_scale"):
+    assert key in result.config
+  assert result.config["inner_optimizer"] == "adam" and len(result.config["inner_lr"]) == result.config["inner_steps"] == 20
+  path = result.save(tmp_path / "d.npz")
+  loaded = udd_jax.load_distilled(path)
+  np.testing.assert_array_equal(loaded.images, result.images)
+  np.testing.assert_array_equal(loaded.params.W, result.params.W)
+  assert loaded.config == result.config and loaded.history == result.history
+  assert loaded.recipe == result.recipe
+  np.testing.assert_array_equal(loaded.preprocessing.apply(x[:5]), result.preprocessing.apply(x[:5]))
+
+
+def test_load_distilled_errors(digits, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no distilled set"):
+    udd_jax.load_distilled(tmp_path / "missing.npz")
+  (x, y), _ = digits
+  path = udd_jax.distill(x, y, steps=5, **FAST).save(tmp_path / "d.npz")
+  data = path.read_bytes()
+  (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="truncated or corrupted"):
+    udd_jax.load_distilled(tmp_path / "cut.npz")
+  with np.load(path) as f:
+    arrays = {k: f[k] for k in f.files}
+  arrays["format_version"] = np.asarray(99)
+  np.savez(tmp_path / "future.npz", **arrays)
+  with pytest.raises(ValueError, match="format version 99"):
+    udd_jax.load_distilled(tmp_path / "future.npz")
+
+
+def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+  (x, y), _ = digits
+  straight = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "a", **FAST)
+  udd_jax.distill(x, y, steps=10, workdir=tmp_path / "b", **FAST)
+  resumed = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "b", **FAST)
+  np.testing.assert_array_equal(resumed.images, straight.images)
+  assert [h["step"] for h in resumed.history] == [5, 10, 15, 20]
+  lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [5, 10, 15, 20]
+
+
+def test_resume_refuses_another_configuration(digits, tmp_path):
+  (x, y), _ = digits
+  udd_jax.distill(x, y, steps=5, workdir=tmp_path, **FAST)
+  with pytest.raises(ValueError, match="another configuration"):
+    udd_jax.distill(x, y, steps=5, workdir=tmp_path, **(FAST | dict(n_hidden=8)))
+
+
+@pytest.mark.parametrize("solver", ["penalty", "value_function", "implicit", "unrolled"])
+def test_every_solver_through_distill_with_three_tasks(digits, solver):
+  (x, y), _ = digits
+  options = {k: v for k, v in FAST.items() if k != "unroll_steps"}
+  if solver == "unrolled":
+    options["unroll_steps"] = 10
+  if solver == "implicit":
+    options.update(inner_steps=10, cg_steps=5)
+  result = udd_jax.distill(x, [y, y % 2, (y >= 5).astype(int)], steps=10, solver=solver, **options)
+  assert result.config["n_classes"] == [10, 2, 2] and result.config["solver"] == solver
+  assert np.all(np.isfinite(result.images))
+  assert result.history[-1]["step"] == 10
+
+
+def test_tasks_as_pairs_of_datasets(digits):
+  (x, y), (xt, yt) = digits
+  result = udd_jax.distill([(x, y), (xt, yt % 2)], None, steps=5, **FAST)
+  assert result.config["n_classes"] == [10, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(n_distill=0), ValueError, "n_distill must be a positive integer"),
+        (dict(n_hidden=2.5), TypeError, "n_hidden must be a positive integer"),
+        (dict(solver="adam"), ValueError, r"unknown solver 'adam'; valid options are \['implicit'"),
+        (dict(inner="vae"), ValueError, "unknown inner loss 'vae'"),
+        (dict(init="zeros"), ValueError, "unknown init 'zeros'"),
+        (dict(cg_iters=3), TypeError, r"unknown option\(s\) \['cg_iters'\]"),
+        (dict(n_distill=5000), ValueError, "exceeds the 1437 real inputs"),
+        (dict(eval_every=5), ValueError, "needs eval_data"),
+        (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
+    ],
+)
+def test_distill_bad_options(digits, kwargs, error, match):
+  (x, y), _ = digits
+  args = dict(n_distill=10, n_hidden=8, steps=5, progress=False) | kwargs
+  with pytest.raises(error, match=match):
+    udd_jax.distill(x, y, **args)
+
+
+def test_distill_bad_data(digits):
+  (x, y), _ = digits
+  with pytest.raises(ValueError, match=r"y \(task 0\) has 10 labels but the inputs have 1437 rows"):
+    udd_jax.distill(x, y[:10], n_distill=5, n_hidden=4)
+  bad = x.copy()
+  bad[3, 2, 2] = np.nan
+  with pytest.raises(ValueError, match=r"x \(task 0\) contains 1 non-finite"):
+    udd_jax.distill(bad, y, n_distill=5, n_hidden=4)
+  with pytest.raises(ValueError, match="resize them first"):
+    udd_jax.distill([(x, y), (np.zeros((5, 4, 4)), np.zeros(5, int))], None, n_distill=5, n_hidden=4)
+  with pytest.raises(ValueError, match="non-negative class labels"):
+    udd_jax.distill(x, -np.ones(len(x), int), n_distill=5, n_hidden=4)
+
+
+def test_divergence_stops_with_a_clear_message(digits, tmp_path):
+  (x, y), _ = digits
+  import optax
+
+  with pytest.raises(FloatingPointError, match="diverged at step 5: non-finite"):
+    udd_jax.distill(x, y, steps=20, workdir=tmp_path, solver="penalty", image_optimizer=optax.sgd(1e30), **{
+        k: v for k, v in FAST.items() if k != "unroll_steps"})
+
+
+# Evaluation.
+
+
+def test_recipe_validation_and_step_sizes():
+  r = udd_jax.Recipe("sgd", (0.1, 0.2, 0.3), 3, 0.01)
+  np.testing.assert_allclose(r.step_sizes(5), [0.1, 0.2, 0.3, 0.3, 0.3])
+  assert udd_jax.Recipe.from_config(r.to_config()) == r
+  with pytest.raises(ValueError, match="3 per-step rates but inner_steps is 4"):
+    udd_jax.Recipe("sgd", (0.1, 0.2, 0.3), 4)
+  with pytest.raises(ValueError, match="unknown inner_optimizer 'lbfgs'"):
+    udd_jax.Recipe("lbfgs")
+
+
+def test_retrain_follows_the_recipe_exactly():
+  """Two SGD steps by hand equal retrain() with the same recipe and key."""
+  learner = udd_jax.get_inner_learner("ae")
+  images = jax.random.uniform(jax.random.key(0), (6, 5), jnp.float64)
+  recipe = udd_jax.Recipe("sgd", (0.5, 0.25), 2, 0.3)
+  key = jax.random.key(7)
+  params, loss, _ = protocol.retrain(images, recipe, key, learner=learner, n_hidden=3)
+  k_init, _ = jax.random.split(key)
+  p = learner.init(k_init, 5, 3, init_scale=1.0, dtype=jnp.float64)
+  p = p._replace(W=0.3 * p.W)
+  for lr in (0.5, 0.25):
+    p = jax.tree.map(lambda w, g: w - lr * g, p, jax.grad(udd_jax.ae_loss)(p, images))
+  for a, b in zip(params, p):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  assert float(loss) == pytest.approx(float(udd_jax.ae_loss(p, images)))
+
+
+def test_kmeans_recovers_separated_clusters():
+  rng = np.random.default_rng(0)
+  centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+  x = jnp.asarray(np.concatenate([c + 0.1 * rng.normal(size=(50, 2)) for c in centres]))
+  found = np.asarray(protocol.kmeans(jax.random.key(0), x, 3))
+  assert np.abs(np.sort(found, axis=0) - np.sort(centres, axis=0)).max() < 0.1
+
+
+def test_evaluate_report_and_errors(digits):
+  (x, y), (xt, yt) = digits
+  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=("raw_pixels",),
+                            recipe=udd_jax.Recipe("adam", 0.01, 20))
+  names = [r.name for r in report.rows]
+  assert names == ["distilled D, fresh learner (recipe)", "distilled D, fresh learner (recipe), 10x steps", "raw pixels"]
+  assert 0.5 < report["raw pixels"].mean <= 1.0
+  assert "| raw pixels |" in str(report)
+  with pytest.raises(ValueError, match="must share one trailing shape"):
+    udd_jax.evaluate(np.zeros((3, 4, 4)), (x, y), (xt, yt), n_hidden=8)
+  with pytest.raises(ValueError, match="unknown baseline 'pca'"):
+    udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, baselines=("pca",))
+  with pytest.raises(ValueError, match="seeds must be a positive integer"):
+    udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, seeds=0)
