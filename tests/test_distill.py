@@ -208,3 +208,27 @@ def test_evaluate_report_and_errors(digits):
     udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, baselines=("pca",))
   with pytest.raises(ValueError, match="seeds must be a positive integer"):
     udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, seeds=0)
+
+
+def test_compare_solvers_and_seed_table_smoke(tmp_path):
+  table = experiment.compare_solvers(
+      dataset="digits", workdir=str(tmp_path / "cmp"), n_distill=10, n_hidden=8, budget_seconds=2.0,
+      solvers=("penalty", "unrolled"), eval_seeds=1, options={"unrolled": dict(unroll_steps=10)},
+  )
+  assert table.count("\n") == 3 and "| penalty |" in table and "| unrolled |" in table
+  assert (tmp_path / "cmp" / "comparison.png").is_file()
+  history = json.loads((tmp_path / "cmp" / "comparison.json").read_text())[0]["history"]
+  assert history[-1]["wall_time"] >= 2.0 and "honest_accuracy" in history[-1]
+
+  table = experiment.seed_table(dataset="digits", workdir=str(tmp_path / "seed"), n_distill=10, n_hidden=8, points=[3])
+  rows = [line for line in table.splitlines()[2:]]
+  assert len(rows) == 3 and [r.split("|")[2].strip() for r in rows] == ["3"] * 3
+
+
+def test_parse_options():
+  assert experiment.parse_options(["mu=1e2", "truncate=None", "name=x=y"]) == {"mu": 100.0, "truncate": None, "name": "x=y"}
+  with pytest.raises(ValueError, match="must be key=value"):
+    experiment.parse_options(["mu"])
+  assert experiment.parse_transfer("K=256,inner=score_matching") == {"n_hidden": 256, "inner": "score_matching"}
+  with pytest.raises(ValueError, match="transfer option 'lr' unknown"):
+    experiment.parse_transfer("lr=3")

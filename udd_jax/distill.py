@@ -21,7 +21,7 @@ from udd_jax.bilevel import problem as problem_lib
 from udd_jax.bilevel import solvers as solvers_lib
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS, Preprocessing, fit_preprocessing
 from udd_jax.evaluation import protocol
-from udd_jax.inner.grbm import GRBMParams
+from udd_jax.inner.grbm import GRBMParams, score
 
 FORMAT_VERSION = 1
 DEFAULT_SOLVER = "unrolled"
@@ -231,6 +231,8 @@ def distill(
     eval_data: tuple[Any, Any, Any, Any] | None = None,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    max_seconds: float | None = None,
+    eval_every_seconds: float | None = None,
     **options: Any,
 ) -> DistillResult:
   """Distils real labelled data into ``n_distill`` unlabeled points for an unsupervised learner.
@@ -259,6 +261,10 @@ def distill(
       honest accuracy (one fresh learner, recipe, logistic probe) is logged this often.
     progress: print one line per ``log_every`` steps with rate and ETA.
     callback: called as ``callback(step, metrics)`` after each logged chunk.
+    max_seconds: stop (and save) once this much wall time has been spent in this call,
+      even before ``steps``; for comparisons on a fixed time budget.
+    eval_every_seconds: probe the honest accuracy (needs ``eval_data``) each time this much
+      more wall time has passed, in addition to ``eval_every``.
     **options: ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale`` for the
       problem; anything else is an option of the solver (e.g. ``mu``, ``unroll_steps``).
 
@@ -280,7 +286,7 @@ def distill(
     raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
   if n_distill > tasks[0][0].shape[0] and init != "random":
     raise ValueError(f"n_distill={n_distill} exceeds the {tasks[0][0].shape[0]} real inputs to initialise from.")
-  if eval_every and eval_data is None:
+  if (eval_every or eval_every_seconds) and eval_data is None:
     raise ValueError("eval_every > 0 needs eval_data = (x_train, y_train, x_test, y_test).")
   if isinstance(recipe, dict):
     recipe = protocol.Recipe.from_config(recipe)
@@ -316,7 +322,11 @@ def distill(
       return solver_obj.step(problem, s, batch)
 
     state, metrics = jax.lax.scan(body, state, start + jnp.arange(log_every))
-    return state, jax.tree.map(jnp.mean, metrics)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    # The seed's "||X - AE(X)||" column: mean reconstruction residual of D under the current w.
+    residual = score(state.params, state.images, sigma2=problem_options.get("sigma2", 1.0))
+    metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
+    return state, metrics
 
   run_chunk = jax.jit(chunk, donate_argnums=0)
 
@@ -328,7 +338,7 @@ def distill(
     (workdir / "config.json").write_text(json.dumps(config, indent=1))
 
   honest_eval = None
-  if eval_every and eval_data is not None:
+  if (eval_every or eval_every_seconds) and eval_data is not None:
     honest_eval = _make_honest_probe(eval_data, prep, problem, n_classes[0])
 
   # The chunk donates the state's buffers; solver states may alias one array twice (the
@@ -338,6 +348,7 @@ def distill(
   bar = _Progress(steps, start, progress)
   metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None else None
   t_start = time.perf_counter()
+  next_eval_time = eval_every_seconds
   try:
     while int(state.step) < steps:
       step0 = int(state.step)
@@ -347,8 +358,12 @@ def distill(
       _check_finite(record, step, workdir)
       record["step"] = step
       record["wall_time"] = time.perf_counter() - t_start
-      if honest_eval is not None and (step % eval_every < log_every or step >= steps):
-        record["honest_accuracy"] = honest_eval(state, solver_obj, init_scale, recipe)
+      out_of_time = max_seconds is not None and record["wall_time"] >= max_seconds
+      due = (eval_every and step % eval_every < log_every) or step >= steps or out_of_time
+      if next_eval_time is not None and record["wall_time"] >= next_eval_time:
+        due, next_eval_time = True, record["wall_time"] + eval_every_seconds
+      if honest_eval is not None and due:
+        record.update(honest_eval(state, solver_obj, init_scale, recipe))
       history.append(record)
       if metrics_file is not None:
         metrics_file.write(json.dumps(record) + "\n")
@@ -358,6 +373,8 @@ def distill(
       bar.report(step, record)
       if callback is not None:
         callback(step, record)
+      if out_of_time:
+        break
   finally:
     if metrics_file is not None:
       metrics_file.close()
@@ -411,7 +428,11 @@ def _resume(workdir: pathlib.Path, config: dict[str, Any], state: solvers_lib.So
 
 
 def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, n_train: int = 10000, n_test: int = 10000):
-  """A cheap honest-accuracy probe for training curves: one fresh learner, 10k/10k real images."""
+  """A cheap probe for training curves: one fresh learner, 10k/10k real images.
+
+  ``current_w_accuracy`` probes the solver's own w (the jointly learned one for penalty and
+  value function); only ``honest_accuracy`` says whether D alone trains a learner.
+  """
   from udd_jax.evaluation import logistic
 
   x_train, y_train, x_test, y_test = eval_data
@@ -426,11 +447,17 @@ def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, 
         images, step_sizes, jax.random.key(123_456), learner=problem.learner, n_hidden=problem.n_hidden,
         init_scale=init_scale, adam=optimizer_is_adam,
     )
+    return accuracy_of(params)
+
+  @jax.jit
+  def accuracy_of(params):
     head = logistic.fit_logistic(problem.features(params, z_train), y_train, n_classes, max_steps=300)
     return logistic.accuracy(head, problem.features(params, z_test), y_test)
 
   def run(state, solver_obj, init_scale, recipe):
+    """Honest accuracy (a fresh learner re-trained with the recipe) and that of the solver's current w."""
     rec = _solver_recipe(solver_obj, state, recipe, init_scale)
-    return float(probe(state.images, jnp.asarray(rec.step_sizes()), rec.init_scale, optimizer_is_adam=rec.inner_optimizer == "adam"))
+    honest = probe(state.images, jnp.asarray(rec.step_sizes()), rec.init_scale, optimizer_is_adam=rec.inner_optimizer == "adam")
+    return dict(honest_accuracy=float(honest), current_w_accuracy=float(accuracy_of(state.params)))
 
   return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import pathlib
 import time
 from collections.abc import Sequence
@@ -137,3 +138,111 @@ def run(
   print(f"\nhonest accuracy {100 * honest.mean:.2f} +- {100 * honest.std:.2f}% | distillation {distill_seconds:.0f} s | "
         f"report: {workdir_path / 'report.md'}")
   return summary
+
+
+def compare_solvers(
+    *,
+    dataset: str,
+    workdir: str,
+    n_distill: int,
+    n_hidden: int,
+    budget_seconds: float,
+    solvers: Sequence[str] = ("penalty", "value_function", "implicit", "unrolled"),
+    data_dir: str | None = None,
+    inner: str = "ae",
+    eval_seeds: int = 3,
+    seed: int = 0,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> str:
+  """Every solver on the same wall-time budget: one table and one figure.
+
+  Each solver distils for ``budget_seconds`` (probing its honest accuracy along the way),
+  then is evaluated with ``eval_seeds`` fresh learners. Writes ``comparison.md``,
+  ``comparison.png`` and ``comparison.json`` into ``workdir``; returns the table.
+  """
+  import matplotlib.pyplot as plt
+
+  (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
+  root = pathlib.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  lines = [
+      "| solver | outer steps | distillation (s) | honest accuracy, recipe (%) | honest, 10x steps (%) | solver's own w (%) | recipe |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  curves, rows = {}, []
+  for name in solvers:
+    result = distill(
+        x_train, y_train, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=name, steps=10**9, seed=seed,
+        workdir=root / name, max_seconds=budget_seconds, eval_every=0, eval_every_seconds=budget_seconds / 6,
+        eval_data=(x_train, y_train, x_test, y_test), progress=False, **(options or {}).get(name, {}),
+    )
+    report = evaluate(
+        result.images, (x_train, y_train), (x_test, y_test), n_hidden=n_hidden, inner=inner, recipe=result.recipe,
+        seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(), joint_params=result.params,
+    )
+    honest, converged, joint = report.rows[0], report.rows[1], report.rows[2]
+    rec = result.recipe
+    lr = f"{len(rec.inner_lr)} learned rates" if isinstance(rec.inner_lr, tuple) else f"lr {rec.inner_lr}"
+    lines.append(
+        f"| {name} | {result.history[-1]['step']} | {result.history[-1]['wall_time']:.0f} | "
+        f"{100 * honest.mean:.2f} +- {100 * honest.std:.2f} | {100 * converged.mean:.2f} +- {100 * converged.std:.2f} | "
+        f"{100 * joint.mean:.2f} | {rec.inner_optimizer}, {rec.inner_steps} steps, {lr} |"
+    )
+    curves[name] = [(h["wall_time"], h["honest_accuracy"]) for h in result.history if "honest_accuracy" in h]
+    rows.append(dict(solver=name, history=result.history, evaluation=report.to_dict()))
+  table = "\n".join(lines)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, points in curves.items():
+    if points:
+      ax.plot(*zip(*points), marker="o", label=name)
+  ax.set_xlabel("wall time (s)")
+  ax.set_ylabel("honest accuracy (probe: 1 learner, 10k/10k)")
+  ax.set_title(f"{dataset}, |D| = {n_distill}, K = {n_hidden}, {inner}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(root / "comparison.png", dpi=90)
+  plt.close(fig)
+  (root / "comparison.md").write_text(table + "\n")
+  (root / "comparison.json").write_text(json.dumps(rows))
+  print(table)
+  return table
+
+
+def seed_table(
+    *,
+    dataset: str,
+    workdir: str,
+    n_distill: int,
+    n_hidden: int,
+    points: Sequence[int],
+    data_dir: str | None = None,
+    diversity: float = 0.1,
+    options: dict[str, Any] | None = None,
+) -> str:
+  """The seed's table in form: penalty, penalty + diversity and OVR at a few points of training.
+
+  Columns: the accuracy of the jointly learned w (the seed's figure), the honest accuracy
+  (a fresh learner re-trained on D with the recipe) and ``||D - AE(D)||`` under the joint w.
+  """
+  (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
+  root = pathlib.Path(workdir)
+  variants = [("quadratic penalty", "penalty", {}), ("penalty + diversity", "penalty", dict(diversity=diversity)),
+              ("optimal value reformulation", "value_function", {})]
+  lines = ["| method | step | joint w accuracy (%) | honest accuracy (%) | mean \\|\\|D - AE(D)\\|\\| |", "|---|---|---|---|---|"]
+  chunk = math.gcd(*points)  # every reporting point is then the end of a chunk
+  for label, solver, extra in variants:
+    history = []
+    for target in sorted(points):
+      result = distill(
+          x_train, y_train, n_distill=n_distill, n_hidden=n_hidden, solver=solver, steps=target, workdir=root / label.replace(" ", "_"),
+          log_every=chunk, checkpoint_every=chunk, eval_every=10**9,
+          eval_data=(x_train, y_train, x_test, y_test), progress=False, **(options or {}) | extra,
+      )
+      history = result.history
+      last = history[-1]
+      lines.append(f"| {label} | {last['step']} | {100 * last['current_w_accuracy']:.1f} | "
+                   f"{100 * last['honest_accuracy']:.1f} | {last['d_minus_ae_d']:.3g} |")
+  table = "\n".join(lines)
+  (root / "seed_table.md").write_text(table + "\n")
+  print(table)
+  return table

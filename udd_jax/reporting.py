@@ -53,7 +53,12 @@ def training_curves(history: list[dict[str, float]], path: str | pathlib.Path) -
     points = [(s, h[key]) for s, h in zip(steps, history) if key in h]
     if points:
       xs, ys = zip(*points)
-      ax.plot(xs, ys, marker="." if len(points) < 30 else None)
+      ax.plot(xs, ys, marker="." if len(points) < 30 else None, label="fresh learner on D (honest)" if key == "honest_accuracy" else None)
+    if key == "honest_accuracy":
+      joint = [(s, h["current_w_accuracy"]) for s, h in zip(steps, history) if "current_w_accuracy" in h]
+      if joint:
+        ax.plot(*zip(*joint), marker=".", linestyle="--", label="solver's current w")
+        ax.legend(fontsize=7)
     if key == "inner_grad_norm" and points and min(ys) > 0:
       ax.set_yscale("log")
     ax.set_xlabel("outer step")

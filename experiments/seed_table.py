@@ -1,0 +1,33 @@
+"""The seed's table in form: penalty, penalty + diversity and OVR at a few points of training.
+
+  python experiments/seed_table.py --dataset=mnist --data_dir=../shared/data \
+      --n_distill=100 --n_hidden=128 --points=1,100,200 --workdir=runs/seed_table
+"""
+
+from absl import app, flags
+
+from udd_jax import experiment
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "digits", "Dataset name.")
+flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
+flags.DEFINE_integer("n_distill", 20, "Size of the distilled set.")
+flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")
+flags.DEFINE_list("points", ["1", "100", "200"], "Outer steps at which to report.")
+flags.DEFINE_float("diversity", 0.1, "Weight of the diversity term in the second row.")
+flags.DEFINE_multi_string("opt", [], "Solver option key=value (repeatable), for all three rows.")
+flags.DEFINE_string("workdir", None, "Where everything is written.", required=True)
+
+
+def main(argv):
+  del argv
+  points = [int(p) for p in FLAGS.points]
+  experiment.seed_table(
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, workdir=FLAGS.workdir, n_distill=FLAGS.n_distill,
+      n_hidden=FLAGS.n_hidden, points=points, diversity=FLAGS.diversity,
+      options=experiment.parse_options(FLAGS.opt),
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
