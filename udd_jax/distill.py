@@ -31,6 +31,9 @@ PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
 # Per-solver defaults that differ from the solver classes' own (the best found, see docs/RESULTS.md).
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "unrolled": dict(unroll_steps=200, inner_optimizer="adam", inner_lr=0.01),
+    # mu grows from 0.01 (task losses dominate) to 100 (w is driven to a stationary point of L_in on D).
+    "penalty": dict(mu=solvers_lib.mu_schedule("geometric", 0.01, final=100.0, steps=2000)),
+    "value_function": dict(mu=solvers_lib.mu_schedule("geometric", 0.01, final=100.0, steps=2000)),
 }
 DEFAULT_HEADS = {"unrolled": "ridge"}
 DEFAULT_STEPS = 500
@@ -308,6 +311,7 @@ def distill(
       batch_size=batch_size, init=init, preprocessing=preprocessing, n_classes=n_classes, image_shape=list(image_shape),
       problem_options={k: v for k, v in problem_options.items()},
       solver_options={f.name: _jsonable(getattr(solver_obj, f.name)) for f in dataclasses.fields(solver_obj)},
+      options_given={k: _jsonable(v) if not (hasattr(v, "init") and hasattr(v, "update")) else repr(v)[:200] for k, v in options.items()},
   )
 
   key = jax.random.key(seed)
@@ -394,11 +398,16 @@ def distill(
 
 
 def _jsonable(value: Any) -> Any:
+  """Settings as JSON; an optax transformation cannot be introspected and is named only."""
   if isinstance(value, (int, float, str, bool)) or value is None:
     return value
-  if isinstance(value, (list, tuple)):
+  if isinstance(value, (list, tuple)) and not hasattr(value, "update"):
     return [_jsonable(v) for v in value]
-  return repr(value) if not callable(value) else getattr(value, "__name__", type(value).__name__)
+  if dataclasses.is_dataclass(value):
+    return dataclasses.asdict(value)
+  if hasattr(value, "init") and hasattr(value, "update"):
+    return "optax transformation (see options_given)"
+  return getattr(value, "__name__", type(value).__name__)
 
 
 def _check_finite(record: dict[str, float], step: int, workdir: pathlib.Path | None) -> None:

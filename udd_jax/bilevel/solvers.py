@@ -69,7 +69,33 @@ def _schedule(value: ScalarOrSchedule, name: str) -> Callable[[Array], Array]:
   return optax.constant_schedule(_validation.check_positive_float(value, name, allow_zero=True))
 
 
-def mu_schedule(kind: str, init: float, *, final: float | None = None, steps: int | None = None) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class MuSchedule:
+  """The penalty weight over outer steps; a callable ``step -> mu`` that prints and saves as its settings."""
+
+  kind: str
+  init: float
+  final: float | None = None
+  steps: int | None = None
+
+  def __post_init__(self):
+    _validation.check_choice(self.kind, "mu schedule", ("constant", "geometric", "linear"))
+    _validation.check_positive_float(self.init, "mu init")
+    if self.kind != "constant":
+      if self.final is None or self.steps is None:
+        raise ValueError(f"a {self.kind} mu schedule needs both final and steps.")
+      _validation.check_positive_float(self.final, "mu final")
+      _validation.check_positive_int(self.steps, "mu steps")
+
+  def __call__(self, step: Array) -> Array:
+    if self.kind == "constant":
+      return optax.constant_schedule(self.init)(step)
+    if self.kind == "linear":
+      return optax.linear_schedule(self.init, self.final, self.steps)(step)
+    return optax.exponential_decay(self.init, self.steps, self.final / self.init, end_value=self.final)(step)
+
+
+def mu_schedule(kind: str, init: float, *, final: float | None = None, steps: int | None = None) -> MuSchedule:
   """The penalty weight ``mu`` over outer steps: ``"constant"``, ``"geometric"`` or ``"linear"``.
 
   ``geometric`` and ``linear`` go from ``init`` to ``final`` over ``steps`` steps and
@@ -80,17 +106,7 @@ def mu_schedule(kind: str, init: float, *, final: float | None = None, steps: in
     >>> [round(float(s(t)), 3) for t in (0, 5, 10, 20)]
     [1.0, 10.0, 100.0, 100.0]
   """
-  _validation.check_choice(kind, "mu schedule", ("constant", "geometric", "linear"))
-  init = _validation.check_positive_float(init, "mu init")
-  if kind == "constant":
-    return optax.constant_schedule(init)
-  if final is None or steps is None:
-    raise ValueError(f"a {kind} mu schedule needs both final and steps.")
-  final = _validation.check_positive_float(final, "mu final")
-  steps = _validation.check_positive_int(steps, "mu steps")
-  if kind == "linear":
-    return optax.linear_schedule(init, final, steps)
-  return optax.exponential_decay(init, steps, final / init, end_value=final)
+  return MuSchedule(kind, init, final, steps)
 
 
 def diversity(images: Float[Array, "N d"]) -> Scalar:
