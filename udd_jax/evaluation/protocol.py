@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -172,14 +173,23 @@ class EvaluationReport:
     return dict(settings=self.settings, rows=[dataclasses.asdict(r) | dict(mean=r.mean, std=r.std) for r in self.rows])
 
 
-def _probe(feats_train, y_train, feats_test, y_test, n_classes, l2) -> np.ndarray:
+@functools.partial(jax.jit, static_argnames=("n_classes",))
+def _probe(feats_train, y_train, feats_test, y_test, l2, *, n_classes) -> Array:
   """Accuracies of converged logistic heads, vmapped over a leading seed axis of the features."""
 
   def one(ftr, fte):
     head = logistic.fit_logistic(ftr, y_train, n_classes, l2=l2)
     return logistic.accuracy(head, fte, y_test)
 
-  return np.asarray(jax.jit(jax.vmap(one))(feats_train, feats_test))
+  return jax.vmap(one)(feats_train, feats_test)
+
+
+@functools.partial(jax.jit, static_argnames=("learner", "n_hidden", "adam"))
+def _retrain_many(sets, step_sizes, keys, init_scale, *, learner, n_hidden, adam):
+  """:func:`retrain_with_step_sizes` vmapped over (sets, keys); one compilation per shape."""
+  return jax.vmap(
+      lambda d, k: retrain_with_step_sizes(d, step_sizes, k, learner=learner, n_hidden=n_hidden, init_scale=init_scale, adam=adam)
+  )(sets, keys)
 
 
 def kmeans(key: PRNGKeyArray, x: Float[Array, "n d"], k: int, *, iterations: int = 50) -> Float[Array, "k d"]:
@@ -311,6 +321,9 @@ def evaluate(
   feats = jax.jit(jax.vmap(learner.features, in_axes=(0, None)))
   rows: list[Row] = []
 
+  def probe(feats_train, feats_test) -> np.ndarray:
+    return np.asarray(_probe(feats_train, y_train_j, feats_test, y_test_j, head_l2, n_classes=n_classes))
+
   def learner_rows(name: str, sets: Array, note: str = "", with_convergence: bool = True):
     """Re-train on each of ``sets`` (S, N, d) with the recipe (and 10x), probe the features."""
     variants = [(name, recipe.inner_steps, note)]
@@ -318,24 +331,26 @@ def evaluate(
       steps = convergence_factor * recipe.inner_steps
       variants.append((f"{name}, {convergence_factor}x steps", steps, f"{steps} steps"))
     for row_name, steps, row_note in variants:
-      fit = jax.jit(jax.vmap(lambda d, k: retrain(d, recipe, k, learner=learner, n_hidden=n_hidden, steps=steps)))
-      params, losses, gnorms = fit(sets, keys)
-      accs = _probe(feats(params, z_train), y_train_j, feats(params, z_test), y_test_j, n_classes, head_l2)
+      params, losses, gnorms = _retrain_many(
+          sets, jnp.asarray(recipe.step_sizes(steps), sets.dtype), keys, recipe.init_scale,
+          learner=learner, n_hidden=n_hidden, adam=recipe.inner_optimizer == "adam",
+      )
+      accs = probe(feats(params, z_train), feats(params, z_test))
       rows.append(Row(row_name, accs.tolist(), float(jnp.mean(losses)), float(jnp.mean(gnorms)), row_note))
 
   learner_rows("distilled D, fresh learner (recipe)", jnp.broadcast_to(d_images, (seeds, *d_images.shape)),
                f"{recipe.inner_optimizer}, {recipe.inner_steps} steps")
   if joint_params is not None:
     jp = jax.tree.map(lambda a: jnp.asarray(a)[None], joint_params)
-    accs = _probe(feats(jp, z_train), y_train_j, feats(jp, z_test), y_test_j, n_classes, head_l2)
+    accs = probe(feats(jp, z_train), feats(jp, z_test))
     rows.append(Row("jointly learned w (not a re-trained learner)", accs.tolist()))
   n = d_images.shape[0]
   if "raw_pixels" in baselines:
-    acc = _probe(z_train[None], y_train_j, z_test[None], y_test_j, n_classes, head_l2)
+    acc = probe(z_train[None], z_test[None])
     rows.append(Row("raw pixels", acc.tolist()))
   if "random_w" in baselines:
     params = jax.vmap(lambda k: learner.init(k, z_train.shape[1], n_hidden, init_scale=recipe.init_scale, dtype=z_train.dtype))(keys)
-    accs = _probe(feats(params, z_train), y_train_j, feats(params, z_test), y_test_j, n_classes, head_l2)
+    accs = probe(feats(params, z_train), feats(params, z_test))
     rows.append(Row("random untrained W", accs.tolist(), note=f"init {recipe.init_scale} N(0, 1)"))
   if "random_subset" in baselines:
     subsets = jax.vmap(lambda k: z_train[jax.random.choice(k, z_train.shape[0], (n,), replace=False)])(
@@ -350,7 +365,7 @@ def evaluate(
         jax.random.fold_in(keys[0], 3)
     )
     params = jax.tree.map(lambda a: a[None], params)
-    accs = _probe(feats(params, z_train), y_train_j, feats(params, z_test), y_test_j, n_classes, head_l2)
+    accs = probe(feats(params, z_train), feats(params, z_test))
     rows.append(Row("learner trained on all training data", accs.tolist(), note="3000 Adam steps, batch 256"))
   if "supervised" in baselines:
     acc = train_supervised(jax.random.fold_in(keys[0], 4), z_train, y_train_j, z_test, y_test_j,
