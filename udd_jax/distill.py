@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from udd_jax import _validation
 from udd_jax.bilevel import problem as problem_lib
@@ -269,7 +270,9 @@ def distill(
     eval_every_seconds: probe the honest accuracy (needs ``eval_data``) each time this much
       more wall time has passed, in addition to ``eval_every``.
     **options: ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale`` for the
-      problem; anything else is an option of the solver (e.g. ``mu``, ``unroll_steps``).
+      problem; ``image_lr`` / ``model_lr`` as shorthands for ``image_optimizer`` /
+      ``model_optimizer = optax.adam(lr)``; anything else is an option of the solver
+      (e.g. ``mu``, ``unroll_steps``).
 
   Returns:
     A :class:`DistillResult`.
@@ -294,6 +297,11 @@ def distill(
   if isinstance(recipe, dict):
     recipe = protocol.Recipe.from_config(recipe)
 
+  given = dict(options)
+  for name in ("image_lr", "model_lr"):
+    if name in options:  # shorthands for Adam with this learning rate (usable from the command line)
+      lr = _validation.check_positive_float(options.pop(name), name)
+      options[name.replace("_lr", "_optimizer")] = optax.adam(lr)
   problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options}
   problem_options.setdefault("head", DEFAULT_HEADS.get(solver_name, "softmax"))
   init_scale = problem_options.setdefault("init_scale", 0.01)
@@ -311,7 +319,7 @@ def distill(
       batch_size=batch_size, init=init, preprocessing=preprocessing, n_classes=n_classes, image_shape=list(image_shape),
       problem_options={k: v for k, v in problem_options.items()},
       solver_options={f.name: _jsonable(getattr(solver_obj, f.name)) for f in dataclasses.fields(solver_obj)},
-      options_given={k: _jsonable(v) if not (hasattr(v, "init") and hasattr(v, "update")) else repr(v)[:200] for k, v in options.items()},
+      options_given={k: _jsonable(v) for k, v in given.items()},
   )
 
   key = jax.random.key(seed)
