@@ -53,6 +53,20 @@ def parse_transfer(spec: str) -> dict[str, Any]:
   return out
 
 
+def _load_tasks(names: Sequence[str], data_dir: str | None):
+  """Loads each dataset; later ones are resized to the first one's image shape (USPS to 28x28)."""
+  from udd_jax.data.preprocessing import resize_images
+
+  splits = [load_dataset(n, data_dir=data_dir) for n in names]
+  shape = splits[0][0][0].shape[1:3]
+  out = []
+  for (xtr, ytr), (xte, yte) in splits:
+    if xtr.shape[1:3] != shape:
+      xtr, xte = resize_images(xtr, shape), resize_images(xte, shape)
+    out.append(((xtr, ytr), (xte, yte)))
+  return out
+
+
 def run(
     *,
     dataset: str,
@@ -76,6 +90,9 @@ def run(
 ) -> dict[str, Any]:
   """Runs one distillation end to end and writes its artifacts into ``workdir``.
 
+  ``dataset`` may name several datasets separated by commas: they become tasks sharing
+  one D (resized to the first one's image size), and D is evaluated on each.
+
   Files: ``config.json``, ``metrics.jsonl``, ``checkpoint.npz`` (resumable),
   ``distilled.npz`` (images, preprocessing, config with the inner recipe),
   ``distilled.png``, ``filters.png``, ``curves.png``, ``evaluation.json`` and ``report.md``.
@@ -86,32 +103,46 @@ def run(
   for b in baselines:
     _validation.check_choice(b, "baseline", BASELINES)
   transfers = [parse_transfer(t) for t in transfer]
-  (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
+  names = [n.strip() for n in dataset.split(",") if n.strip()]
+  if not names:
+    raise ValueError("dataset is empty: give a name, or several separated by commas.")
+  splits = _load_tasks(names, data_dir)
   solver = solver or DEFAULT_SOLVER
   workdir_path = pathlib.Path(workdir)
+  (x_train, y_train), (x_test, y_test) = splits[0]
   t0 = time.perf_counter()
+  inputs = (x_train, y_train) if len(splits) == 1 else ([train for train, _ in splits], None)
   result = distill(
-      x_train, y_train, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps,
+      *inputs, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps,
       seed=seed, workdir=workdir_path, batch_size=batch_size, init=init, preprocessing=preprocessing,
       eval_every=eval_every, eval_data=(x_train, y_train, x_test, y_test) if eval_every else None,
       progress=progress, **(options or {}),
   )
   distill_seconds = time.perf_counter() - t0
   t1 = time.perf_counter()
-  report = evaluate(
-      result.images, (x_train, y_train), (x_test, y_test), n_hidden=n_hidden, inner=inner, recipe=result.recipe,
-      seeds=eval_seeds, preprocessing=result.preprocessing, baselines=baselines,
-      joint_params=result.params if solver in JOINT_SOLVERS else None,
-  )
-  for t in transfers:
-    other = evaluate(
-        result.images, (x_train, y_train), (x_test, y_test), n_hidden=t.get("n_hidden", n_hidden),
-        inner=t.get("inner", inner), recipe=result.recipe, seeds=eval_seeds, preprocessing=result.preprocessing,
-        baselines=(), convergence_factor=10,
+  report = None
+  for j, (name, (train, test)) in enumerate(zip(names, splits)):
+    part = evaluate(
+        result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe,
+        seeds=eval_seeds, preprocessing=result.preprocessing,
+        baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
+        joint_params=result.params if solver in JOINT_SOLVERS else None,
     )
-    for row in other.rows:
-      row.name = f"transfer to K={t.get('n_hidden', n_hidden)}, {t.get('inner', inner)}: {row.name}"
-      report.rows.append(row)
+    for t in transfers:
+      other = evaluate(
+          result.images, train, test, n_hidden=t.get("n_hidden", n_hidden), inner=t.get("inner", inner),
+          recipe=result.recipe, seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(),
+      )
+      for row in other.rows:
+        row.name = f"transfer to K={t.get('n_hidden', n_hidden)}, {t.get('inner', inner)}: {row.name}"
+        part.rows.append(row)
+    if len(names) > 1:
+      for row in part.rows:
+        row.name = f"{name}: {row.name}"
+    if report is None:
+      report = part
+    else:
+      report.rows.extend(part.rows)
   eval_seconds = time.perf_counter() - t1
 
   image_shape = result.images.shape[1:]
