@@ -37,7 +37,7 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "value_function": dict(mu=solvers_lib.mu_schedule("geometric", 0.01, final=100.0, steps=2000)),
 }
 DEFAULT_HEADS = {"unrolled": "ridge"}
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 600
 
 
 @dataclasses.dataclass
@@ -225,7 +225,7 @@ def distill(
     steps: int | None = None,
     seed: int = 0,
     workdir: str | os.PathLike | None = None,
-    batch_size: int = 256,
+    batch_size: int = 2048,
     init: str = "real",
     preprocessing: str = "none",
     recipe: protocol.Recipe | dict[str, Any] | None = None,
@@ -249,7 +249,7 @@ def distill(
     n_hidden: hidden units K of the GRBM / tied autoencoder.
     inner: ``"ae"``, ``"score_matching"`` or ``"denoising_score_matching"``.
     solver: ``"unrolled"`` (default), ``"implicit"``, ``"penalty"`` or ``"value_function"``.
-    steps: outer steps (default 500).
+    steps: outer steps (default 600).
     seed: PRNG seed of the run (evaluation uses other, fresh seeds).
     workdir: if given, the run writes ``config.json``, ``metrics.jsonl``, ``checkpoint.npz``
       (every ``checkpoint_every`` steps; a restarted run resumes from it) and

@@ -78,7 +78,7 @@ def run(
     solver: str | None = None,
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = 2048,
     init: str = "real",
     preprocessing: str = "none",
     eval_every: int = 100,
