@@ -148,6 +148,37 @@ def _init_common(problem: Any, key: PRNGKeyArray, images: Array) -> tuple[Any, A
   return problem.init_params(k_params, images.dtype), problem.init_heads(k_heads, images.dtype), key
 
 
+def _joint_step(
+    solver: Any, problem: Any, state: SolverState, batch: TaskBatch, constraint: Callable[[Any, Array], tuple[Array, Array]]
+) -> tuple[Any, Any, Any, tuple[Any, Any], Array, Metrics]:
+  """One step of a joint method: min over (D, w, heads) of task losses + constraint(w, D) - lambda div(D).
+
+  ``constraint(params, images) -> (weighted value, raw value)``. Returns the updated
+  images, params, heads, optimiser states, the raw constraint value and common metrics.
+  """
+
+  def objective(images, model):
+    params, heads = model
+    outer, _ = problem.outer_loss(params, heads, batch)
+    weighted, raw = constraint(params, images)
+    div = diversity(images)
+    return outer + weighted - solver.diversity * div, (outer, raw, div)
+
+  (total, (outer, raw, div)), (g_images, g_model) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+      state.images, (state.params, state.heads)
+  )
+  s_images, s_model = state.opt_state
+  images, s_images = _apply(solver.image_optimizer, g_images, s_images, state.images)
+  (params, heads), s_model = _apply(solver.model_optimizer, g_model, s_model, (state.params, state.heads))
+  metrics = {
+      "objective": total,
+      "outer_loss": outer,
+      "diversity": div,
+      "image_grad_norm": optax.tree.norm(g_images),
+  }
+  return images, params, heads, (s_images, s_model), raw, metrics
+
+
 @dataclasses.dataclass(frozen=True)
 class Penalty:
   """Quadratic penalty: min over (D, w, heads) of sum_j L_j + (mu/2)||grad_w L_in(w; D)||^2 - lambda div(D).
@@ -180,30 +211,13 @@ class Penalty:
     key, k_inner = jax.random.split(state.key)
     mu = _schedule(self.mu, "mu")(state.step)
 
-    def objective(images, model):
-      params, heads = model
-      outer, _ = problem.outer_loss(params, heads, batch)
+    def constraint(params, images):
       penalty = gradient_penalty(problem.inner_loss, params, images, k_inner)
-      div = diversity(images)
-      return outer + 0.5 * mu * penalty - self.diversity * div, (outer, penalty, div)
+      return 0.5 * mu * penalty, penalty
 
-    (total, (outer, penalty, div)), (g_images, g_model) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-        state.images, (state.params, state.heads)
-    )
-    s_images, s_model = state.opt_state
-    images, s_images = _apply(self.image_optimizer, g_images, s_images, state.images)
-    (params, heads), s_model = _apply(self.model_optimizer, g_model, s_model, (state.params, state.heads))
-    metrics = {
-        "objective": total,
-        "outer_loss": outer,
-        "penalty": penalty,
-        "inner_grad_norm": jnp.sqrt(penalty),
-        "mu": jnp.asarray(mu, total.dtype),
-        "diversity": div,
-        "image_grad_norm": optax.tree.norm(g_images),
-    }
-    new_state = SolverState(state.step + 1, images, params, heads, (), (s_images, s_model), key)
-    return new_state, metrics
+    images, params, heads, opt_state, penalty, metrics = _joint_step(self, problem, state, batch, constraint)
+    metrics |= {"penalty": penalty, "inner_grad_norm": jnp.sqrt(penalty), "mu": jnp.asarray(mu, penalty.dtype)}
+    return SolverState(state.step + 1, images, params, heads, (), opt_state, key), metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,31 +263,19 @@ class ValueFunction:
     )
     w_prime = solved.params
 
-    def objective(images, model):
-      params, heads = model
-      outer, _ = problem.outer_loss(params, heads, batch)
+    def constraint(params, images):
       gap = inner(params, images) - inner(w_prime, images)
-      div = diversity(images)
-      return outer + mu * gap - self.diversity * div, (outer, gap, div)
+      return mu * gap, gap
 
-    (total, (outer, gap, div)), (g_images, g_model) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-        state.images, (state.params, state.heads)
-    )
-    s_images, s_model = state.opt_state
-    images, s_images = _apply(self.image_optimizer, g_images, s_images, state.images)
-    (params, heads), s_model = _apply(self.model_optimizer, g_model, s_model, (state.params, state.heads))
-    metrics = {
-        "objective": total,
-        "outer_loss": outer,
+    images, params, heads, opt_state, gap, metrics = _joint_step(self, problem, state, batch, constraint)
+    metrics |= {
         "value_gap": gap,
         "inner_value": inner(w_prime, state.images),
         "inner_grad_norm": solved.grad_norm,
-        "mu": jnp.asarray(mu, total.dtype),
-        "diversity": div,
-        "image_grad_norm": optax.tree.norm(g_images),
+        "mu": jnp.asarray(mu, gap.dtype),
     }
-    new_state = SolverState(state.step + 1, images, params, heads, (w_prime, solved.opt_state), (s_images, s_model), key)
-    return new_state, metrics
+    extra = (w_prime, solved.opt_state)
+    return SolverState(state.step + 1, images, params, heads, extra, opt_state, key), metrics
 
 
 @dataclasses.dataclass(frozen=True)
