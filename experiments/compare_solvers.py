@@ -4,7 +4,7 @@
       --n_distill=100 --n_hidden=128 --budget_seconds=600 --workdir=runs/compare
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from udd_jax import experiment
 
@@ -22,6 +22,7 @@ flags.DEFINE_string("workdir", None, "Where everything is written.", required=Tr
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
   experiment.compare_solvers(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, workdir=FLAGS.workdir, n_distill=FLAGS.n_distill,
       n_hidden=FLAGS.n_hidden, budget_seconds=FLAGS.budget_seconds, solvers=FLAGS.solvers, inner=FLAGS.inner,

@@ -8,7 +8,7 @@ Solver options: --opt key=value (repeatable), e.g. --opt mu=10 --opt unroll_step
 A restarted run with the same workdir resumes from its last checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from udd_jax import experiment
 
@@ -34,6 +34,7 @@ flags.DEFINE_multi_string("opt", [], "Solver or problem option key=value (repeat
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
   experiment.run(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, inner=FLAGS.inner, solver=FLAGS.solver,
       n_distill=FLAGS.n_distill, n_hidden=FLAGS.n_hidden, steps=FLAGS.steps, seed=FLAGS.seed,

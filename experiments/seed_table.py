@@ -4,7 +4,7 @@
       --n_distill=100 --n_hidden=128 --points=1,100,200 --workdir=runs/seed_table
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from udd_jax import experiment
 
@@ -21,6 +21,7 @@ flags.DEFINE_string("workdir", None, "Where everything is written.", required=Tr
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
   points = [int(p) for p in FLAGS.points]
   experiment.seed_table(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, workdir=FLAGS.workdir, n_distill=FLAGS.n_distill,
