@@ -226,7 +226,25 @@ def test_ridge_head_matches_least_squares():
   np.testing.assert_allclose(beta, expected, rtol=1e-10)
 
 
-@pytest.mark.parametrize("head", ["softmax", "ridge"])
+def test_standardized_ridge_head_is_ridge_on_standardized_features_and_scale_free():
+  rng = np.random.default_rng(2)
+  feats = jnp.asarray(rng.normal(size=(50, 5)) * [1.0, 1e-2, 3.0, 0.1, 1.0] + 2.0)
+  labels, mask = jnp.asarray(rng.integers(0, 3, size=50)), jnp.ones(3, bool)
+  head = heads_lib.get_head("standardized_ridge", l2=0.1)
+  z = (feats - feats.mean(0)) / jnp.sqrt(feats.var(0) + 1e-8)
+  np.testing.assert_allclose(head.fit(feats, labels, mask), heads_lib.RidgeHead(l2=0.1).fit(z, labels, mask), rtol=1e-10)
+  scale = jnp.asarray([10.0, 0.5, 2.0, 100.0, 1.0])
+  np.testing.assert_allclose(head.loss((), feats * scale, labels, mask), head.loss((), feats, labels, mask), rtol=1e-6)
+  plain = heads_lib.RidgeHead(l2=0.1)
+  assert abs(float(plain.loss((), feats * scale, labels, mask) - plain.loss((), feats, labels, mask))) > 1e-3
+  # Prediction standardises new features with the fitting batch's statistics.
+  new = feats[:7] + 0.3
+  expected = jnp.argmax(heads_lib.RidgeHead(l2=0.1)._design((new - feats.mean(0)) / jnp.sqrt(feats.var(0) + 1e-8), None)
+                        @ head.fit(feats, labels, mask), axis=1)
+  np.testing.assert_array_equal(head.predict((), new, mask, fit_feats=feats, fit_labels=labels), expected)
+
+
+@pytest.mark.parametrize("head", ["softmax", "ridge", "standardized_ridge"])
 def test_vmap_over_tasks_equals_python_loop(head):
   rng = np.random.default_rng(1)
   problem = bilevel.make_problem(n_visible=6, n_hidden=4, n_classes=[5, 2, 3], head=head)
@@ -316,6 +334,33 @@ def test_solvers_reduce_the_outer_loss_on_digits(name, n_tasks):
   assert not jnp.allclose(final.images, state.images)
 
 
+def test_unrolled_with_several_inits_averages_their_hypergradients():
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1, head="ridge")
+  solver = bilevel.Unrolled(
+      unroll_steps=4, n_inits=3, learn_step_size=False, image_optimizer=optax.sgd(1.0), inner_lr=0.05
+  )
+  state = solver.init(problem, jax.random.key(0), x[:10])
+  batch = bilevel.sample_batch(jax.random.key(1), tasks, 32)
+  new_state, metrics = solver.step(problem, state, batch)
+
+  # The same step by hand: one hypergradient per init (the solver's own key stream), averaged.
+  _, k_init, k_inner, _ = jax.random.split(state.key, 4)
+  steps = jnp.full((4,), 0.05)
+
+  def outer_of(images, k):
+    w0 = problem.init_params(k, jnp.float64)
+    w = bilevel.unroll(lambda p, d: problem.inner_loss(p, d, k_inner), w0, images, steps)
+    return problem.outer_loss(w, (), batch)[0]
+
+  per_init = [jax.value_and_grad(outer_of)(state.images, k) for k in jax.random.split(k_init, 3)]
+  grads = np.stack([np.asarray(g) for _, g in per_init])
+  assert np.abs(grads[0] - grads[1]).max() > 1e-6  # the inits really differ
+  np.testing.assert_allclose(state.images - new_state.images, grads.mean(0), rtol=1e-9, atol=1e-12)
+  assert float(metrics["outer_loss"]) == pytest.approx(np.mean([float(v) for v, _ in per_init]), rel=1e-12)
+  np.testing.assert_array_equal(new_state.extra, state.extra)  # step sizes stay fixed
+
+
 # ---------------------------------------------------------------------------
 # Options.
 # ---------------------------------------------------------------------------
@@ -328,6 +373,8 @@ def test_solver_option_errors():
     bilevel.get_solver("implicit", cg_iters=3)
   with pytest.raises(ValueError, match="unknown inner_optimizer 'rmsprop'"):
     bilevel.Unrolled(inner_optimizer="rmsprop")
+  with pytest.raises(ValueError, match="n_inits"):
+    bilevel.Unrolled(n_inits=0)
   with pytest.raises(ValueError, match="mu must be a finite non-negative"):
     bilevel.Penalty(mu=-1.0)
   with pytest.raises(ValueError, match="needs both final and steps"):

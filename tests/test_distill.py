@@ -1,5 +1,6 @@
 """distill(), DistillResult, evaluate() and the experiment pipeline, on the embedded digits."""
 
+import importlib
 import json
 
 import jax
@@ -10,6 +11,9 @@ import pytest
 import udd_jax
 from udd_jax import experiment
 from udd_jax.evaluation import protocol
+
+
+distill_lib = importlib.import_module("udd_jax.distill")  # the module, not the function udd_jax.distill
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +116,18 @@ def test_tasks_as_pairs_of_datasets(digits):
   assert result.config["n_classes"] == [10, 2]
 
 
+def test_cosine_schedule_moves_the_images_less(digits):
+  (x, y), _ = digits
+  args = dict(FAST, log_every=1, checkpoint_every=1, steps=8, seed=1)
+  constant = udd_jax.distill(x, y, **args)
+  cosine = udd_jax.distill(x, y, lr_schedule="cosine", **args)
+  assert cosine.config["options_given"]["lr_schedule"] == "cosine"
+  # Both start from the same real images; Adam's steps on D shrink to zero under the cosine schedule.
+  start = distill_lib._initial_images("real", jax.random.split(jax.random.key(1), 3)[0], x.reshape(len(x), -1), 10)
+  travelled = [float(np.linalg.norm(r.images.reshape(10, -1) - start)) for r in (constant, cosine)]
+  assert 0.0 < travelled[1] < 0.8 * travelled[0]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -124,6 +140,8 @@ def test_tasks_as_pairs_of_datasets(digits):
         (dict(n_distill=5000), ValueError, "exceeds the 1437 real inputs"),
         (dict(eval_every=5), ValueError, "needs eval_data"),
         (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
+        (dict(lr_schedule="step"), ValueError, "unknown lr_schedule 'step'"),
+        (dict(n_inits=0), ValueError, "n_inits must be a positive integer"),
     ],
 )
 def test_distill_bad_options(digits, kwargs, error, match):

@@ -21,7 +21,7 @@ from udd_jax import _validation
 from udd_jax.bilevel import problem as problem_lib
 from udd_jax.bilevel import solvers as solvers_lib
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS, Preprocessing, fit_preprocessing
-from udd_jax.evaluation import protocol
+from udd_jax.evaluation import logistic, protocol
 from udd_jax.inner.grbm import GRBMParams, score
 
 FORMAT_VERSION = 1
@@ -38,6 +38,8 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_HEADS = {"unrolled": "ridge"}
 DEFAULT_STEPS = 600
+DEFAULT_IMAGE_LR = 1e-2  # every solver's default Adam step size on D
+LR_SCHEDULES = ("constant", "cosine")  # of the image_lr / model_lr shorthands
 
 
 @dataclasses.dataclass
@@ -271,7 +273,8 @@ def distill(
       more wall time has passed, in addition to ``eval_every``.
     **options: ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale`` for the
       problem; ``image_lr`` / ``model_lr`` as shorthands for ``image_optimizer`` /
-      ``model_optimizer = optax.adam(lr)``; anything else is an option of the solver
+      ``model_optimizer = optax.adam(lr)``, and ``lr_schedule`` (``"constant"`` or
+      ``"cosine"``: decay those step sizes to zero over ``steps``); anything else is an option of the solver
       (e.g. ``mu``, ``unroll_steps``).
 
   Returns:
@@ -298,9 +301,14 @@ def distill(
     recipe = protocol.Recipe.from_config(recipe)
 
   given = dict(options)
+  lr_schedule = _validation.check_choice(options.pop("lr_schedule", "constant"), "lr_schedule", LR_SCHEDULES)
+  if lr_schedule != "constant" and "image_optimizer" not in options:
+    options.setdefault("image_lr", DEFAULT_IMAGE_LR)
   for name in ("image_lr", "model_lr"):
     if name in options:  # shorthands for Adam with this learning rate (usable from the command line)
       lr = _validation.check_positive_float(options.pop(name), name)
+      if lr_schedule == "cosine":
+        lr = optax.cosine_decay_schedule(lr, decay_steps=steps)
       options[name.replace("_lr", "_optimizer")] = optax.adam(lr)
   problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options}
   problem_options.setdefault("head", DEFAULT_HEADS.get(solver_name, "softmax"))
@@ -450,7 +458,6 @@ def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, 
   ``current_w_accuracy`` probes the solver's own w (the jointly learned one for penalty and
   value function); only ``honest_accuracy`` says whether D alone trains a learner.
   """
-  from udd_jax.evaluation import logistic
 
   x_train, y_train, x_test, y_test = eval_data
   z_train = jnp.asarray(prep.apply(np.asarray(x_train)[:n_train]))

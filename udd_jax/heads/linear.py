@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
 
-HEADS = ("softmax", "ridge")
+HEADS = ("softmax", "ridge", "standardized_ridge")
 _MASKED_LOGIT = -1e9
 
 
@@ -63,23 +63,29 @@ class RidgeHead:
   """Closed-form ridge regression onto one-hot labels, fitted on the batch it is given.
 
   The loss is ``min_beta mean_i ||[f_i, 1] beta - e_{y_i}||^2 + l2 ||beta||^2``: the
-  head is at its optimum by construction, so it has no parameters of its own.
+  head is at its optimum by construction, so it has no parameters of its own. With
+  ``standardize`` the features are first centred and scaled to unit variance with the
+  fitting batch's statistics (as the evaluation probe does), so the penalty weighs every
+  hidden unit alike whatever its scale.
   """
 
   l2: float = 1e-3
+  standardize: bool = False
   has_params = False
 
   def init(self, key: PRNGKeyArray, n_features: int, n_classes: int, dtype=jnp.float32) -> tuple[()]:
     del key, n_features, n_classes, dtype
     return ()
 
-  @staticmethod
-  def _design(feats: Array) -> Array:
+  def _design(self, feats: Array, fit_feats: Array) -> Array:
+    if self.standardize:
+      mean = jnp.mean(fit_feats, axis=0)
+      feats = (feats - mean) / jnp.sqrt(jnp.var(fit_feats, axis=0) + 1e-8)
     return jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
 
   def fit(self, feats: Array, labels: Array, class_mask: Array) -> Array:
     """The ridge coefficients ``beta`` (K+1, C) on ``feats``; last row is the bias."""
-    f1 = self._design(feats)
+    f1 = self._design(feats, feats)
     targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
     n = feats.shape[0]
     gram = f1.T @ f1 / n + self.l2 * jnp.eye(f1.shape[1], dtype=feats.dtype)
@@ -89,11 +95,12 @@ class RidgeHead:
     del params
     beta = self.fit(feats, labels, class_mask)
     targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
-    return jnp.mean(jnp.sum((self._design(feats) @ beta - targets) ** 2, axis=1)) + self.l2 * jnp.sum(beta**2)
+    residual = self._design(feats, feats) @ beta - targets
+    return jnp.mean(jnp.sum(residual**2, axis=1)) + self.l2 * jnp.sum(beta**2)
 
   def predict(self, params: tuple[()], feats: Array, class_mask: Array, *, fit_feats: Array, fit_labels: Array) -> Array:
     del params
-    scores = self._design(feats) @ self.fit(fit_feats, fit_labels, class_mask)
+    scores = self._design(feats, fit_feats) @ self.fit(fit_feats, fit_labels, class_mask)
     return jnp.argmax(jnp.where(class_mask, scores, _MASKED_LOGIT), axis=-1)
 
 
@@ -101,14 +108,17 @@ Head = SoftmaxHead | RidgeHead
 
 
 def get_head(name: str | Head, *, l2: float | None = None) -> Head:
-  """Returns the head called ``name`` (``"softmax"`` or ``"ridge"``); a head object passes through."""
+  """Returns the head called ``name`` (``"softmax"``, ``"ridge"`` or ``"standardized_ridge"``).
+
+  A head object passes through unchanged.
+  """
   if isinstance(name, (SoftmaxHead, RidgeHead)):
     return name
   _validation.check_choice(name, "head", HEADS)
-  cls = SoftmaxHead if name == "softmax" else RidgeHead
-  if l2 is None:
-    return cls()
-  return cls(l2=_validation.check_positive_float(l2, "head_l2", allow_zero=True))
+  kwargs = {} if l2 is None else {"l2": _validation.check_positive_float(l2, "head_l2", allow_zero=True)}
+  if name == "softmax":
+    return SoftmaxHead(**kwargs)
+  return RidgeHead(standardize=name == "standardized_ridge", **kwargs)
 
 
 def multitask_loss(
