@@ -295,8 +295,23 @@ def distill(
     raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
   if n_distill > tasks[0][0].shape[0] and init != "random":
     raise ValueError(f"n_distill={n_distill} exceeds the {tasks[0][0].shape[0]} real inputs to initialise from.")
+  eval_every = _validation.check_non_negative_int(eval_every, "eval_every")
+  for name, value in (("max_seconds", max_seconds), ("eval_every_seconds", eval_every_seconds)):
+    if value is not None:
+      _validation.check_positive_float(value, name)
   if (eval_every or eval_every_seconds) and eval_data is None:
     raise ValueError("eval_every > 0 needs eval_data = (x_train, y_train, x_test, y_test).")
+  if eval_data is not None:
+    if not isinstance(eval_data, (tuple, list)) or len(eval_data) != 4:
+      raise TypeError("eval_data must be a tuple (x_train, y_train, x_test, y_test).")
+    for split, pair in (("eval_data train", eval_data[:2]), ("eval_data test", eval_data[2:])):
+      xe, _ = _validation.check_labelled(tuple(pair), split)
+      if xe.shape[1:] != tasks[0][0].shape[1:]:
+        raise ValueError(f"{split} x has inputs of shape {xe.shape[1:]}, x has {tasks[0][0].shape[1:]}.")
+  if recipe is not None and not isinstance(recipe, (protocol.Recipe, dict)):
+    raise TypeError(f"recipe must be a Recipe or its config dict; got {type(recipe).__name__}.")
+  if callback is not None and not callable(callback):
+    raise TypeError(f"callback must be callable as callback(step, metrics); got {type(callback).__name__}.")
   if isinstance(recipe, dict):
     recipe = protocol.Recipe.from_config(recipe)
 
