@@ -8,7 +8,9 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -434,6 +436,8 @@ def distill(
   metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None else None
   t_start = time.perf_counter()
   next_eval_time = eval_every_seconds
+  # With a workdir, SIGINT / SIGTERM stop the run at the end of the current chunk, after a checkpoint.
+  stop = _StopOnSignal().install() if workdir is not None else None
   try:
     while int(state.step) < steps:
       step0 = int(state.step)
@@ -452,17 +456,27 @@ def distill(
       if honest_eval is not None and due:
         record.update(honest_eval(state, solver_obj, init_scale, recipe))
       history.append(record)
+      checkpointed = False
       if metrics_file is not None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         if step % checkpoint_every < log_every or step >= steps:
           checkpoint(state, history)
+          checkpointed = True
       bar.report(step, record)
       if callback is not None:
         callback(step, record)
+      if stop is not None and stop.signum is not None:
+        if not checkpointed:
+          checkpoint(state, history)
+        print(f"udd_jax.distill: stopped by {signal.Signals(stop.signum).name} at step {step}/{steps}; the checkpoint "
+              f"is {workdir / 'checkpoint.npz'}. Re-run the same command (same workdir) to resume.", file=sys.stderr, flush=True)
+        stop.exit()
       if out_of_time:
         break
   finally:
+    if stop is not None:
+      stop.restore()
     if metrics_file is not None:
       metrics_file.close()
 
@@ -517,6 +531,45 @@ def _stop_diverged(step: int, quantities: list[str], workdir: pathlib.Path | Non
     path = result.save(workdir / "distilled.npz")
     message += f"; the last good checkpoint (step {int(good_state.step)}) is {ckpt} and its distilled set {path}"
   raise FloatingPointError(message + ". Try smaller step sizes (e.g. image_lr) in a new workdir.")
+
+
+class _StopOnSignal:
+  """While active, SIGINT and SIGTERM only set ``signum``; the run stops at the end of its chunk.
+
+  Handlers are installed from the main thread only (Python allows no other), never over
+  a signal that is ignored, and :meth:`restore` puts the previous ones back. A second
+  signal stops at once.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> _StopOnSignal:
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if previous in (signal.SIG_IGN, None):
+          continue
+        self._previous[sig] = previous
+        signal.signal(sig, self._handle)
+    return self
+
+  def restore(self) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    again = self.signum is not None
+    self.signum = signum
+    if again:
+      self.exit()
+
+  def exit(self) -> NoReturn:
+    """Raises what the signal asks for: KeyboardInterrupt for SIGINT, SystemExit(128 + signal number) otherwise."""
+    if self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    raise SystemExit(128 + self.signum)
 
 
 def _load_checkpoint(ckpt: pathlib.Path, template: solvers_lib.SolverState) -> tuple[solvers_lib.SolverState, list[dict[str, float]]]:
