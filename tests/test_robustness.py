@@ -42,15 +42,18 @@ def child_env(tmp_path_factory):
   return env
 
 
-def _default_sigint():
-  # A shell may start background jobs with SIGINT ignored, and children inherit that; restore it.
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(workdir: pathlib.Path, env: dict[str, str]) -> subprocess.Popen:
-  log = open(workdir.parent / f"{workdir.name}.log", "a")
-  return subprocess.Popen(APP + [f"--workdir={workdir}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                          preexec_fn=_default_sigint, cwd=REPO)
+  # A shell may start background jobs with SIGINT ignored, and a child inherits an ignored
+  # signal (a handled one is reset to the default). No preexec_fn: forking JAX is unsafe.
+  ignored = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  if ignored:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with open(workdir.parent / f"{workdir.name}.log", "a") as log:
+      return subprocess.Popen(APP + [f"--workdir={workdir}"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+  finally:
+    if ignored:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def log_of(workdir: pathlib.Path) -> str:
@@ -135,6 +138,19 @@ def test_interrupted_app_resumes_bit_for_bit(tmp_path, child_env, uninterrupted,
   assert without_wall_time(resumed.history) == without_wall_time(uninterrupted.history)
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == list(range(3, STEPS + 1, 3))
+
+
+@pytest.mark.parametrize("flag, error", [
+    ("--steps=-1", "ValueError: steps must be a positive integer; got -1"),
+    ("--data_dir=MISSING", "FileNotFoundError: data_dir '{missing}' is not an existing directory"),
+], ids=["negative steps", "missing data_dir"])
+def test_app_refuses_bad_flags_before_training(tmp_path, child_env, flag, error):
+  missing = str(tmp_path / "missing")
+  workdir = tmp_path / "run"
+  proc = subprocess.run(APP + [flag.replace("MISSING", missing), f"--workdir={workdir}"], env=child_env, cwd=REPO,
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 1 and error.format(missing=missing) in proc.stderr.strip().splitlines()[-1], proc.stderr
+  assert not (workdir / "config.json").exists() and not (workdir / "checkpoint.npz").exists()
 
 
 # In-process pieces of the same machinery. Those that signal this very process need the
