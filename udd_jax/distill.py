@@ -286,8 +286,9 @@ def distill(
     steps: outer steps (default 600).
     seed: PRNG seed of the run (evaluation uses other, fresh seeds).
     workdir: if given, the run writes ``config.json``, ``metrics.jsonl``, ``checkpoint.npz``
-      (every ``checkpoint_every`` steps; a restarted run resumes from it) and
-      ``distilled.npz`` there.
+      (at step 0 and every ``checkpoint_every`` steps, atomically; a restarted run resumes
+      from it) and ``distilled.npz`` there. SIGINT / SIGTERM then stop the run at the end
+      of the current chunk, after a checkpoint (see docs/ERRORS.md).
     batch_size: real examples per task per step.
     init: initial D: ``"real"`` images, ``"kmeans"`` centroids or ``"random"`` noise.
     preprocessing: ``"none"``, ``"standardize"`` or ``"zca"`` (fitted on task 0's inputs).
@@ -311,6 +312,12 @@ def distill(
 
   Returns:
     A :class:`DistillResult`.
+
+  Raises:
+    ValueError, TypeError: bad input, before anything is compiled (docs/ERRORS.md).
+    FloatingPointError: a non-finite metric or state; with a workdir, the last good
+      checkpoint stays and ``distilled.npz`` is written from it.
+    KeyboardInterrupt, SystemExit: SIGINT, SIGTERM (code 143) with a workdir, after a checkpoint.
   """
   tasks = _tasks_from_inputs(x, y)
   n_distill = _validation.check_positive_int(n_distill, "n_distill")
