@@ -5,7 +5,9 @@
       --n_hidden=128 --solver=unrolled --workdir=runs/mnist_100
 
 Solver options: --opt key=value (repeatable), e.g. --opt mu=10 --opt unroll_steps=100.
-A restarted run with the same workdir resumes from its last checkpoint.
+A restarted run with the same workdir resumes from its last checkpoint. Ctrl-C (SIGINT)
+or SIGTERM stops it at the end of the current chunk of --log_every steps, after writing
+a checkpoint; re-running the same command resumes (on CPU, bit for bit).
 """
 
 from absl import app, flags, logging
@@ -26,7 +28,9 @@ flags.DEFINE_integer("batch_size", 2048, "Real examples per task per step.")
 flags.DEFINE_string("init", "real", "Initial D: real, kmeans or random.")
 flags.DEFINE_string("preprocessing", "none", "none, standardize or zca.")
 flags.DEFINE_integer("eval_every", 100, "Steps between honest-accuracy probes (0: never).")
-flags.DEFINE_integer("eval_seeds", 5, "Fresh learner seeds of the final evaluation.")
+flags.DEFINE_integer("eval_seeds", 5, "Fresh learner seeds of the final evaluation (0: no final evaluation).")
+flags.DEFINE_integer("log_every", 10, "Steps per jitted chunk and per metrics line.")
+flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints (rounded up to a multiple of --log_every).")
 flags.DEFINE_list("baselines", list(experiment.BASELINES), "Baselines of the final evaluation.")
 flags.DEFINE_list("transfer", [], "Cross-learner transfer rows, e.g. K=256,inner=score_matching.")
 flags.DEFINE_multi_string("opt", [], "Solver or problem option key=value (repeatable).")
@@ -40,7 +44,8 @@ def main(argv):
       n_distill=FLAGS.n_distill, n_hidden=FLAGS.n_hidden, steps=FLAGS.steps, seed=FLAGS.seed,
       workdir=FLAGS.workdir, batch_size=FLAGS.batch_size, init=FLAGS.init, preprocessing=FLAGS.preprocessing,
       eval_every=FLAGS.eval_every, eval_seeds=FLAGS.eval_seeds, baselines=FLAGS.baselines,
-      transfer=FLAGS.transfer, options=experiment.parse_options(FLAGS.opt),
+      transfer=FLAGS.transfer, options=experiment.parse_options(FLAGS.opt), log_every=FLAGS.log_every,
+      checkpoint_every=FLAGS.checkpoint_every,
   )
 
 

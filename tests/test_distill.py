@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,10 @@ def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
     assert key in result.config
   assert result.config["inner_optimizer"] == "adam" and len(result.config["inner_lr"]) == result.config["inner_steps"] == 20
   path = result.save(tmp_path / "d.npz")
+  with np.load(path) as f:  # the artifact says what wrote it and how to read it
+    assert int(f["format_version"]) == distill_lib.FORMAT_VERSION
+    assert str(f["library_version"]) == udd_jax.__version__
+    assert str(f["preprocessing_method"]) == "none" and json.loads(str(f["config"]))["n_distill"] == 10
   loaded = udd_jax.load_distilled(path)
   np.testing.assert_array_equal(loaded.images, result.images)
   np.testing.assert_array_equal(loaded.params.W, result.params.W)
@@ -76,6 +81,16 @@ def test_load_distilled_errors(digits, tmp_path):
   np.savez(tmp_path / "future.npz", **arrays)
   with pytest.raises(ValueError, match="format version 99"):
     udd_jax.load_distilled(tmp_path / "future.npz")
+  np.savez(tmp_path / "no_version.npz", **{k: v for k, v in arrays.items() if k != "format_version"})
+  with pytest.raises(ValueError, match="not a udd_jax distilled set: it has no format_version"):
+    udd_jax.load_distilled(tmp_path / "no_version.npz")
+  arrays["format_version"] = np.asarray(distill_lib.FORMAT_VERSION)
+  np.savez(tmp_path / "no_images.npz", **{k: v for k, v in arrays.items() if k != "images"})
+  with pytest.raises(ValueError, match=r"lacks the field\(s\) \['images'\]"):
+    udd_jax.load_distilled(tmp_path / "no_images.npz")
+  np.savez(tmp_path / "bad_config.npz", **(arrays | {"config": np.asarray('{"steps": 5')}))
+  with pytest.raises(ValueError, match="corrupted config or history"):
+    udd_jax.load_distilled(tmp_path / "bad_config.npz")
 
 
 def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
@@ -165,13 +180,30 @@ def test_distill_bad_data(digits):
     udd_jax.distill(x, -np.ones(len(x), int), n_distill=5, n_hidden=4)
 
 
-def test_divergence_stops_with_a_clear_message(digits, tmp_path):
+@pytest.mark.parametrize("good_steps", [7, 0])
+def test_divergence_stops_with_a_clear_message(digits, tmp_path, good_steps):
+  """A sane step size for ``good_steps`` steps, then 1e30: the run stops, the last good state stays on disk."""
   (x, y), _ = digits
   import optax
 
-  with pytest.raises(FloatingPointError, match="diverged at step 5: non-finite"):
-    udd_jax.distill(x, y, steps=20, workdir=tmp_path, solver="penalty", image_optimizer=optax.sgd(1e30), **{
+  lr = lambda count: jnp.where(count < good_steps, 1e-2, 1e30)
+  with pytest.raises(FloatingPointError) as info:
+    udd_jax.distill(x, y, steps=20, workdir=tmp_path, solver="penalty", image_optimizer=optax.sgd(lr), **{
         k: v for k, v in FAST.items() if k != "unroll_steps"})
+  message = str(info.value)
+  step = int(re.search(r"diverged at step (\d+): non-finite", message).group(1))
+  assert good_steps < step <= good_steps + 3  # the first step whose metrics are not finite, not the chunk's end
+  assert "image_grad_norm (the hypergradient's norm)" in message and "penalty" in message
+  last_good = 5 if good_steps else 0  # checkpoints every 5 steps, and one at the start
+  assert f"the last good checkpoint (step {last_good}) is {tmp_path / 'checkpoint.npz'}" in message
+  assert f"its distilled set {tmp_path / 'distilled.npz'}" in message
+  kept = udd_jax.load_distilled(tmp_path / "distilled.npz")
+  assert [h["step"] for h in kept.history] == list(range(5, last_good + 1, 5))
+  assert kept.config["diverged_at_step"] == step
+  assert np.all(np.isfinite(kept.images)) and all(np.all(np.isfinite(p)) for p in kept.params)
+  with np.load(tmp_path / "checkpoint.npz") as f:
+    leaves = [f[k] for k in f.files if k.startswith("leaf_")]
+  assert all(np.all(np.isfinite(a)) for a in leaves if a.dtype.kind == "f")
 
 
 # Evaluation.

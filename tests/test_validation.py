@@ -98,3 +98,153 @@ def test_bad_init(kwargs, error, match):
 def test_bad_preprocessing_input(x, kwargs, error, match):
   with pytest.raises(error, match=match):
     udd_jax.fit_preprocessing(x, **kwargs)
+
+
+# Entry points on host data: evaluate, distill, load_dataset and the experiment flags.
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return udd_jax.load_dataset("digits")
+
+
+def _evaluate_case(digits, case):
+  """(images, train, test, kwargs) for one bad-input case of evaluate()."""
+  (x, y), (xt, yt) = digits
+  nan_images = x[:3].copy()
+  nan_images[0, 1, 1] = np.nan
+  cases = {
+      "train not a pair": (x[:3], x, (xt, yt), {}),
+      "test a triple": (x[:3], (x, y), (xt, yt, yt), {}),
+      "NaN images": (nan_images, (x, y), (xt, yt), {}),
+      "infinite train x": (x[:3], (np.where(x == 0, np.inf, x), y), (xt, yt), {}),
+      "images of another shape": (x[:3, :4, :4], (x, y), (xt, yt), {}),
+      "flat images": (x[:3].reshape(3, 64), (x, y), (xt, yt), {}),
+      "images of rank 1": (x[0, 0], (x, y), (xt, yt), {}),
+      "empty images": (x[:0], (x, y), (xt, yt), {}),
+      "string images": (np.array([["a"]]), (x, y), (xt, yt), {}),
+      "train labels too short": (x[:3], (x, y[:10]), (xt, yt), {}),
+      "test labels of rank 2": (x[:3], (x, y), (xt, yt[:, None]), {}),
+      "negative labels": (x[:3], (x, -y), (xt, yt), {}),
+      "fractional labels": (x[:3], (x, y + 0.5), (xt, yt), {}),
+      "n_hidden zero": (x[:3], (x, y), (xt, yt), dict(n_hidden=0)),
+      "seeds fractional": (x[:3], (x, y), (xt, yt), dict(seeds=1.5)),
+      "unknown inner": (x[:3], (x, y), (xt, yt), dict(inner="vae")),
+      "recipe config incomplete": (x[:3], (x, y), (xt, yt), dict(recipe={"inner_lr": 0.1})),
+      "recipe a string": (x[:3], (x, y), (xt, yt), dict(recipe="adam")),
+      "preprocessing a string": (x[:3], (x, y), (xt, yt), dict(preprocessing="zca")),
+      "joint_params of another size": (x[:3], (x, y), (xt, yt), dict(joint_params=udd_jax.GRBMParams(
+          np.ones((5, 3)), np.zeros(3), np.zeros(5)))),
+      "more images than a subset can draw": (x[:3], (x[:2], y[:2]), (xt, yt), dict(baselines=("random_subset",))),
+      "convergence_factor zero": (x[:3], (x, y), (xt, yt), dict(convergence_factor=0)),
+  }
+  return cases[case]
+
+
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("train not a pair", TypeError, r"train must be an \(x, y\) pair"),
+        ("test a triple", TypeError, r"test must be an \(x, y\) pair.*length 3"),
+        ("NaN images", ValueError, "images contains 1 non-finite value"),
+        ("infinite train x", ValueError, "train x contains .* non-finite"),
+        ("images of another shape", ValueError, "must share one trailing shape"),
+        ("flat images", ValueError, "must share one trailing shape"),
+        ("images of rank 1", ValueError, "images must have rank >= 2"),
+        ("empty images", ValueError, "images is empty"),
+        ("string images", TypeError, "images must be a numeric array"),
+        ("train labels too short", ValueError, "train y has 10 labels but the inputs have 1437 rows"),
+        ("test labels of rank 2", ValueError, r"test y must have rank 1; got shape \(360, 1\)"),
+        ("negative labels", ValueError, "train y must hold non-negative class labels"),
+        ("fractional labels", TypeError, "train y must hold integer class labels"),
+        ("n_hidden zero", ValueError, "n_hidden must be a positive integer; got 0"),
+        ("seeds fractional", TypeError, "seeds must be a positive integer"),
+        ("unknown inner", ValueError, r"unknown inner loss 'vae'; valid options are \['ae'"),
+        ("recipe config incomplete", ValueError, r"recipe config lacks \['inner_optimizer'"),
+        ("recipe a string", TypeError, "recipe must be a Recipe or its config dict"),
+        ("preprocessing a string", TypeError, "preprocessing must be the Preprocessing stored with D"),
+        ("joint_params of another size", ValueError, "joint_params do not fit the images"),
+        ("more images than a subset can draw", ValueError, "3 rows, more than the 2 training inputs"),
+        ("convergence_factor zero", ValueError, "convergence_factor must be a positive integer"),
+    ],
+)
+def test_evaluate_bad_input(digits, case, error, match):
+  images, train, test, kwargs = _evaluate_case(digits, case)
+  with pytest.raises(error, match=match):
+    udd_jax.evaluate(images, train, test, **(dict(n_hidden=4, baselines=()) | kwargs))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(eval_every=-1), ValueError, "eval_every must be a non-negative integer; got -1"),
+        (dict(eval_every=5, eval_data=(1, 2)), TypeError, r"eval_data must be a tuple \(x_train"),
+        (dict(eval_every=5, eval_data="nan test x"), ValueError, "eval_data test x contains 1 non-finite"),
+        (dict(eval_every=5, eval_data="short test y"), ValueError, "eval_data test y has 3 labels but the inputs have 360"),
+        (dict(max_seconds=-1.0), ValueError, "max_seconds must be a finite positive number"),
+        (dict(recipe="adam"), TypeError, "recipe must be a Recipe or its config dict"),
+        (dict(recipe={"inner_steps": 3}), ValueError, "recipe config lacks"),
+        (dict(callback=3), TypeError, "callback must be callable"),
+        (dict(steps=-3), ValueError, "steps must be a positive integer; got -3"),
+        (dict(preprocessing="whiten"), ValueError, r"unknown preprocessing 'whiten'; valid options are \['none'"),
+    ],
+)
+def test_distill_bad_run_settings(digits, kwargs, error, match):
+  (x, y), (xt, yt) = digits
+  bad_xt = xt.copy()
+  bad_xt[0, 0, 0] = np.nan
+  if kwargs.get("eval_data") == "nan test x":
+    kwargs = kwargs | dict(eval_data=(x, y, bad_xt, yt))
+  elif kwargs.get("eval_data") == "short test y":
+    kwargs = kwargs | dict(eval_data=(x, y, xt, yt[:3]))
+  with pytest.raises(error, match=match):
+    udd_jax.distill(x, y, **(dict(n_distill=5, n_hidden=4, steps=5, progress=False) | kwargs))
+
+
+def test_load_dataset_checks_a_data_dir_given_for_digits(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data_dir .* is not an existing directory"):
+    udd_jax.load_dataset("digits", data_dir=tmp_path / "missing")
+
+
+RUN = dict(dataset="digits", n_distill=10, n_hidden=8, steps=5, eval_seeds=1, baselines=())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(steps=-5), ValueError, "steps must be a positive integer; got -5"),
+        (dict(n_distill=0), ValueError, "n_distill must be a positive integer; got 0"),
+        (dict(n_hidden=-1), ValueError, "n_hidden must be a positive integer; got -1"),
+        (dict(batch_size=0), ValueError, "batch_size must be a positive integer"),
+        (dict(log_every=0), ValueError, "log_every must be a positive integer"),
+        (dict(checkpoint_every=-1), ValueError, "checkpoint_every must be a positive integer"),
+        (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
+        (dict(eval_every=-10), ValueError, "eval_every must be a non-negative integer"),
+        (dict(eval_seeds=-1), ValueError, "eval_seeds must be a non-negative integer"),
+        (dict(solver="adam"), ValueError, r"unknown solver 'adam'; valid options are \['implicit', 'penalty'"),
+        (dict(inner="vae"), ValueError, r"unknown inner loss 'vae'; valid options are"),
+        (dict(init="zeros"), ValueError, r"unknown init 'zeros'; valid options are \['kmeans'"),
+        (dict(preprocessing="pca"), ValueError, "unknown preprocessing 'pca'"),
+        (dict(baselines=("pca",)), ValueError, "unknown baseline 'pca'"),
+        (dict(transfer=("K=abc",)), ValueError, "transfer K must be a positive integer; got 'abc'"),
+        (dict(transfer=("inner=vae",)), ValueError, "unknown transfer inner loss 'vae'"),
+        (dict(dataset=","), ValueError, "dataset must name a dataset"),
+        (dict(dataset="mnistt"), ValueError, r"unknown dataset 'mnistt'; valid names are \['digits'"),
+        (dict(data_dir="MISSING"), FileNotFoundError, "data_dir .* is not an existing directory"),
+        (dict(workdir="A FILE"), ValueError, "exists and is not a directory"),
+    ],
+)
+def test_experiment_run_bad_flags(tmp_path, monkeypatch, kwargs, error, match):
+  """Each fails before any training: the workdir stays without config.json or checkpoint."""
+  from udd_jax import experiment
+
+  monkeypatch.delenv("UDD_DATA_DIR", raising=False)
+  workdir = tmp_path / "run"
+  if kwargs.get("data_dir") == "MISSING":
+    kwargs = kwargs | dict(data_dir=str(tmp_path / "missing"))
+  if kwargs.get("workdir") == "A FILE":
+    (tmp_path / "file").write_text("")
+    kwargs = kwargs | dict(workdir=str(tmp_path / "file"))
+  with pytest.raises(error, match=match):
+    experiment.run(**(RUN | dict(workdir=str(workdir)) | kwargs))
+  assert not (workdir / "config.json").exists() and not (workdir / "checkpoint.npz").exists()

@@ -43,6 +43,15 @@ def check_positive_int(value: Any, name: str) -> int:
   return int(value)
 
 
+def check_non_negative_int(value: Any, name: str) -> int:
+  """Returns ``value`` as an int if it is an integer >= 0 (bools are rejected)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be a non-negative integer; got {value!r} of type {type(value).__name__}.")
+  if value < 0:
+    raise ValueError(f"{name} must be a non-negative integer; got {value}.")
+  return int(value)
+
+
 def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
   """Returns ``value`` as a float if it is a finite positive (or non-negative) number."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -116,6 +125,22 @@ def check_labels(y: Any, name: str, *, n: int | None = None) -> np.ndarray:
   if n is not None and arr.shape[0] != n:
     raise ValueError(f"{name} has {arr.shape[0]} labels but the inputs have {n} rows.")
   return arr.astype(np.int32)
+
+
+def check_labelled(pair: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """Checks an ``(x, y)`` pair of inputs (rank >= 2, finite) and matching integer labels.
+
+  Errors name ``f"{name} x"`` and ``f"{name} y"``.
+
+  Returns:
+    ``(x, y)`` as numpy arrays, the labels as int32.
+  """
+  if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+    got = f"a sequence of length {len(pair)}" if isinstance(pair, (tuple, list)) else type(pair).__name__
+    raise TypeError(f"{name} must be an (x, y) pair of inputs and labels; got {got}.")
+  x = check_array(pair[0], f"{name} x", min_ndim=2)
+  y = check_labels(pair[1], f"{name} y", n=x.shape[0])
+  return x, y
 
 
 def check_static_data(params: Any, x: Any, name: str = "x", *, sigma2: Any = 1.0) -> None:

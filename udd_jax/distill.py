@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -91,14 +94,39 @@ def _library_version() -> str:
   return __version__
 
 
-def _atomic_savez(path: pathlib.Path, arrays: dict[str, Any]) -> None:
+def _atomic_write(path: pathlib.Path, write: Callable[[Any], None]) -> None:
+  """Writes ``path`` so that it is always either the old or the complete new file.
+
+  ``write(f)`` fills a temporary file beside ``path`` (``<name>.tmp``, same directory, so
+  the rename stays on one file system); it is flushed and fsynced, then renamed over
+  ``path``. A kill at any moment leaves at worst a stray ``.tmp`` file, which readers
+  ignore and the next write replaces.
+  """
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+def _atomic_savez(path: pathlib.Path, arrays: dict[str, Any]) -> None:
+  _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+  _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_distilled(path: str | os.PathLike) -> DistillResult:
@@ -125,11 +153,15 @@ def load_distilled(path: str | os.PathLike) -> DistillResult:
   if missing:
     raise ValueError(f"{path} lacks the field(s) {missing}.")
   prep = {k[len("preprocessing_"):]: v for k, v in data.items() if k.startswith("preprocessing_")}
+  try:
+    history, config = json.loads(str(data["history"])), json.loads(str(data["config"]))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} has a corrupted config or history field: {e}") from None
   return DistillResult(
       images=data["images"],
       params=GRBMParams(data["params_W"], data["params_b"], data["params_a"]),
-      history=json.loads(str(data["history"])),
-      config=json.loads(str(data["config"])),
+      history=history,
+      config=config,
       preprocessing=Preprocessing.from_dict(prep),
   )
 
@@ -254,8 +286,9 @@ def distill(
     steps: outer steps (default 600).
     seed: PRNG seed of the run (evaluation uses other, fresh seeds).
     workdir: if given, the run writes ``config.json``, ``metrics.jsonl``, ``checkpoint.npz``
-      (every ``checkpoint_every`` steps; a restarted run resumes from it) and
-      ``distilled.npz`` there.
+      (at step 0 and every ``checkpoint_every`` steps, atomically; a restarted run resumes
+      from it) and ``distilled.npz`` there. SIGINT / SIGTERM then stop the run at the end
+      of the current chunk, after a checkpoint (see docs/ERRORS.md).
     batch_size: real examples per task per step.
     init: initial D: ``"real"`` images, ``"kmeans"`` centroids or ``"random"`` noise.
     preprocessing: ``"none"``, ``"standardize"`` or ``"zca"`` (fitted on task 0's inputs).
@@ -279,6 +312,12 @@ def distill(
 
   Returns:
     A :class:`DistillResult`.
+
+  Raises:
+    ValueError, TypeError: bad input, before anything is compiled (docs/ERRORS.md).
+    FloatingPointError: a non-finite metric or state; with a workdir, the last good
+      checkpoint stays and ``distilled.npz`` is written from it.
+    KeyboardInterrupt, SystemExit: SIGINT, SIGTERM (code 143) with a workdir, after a checkpoint.
   """
   tasks = _tasks_from_inputs(x, y)
   n_distill = _validation.check_positive_int(n_distill, "n_distill")
@@ -295,8 +334,23 @@ def distill(
     raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
   if n_distill > tasks[0][0].shape[0] and init != "random":
     raise ValueError(f"n_distill={n_distill} exceeds the {tasks[0][0].shape[0]} real inputs to initialise from.")
+  eval_every = _validation.check_non_negative_int(eval_every, "eval_every")
+  for name, value in (("max_seconds", max_seconds), ("eval_every_seconds", eval_every_seconds)):
+    if value is not None:
+      _validation.check_positive_float(value, name)
   if (eval_every or eval_every_seconds) and eval_data is None:
     raise ValueError("eval_every > 0 needs eval_data = (x_train, y_train, x_test, y_test).")
+  if eval_data is not None:
+    if not isinstance(eval_data, (tuple, list)) or len(eval_data) != 4:
+      raise TypeError("eval_data must be a tuple (x_train, y_train, x_test, y_test).")
+    for split, pair in (("eval_data train", eval_data[:2]), ("eval_data test", eval_data[2:])):
+      xe, _ = _validation.check_labelled(tuple(pair), split)
+      if xe.shape[1:] != tasks[0][0].shape[1:]:
+        raise ValueError(f"{split} x has inputs of shape {xe.shape[1:]}, x has {tasks[0][0].shape[1:]}.")
+  if recipe is not None and not isinstance(recipe, (protocol.Recipe, dict)):
+    raise TypeError(f"recipe must be a Recipe or its config dict; got {type(recipe).__name__}.")
+  if callback is not None and not callable(callback):
+    raise TypeError(f"callback must be callable as callback(step, metrics); got {type(callback).__name__}.")
   if isinstance(recipe, dict):
     recipe = protocol.Recipe.from_config(recipe)
 
@@ -341,21 +395,41 @@ def distill(
       batch = problem_lib.sample_batch(jax.random.fold_in(k_batches, i), device_tasks, batch_size)
       return solver_obj.step(problem, s, batch)
 
-    state, metrics = jax.lax.scan(body, state, start + jnp.arange(log_every))
-    metrics = jax.tree.map(jnp.mean, metrics)
+    state, per_step = jax.lax.scan(body, state, start + jnp.arange(log_every))
+    metrics = jax.tree.map(jnp.mean, per_step)
     # The seed's "||X - AE(X)||" column: mean reconstruction residual of D under the current w.
     residual = score(state.params, state.images, sigma2=problem_options.get("sigma2", 1.0))
     metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
-    return state, metrics
+    # Per step and per part of the state, so that a divergence names its first step and quantity.
+    finite = dict(
+        steps={k: jnp.isfinite(v) for k, v in per_step.items()},
+        state={f: _all_finite(getattr(state, f)) for f in ("images", "params", "heads", "extra", "opt_state")},
+    )
+    return state, metrics, finite
 
   run_chunk = jax.jit(chunk, donate_argnums=0)
+
+  def checkpoint(state, history):
+    _atomic_savez(workdir / "checkpoint.npz", _flatten_state(state) | {"history": np.asarray(json.dumps(history))})
+
+  def result_of(state, history, config):
+    config.update(_solver_recipe(solver_obj, state, recipe, init_scale).to_config())
+    return DistillResult(
+        images=prep.invert(np.asarray(state.images)),
+        params=jax.tree.map(np.asarray, state.params),
+        history=history,
+        config=config,
+        preprocessing=prep,
+    )
 
   workdir = pathlib.Path(workdir) if workdir is not None else None
   history: list[dict[str, float]] = []
   if workdir is not None:
     workdir.mkdir(parents=True, exist_ok=True)
     state, history = _resume(workdir, config, state)
-    (workdir / "config.json").write_text(json.dumps(config, indent=1))
+    _atomic_write_text(workdir / "config.json", json.dumps(config, indent=1))
+    if not (workdir / "checkpoint.npz").is_file():  # a run that diverges at once still leaves its last good state
+      checkpoint(state, history)
 
   honest_eval = None
   if (eval_every or eval_every_seconds) and eval_data is not None:
@@ -369,13 +443,17 @@ def distill(
   metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None else None
   t_start = time.perf_counter()
   next_eval_time = eval_every_seconds
+  # With a workdir, SIGINT / SIGTERM stop the run at the end of the current chunk, after a checkpoint.
+  stop = _StopOnSignal().install() if workdir is not None else None
   try:
     while int(state.step) < steps:
       step0 = int(state.step)
-      state, metrics = run_chunk(state, jnp.asarray(step0))
+      state, metrics, finite = run_chunk(state, jnp.asarray(step0))
       step = int(state.step)
       record = {k: float(v) for k, v in metrics.items()}
-      _check_finite(record, step, workdir)
+      diverged = _first_non_finite(jax.device_get(finite), record, step0, step)
+      if diverged is not None:
+        _stop_diverged(*diverged, workdir, state, lambda s, h: result_of(s, h, dict(config)))
       record["step"] = step
       record["wall_time"] = time.perf_counter() - t_start
       out_of_time = max_seconds is not None and record["wall_time"] >= max_seconds
@@ -385,29 +463,31 @@ def distill(
       if honest_eval is not None and due:
         record.update(honest_eval(state, solver_obj, init_scale, recipe))
       history.append(record)
+      checkpointed = False
       if metrics_file is not None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         if step % checkpoint_every < log_every or step >= steps:
-          _atomic_savez(workdir / "checkpoint.npz", _flatten_state(state) | {"history": np.asarray(json.dumps(history))})
+          checkpoint(state, history)
+          checkpointed = True
       bar.report(step, record)
       if callback is not None:
         callback(step, record)
+      if stop is not None and stop.signum is not None:
+        if not checkpointed:
+          checkpoint(state, history)
+        print(f"udd_jax.distill: stopped by {signal.Signals(stop.signum).name} at step {step}/{steps}; the checkpoint "
+              f"is {workdir / 'checkpoint.npz'}. Re-run the same command (same workdir) to resume.", file=sys.stderr, flush=True)
+        stop.exit()
       if out_of_time:
         break
   finally:
+    if stop is not None:
+      stop.restore()
     if metrics_file is not None:
       metrics_file.close()
 
-  final_recipe = _solver_recipe(solver_obj, state, recipe, init_scale)
-  config.update(final_recipe.to_config())
-  result = DistillResult(
-      images=prep.invert(np.asarray(state.images)),
-      params=jax.tree.map(np.asarray, state.params),
-      history=history,
-      config=config,
-      preprocessing=prep,
-  )
+  result = result_of(state, history, config)
   if workdir is not None:
     result.save(workdir / "distilled.npz")
   return result
@@ -426,29 +506,103 @@ def _jsonable(value: Any) -> Any:
   return getattr(value, "__name__", type(value).__name__)
 
 
-def _check_finite(record: dict[str, float], step: int, workdir: pathlib.Path | None) -> None:
+def _all_finite(tree: Any) -> jax.Array:
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _first_non_finite(finite: dict[str, Any], record: dict[str, float], step0: int, step: int) -> tuple[int, list[str]] | None:
+  """The first step of a chunk with a non-finite metric or state, and what was non-finite; None if all is finite."""
+  per_step = finite["steps"]
+  for i in range(step - step0):
+    bad = sorted(k for k, ok in per_step.items() if not ok[i])
+    if bad:
+      return step0 + i + 1, bad
   bad = [k for k, v in record.items() if not np.isfinite(v)]
-  if bad:
-    where = f"; the last good checkpoint is {workdir / 'checkpoint.npz'}" if workdir is not None else ""
-    raise FloatingPointError(f"distillation diverged at step {step}: non-finite {', '.join(bad)}{where}.")
+  bad += [f"solver state ({f})" for f, ok in finite["state"].items() if not ok]
+  return (step, bad) if bad else None
+
+
+def _stop_diverged(step: int, quantities: list[str], workdir: pathlib.Path | None, template: solvers_lib.SolverState,
+                   result_of: Callable[[solvers_lib.SolverState, list[dict[str, float]]], DistillResult]) -> NoReturn:
+  """Raises FloatingPointError; with a workdir, first writes the last good checkpoint's distilled set."""
+  named = ", ".join(f"{q} (the hypergradient's norm)" if q == "image_grad_norm" else q for q in quantities)
+  message = f"distillation diverged at step {step}: non-finite {named}. The run stopped"
+  if workdir is None:
+    message += "; nothing was kept (give a workdir to keep the last good checkpoint)"
+  else:
+    ckpt = workdir / "checkpoint.npz"
+    good_state, good_history = _load_checkpoint(ckpt, template)
+    result = result_of(good_state, good_history)
+    result.config["diverged_at_step"] = step
+    path = result.save(workdir / "distilled.npz")
+    message += f"; the last good checkpoint (step {int(good_state.step)}) is {ckpt} and its distilled set {path}"
+  raise FloatingPointError(message + ". Try smaller step sizes (e.g. image_lr) in a new workdir.")
+
+
+class _StopOnSignal:
+  """While active, SIGINT and SIGTERM only set ``signum``; the run stops at the end of its chunk.
+
+  Handlers are installed from the main thread only (Python allows no other), never over
+  a signal that is ignored, and :meth:`restore` puts the previous ones back. A second
+  signal stops at once.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> _StopOnSignal:
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if previous in (signal.SIG_IGN, None):
+          continue
+        self._previous[sig] = previous
+        signal.signal(sig, self._handle)
+    return self
+
+  def restore(self) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    again = self.signum is not None
+    self.signum = signum
+    if again:
+      self.exit()
+
+  def exit(self) -> NoReturn:
+    """Raises what the signal asks for: KeyboardInterrupt for SIGINT, SystemExit(128 + signal number) otherwise."""
+    if self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    raise SystemExit(128 + self.signum)
+
+
+def _load_checkpoint(ckpt: pathlib.Path, template: solvers_lib.SolverState) -> tuple[solvers_lib.SolverState, list[dict[str, float]]]:
+  try:
+    with np.load(ckpt, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files if k.startswith("leaf_")}
+      history = json.loads(str(f["history"]))
+  except Exception as e:
+    raise ValueError(f"{ckpt} is not a readable checkpoint (truncated or corrupted?): {e}; delete it to start over.") from None
+  return _unflatten_state(template, arrays), history
 
 
 def _resume(workdir: pathlib.Path, config: dict[str, Any], state: solvers_lib.SolverState):
   ckpt = workdir / "checkpoint.npz"
-  if not ckpt.is_file():
+  if not ckpt.is_file():  # a fresh run, or one killed before its first checkpoint: start over
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
     return state, []
   saved_config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else None
   if saved_config is not None and {k: v for k, v in saved_config.items() if k != "steps"} != {
       k: v for k, v in config.items() if k != "steps"
   }:
     raise ValueError(f"{workdir} holds a run with another configuration; use a new workdir.")
-  with np.load(ckpt, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files if k.startswith("leaf_")}
-    history = json.loads(str(f["history"]))
-  state = _unflatten_state(state, arrays)
+  # Only checkpoint.npz is read: a stray checkpoint.npz.tmp from a write that was killed is ignored.
+  state, history = _load_checkpoint(ckpt, state)
   # Lines logged after the checkpoint will be logged again: drop them from metrics.jsonl.
-  lines = [json.dumps(h) for h in history]
-  (workdir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+  _atomic_write_text(workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
   return state, history
 
 

@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 
 from udd_jax import _validation, reporting
-from udd_jax.data.loading import load_dataset
-from udd_jax.distill import DEFAULT_SOLVER, distill
+from udd_jax.bilevel.solvers import SOLVERS
+from udd_jax.data.loading import load_dataset, resolve_data_dir
+from udd_jax.data.preprocessing import PREPROCESSING_METHODS
+from udd_jax.distill import DEFAULT_SOLVER, INITS, distill
 from udd_jax.evaluation.protocol import BASELINES, evaluate
+from udd_jax.inner import INNER_LOSSES
 
 JOINT_SOLVERS = ("penalty", "value_function")
 
@@ -49,8 +52,48 @@ def parse_transfer(spec: str) -> dict[str, Any]:
     key = {"K": "n_hidden", "k": "n_hidden"}.get(key, key)
     if key not in ("n_hidden", "inner"):
       raise ValueError(f"transfer option {key!r} unknown; use K=<int> and/or inner=<loss>.")
-    out[key] = int(value) if key == "n_hidden" else value
+    if key == "n_hidden":
+      if not value.strip().isdigit() or int(value) <= 0:
+        raise ValueError(f"transfer K must be a positive integer; got {value!r} in {spec!r}.")
+      out[key] = int(value)
+    else:
+      out[key] = _validation.check_choice(value, "transfer inner loss", INNER_LOSSES)
   return out
+
+
+def check_run_args(
+    *, dataset: Any, workdir: Any, n_distill: Any, n_hidden: Any, data_dir: Any = None, inner: Any = "ae",
+    solver: Any = None, steps: Any = None, seed: Any = 0, batch_size: Any = 2048, init: Any = "real",
+    preprocessing: Any = "none", eval_every: Any = 0, eval_seeds: Any = 1, log_every: Any = 10,
+    checkpoint_every: Any = 50, baselines: Sequence[str] = (),
+) -> None:
+  """Checks :func:`run`'s arguments (the flags of ``experiments/distill.py``) before any data is loaded.
+
+  Raises:
+    ValueError / TypeError: naming the argument and the problem.
+    FileNotFoundError: ``data_dir`` given but not an existing directory.
+  """
+  if not isinstance(dataset, str) or not dataset.strip(","):
+    raise ValueError(f"dataset must name a dataset, or several separated by commas; got {dataset!r}.")
+  if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir):
+    raise ValueError(f"workdir must be a directory path; got {workdir!r}.")
+  if pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+    raise ValueError(f"workdir {str(workdir)!r} exists and is not a directory.")
+  for name, value in (("n_distill", n_distill), ("n_hidden", n_hidden), ("batch_size", batch_size),
+                      ("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+    _validation.check_positive_int(value, name)
+  if steps is not None:
+    _validation.check_positive_int(steps, "steps")
+  for name, value in (("seed", seed), ("eval_every", eval_every), ("eval_seeds", eval_seeds)):
+    _validation.check_non_negative_int(value, name)
+  _validation.check_choice(solver or DEFAULT_SOLVER, "solver", SOLVERS)
+  _validation.check_choice(inner, "inner loss", INNER_LOSSES)
+  _validation.check_choice(init, "init", INITS)
+  _validation.check_choice(preprocessing, "preprocessing", PREPROCESSING_METHODS)
+  for b in baselines:
+    _validation.check_choice(b, "baseline", BASELINES)
+  if data_dir is not None:
+    resolve_data_dir(data_dir)
 
 
 def _load_tasks(names: Sequence[str], data_dir: str | None):
@@ -87,21 +130,30 @@ def run(
     transfer: Sequence[str] = (),
     options: dict[str, Any] | None = None,
     progress: bool = True,
+    log_every: int = 10,
+    checkpoint_every: int = 50,
 ) -> dict[str, Any]:
   """Runs one distillation end to end and writes its artifacts into ``workdir``.
 
   ``dataset`` may name several datasets separated by commas: they become tasks sharing
   one D (resized to the first one's image size), and D is evaluated on each.
+  ``eval_seeds=0`` skips the final evaluation (no ``evaluation.json``; the report has no table).
 
   Files: ``config.json``, ``metrics.jsonl``, ``checkpoint.npz`` (resumable),
   ``distilled.npz`` (images, preprocessing, config with the inner recipe),
   ``distilled.png``, ``filters.png``, ``curves.png``, ``evaluation.json`` and ``report.md``.
 
+  Every argument is checked (:func:`check_run_args`) before any data is loaded.
+
   Returns:
     A summary dict (honest accuracy, joint accuracy, wall times, paths).
   """
-  for b in baselines:
-    _validation.check_choice(b, "baseline", BASELINES)
+  check_run_args(
+      dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir, inner=inner,
+      solver=solver, steps=steps, seed=seed, batch_size=batch_size, init=init, preprocessing=preprocessing,
+      eval_every=eval_every, eval_seeds=eval_seeds, log_every=log_every, checkpoint_every=checkpoint_every,
+      baselines=baselines,
+  )
   transfers = [parse_transfer(t) for t in transfer]
   names = [n.strip() for n in dataset.split(",") if n.strip()]
   if not names:
@@ -116,12 +168,12 @@ def run(
       *inputs, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps,
       seed=seed, workdir=workdir_path, batch_size=batch_size, init=init, preprocessing=preprocessing,
       eval_every=eval_every, eval_data=(x_train, y_train, x_test, y_test) if eval_every else None,
-      progress=progress, **(options or {}),
+      progress=progress, log_every=log_every, checkpoint_every=checkpoint_every, **(options or {}),
   )
   distill_seconds = time.perf_counter() - t0
   t1 = time.perf_counter()
   report = None
-  for j, (name, (train, test)) in enumerate(zip(names, splits)):
+  for j, (name, (train, test)) in enumerate(zip(names, splits) if eval_seeds else ()):
     part = evaluate(
         result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe,
         seeds=eval_seeds, preprocessing=result.preprocessing,
@@ -150,14 +202,18 @@ def run(
   if result.preprocessing.method == "none" and len(image_shape) == 2:
     reporting.filter_grid(np.asarray(result.params.W), image_shape, workdir_path / "filters.png")
   reporting.training_curves(result.history, workdir_path / "curves.png")
-  table = report.to_markdown()
-  honest = report.rows[0]
   summary = dict(
       dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
-      honest_accuracy=honest.mean, honest_std=honest.std, distill_seconds=distill_seconds, eval_seconds=eval_seconds,
-      joint_accuracy=next((r.mean for r in report.rows if r.name.startswith("jointly")), None),
+      honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds, eval_seconds=eval_seconds, joint_accuracy=None,
   )
-  (workdir_path / "evaluation.json").write_text(json.dumps(report.to_dict() | dict(summary=summary), indent=1))
+  if report is None:
+    table = "No final evaluation (eval_seeds=0)."
+  else:
+    table = report.to_markdown()
+    honest = report.rows[0]
+    summary.update(honest_accuracy=honest.mean, honest_std=honest.std,
+                   joint_accuracy=next((r.mean for r in report.rows if r.name.startswith("jointly")), None))
+    (workdir_path / "evaluation.json").write_text(json.dumps(report.to_dict() | dict(summary=summary), indent=1))
   notes = [
       f"distillation took {distill_seconds:.0f} s ({result.config['steps']} outer steps), evaluation {eval_seconds:.0f} s.",
       "honest = a learner re-trained from fresh random inits on D alone with the recipe; the probe is a converged "
@@ -166,8 +222,8 @@ def run(
   reporting.write_report(workdir_path / "report.md", title=f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}",
                          config=result.config, table=table, notes=notes)
   print(table)
-  print(f"\nhonest accuracy {100 * honest.mean:.2f} +- {100 * honest.std:.2f}% | distillation {distill_seconds:.0f} s | "
-        f"report: {workdir_path / 'report.md'}")
+  honest_text = "no final evaluation" if report is None else f"honest accuracy {100 * honest.mean:.2f} +- {100 * honest.std:.2f}%"
+  print(f"\n{honest_text} | distillation {distill_seconds:.0f} s | report: {workdir_path / 'report.md'}")
   return summary
 
 

@@ -87,6 +87,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> tup
   if not isinstance(name, str):
     raise TypeError(f"name must be a dataset name string; got {type(name).__name__}.")
   if name == "digits":
+    if data_dir is not None:  # embedded, but a data_dir given by mistake should not pass silently
+      resolve_data_dir(data_dir)
     return _load_digits()
   path = resolve_data_dir(data_dir)
   looked_for: list[str] = []

@@ -72,6 +72,11 @@ class Recipe:
 
   @classmethod
   def from_config(cls, config: dict[str, Any]) -> Recipe:
+    if not isinstance(config, dict):
+      raise TypeError(f"a recipe config must be a dict; got {type(config).__name__}.")
+    missing = [k for k in ("inner_optimizer", "inner_lr", "inner_steps", "init_scale") if k not in config]
+    if missing:
+      raise ValueError(f"the recipe config lacks {missing}; it needs inner_optimizer, inner_lr, inner_steps and init_scale.")
     lr = config["inner_lr"]
     return cls(
         inner_optimizer=config["inner_optimizer"],
@@ -294,10 +299,11 @@ def evaluate(
   """
   seeds = _validation.check_positive_int(seeds, "seeds")
   n_hidden = _validation.check_positive_int(n_hidden, "n_hidden")
-  x_train = _validation.check_array(train[0], "train x", min_ndim=2)
-  y_train = _validation.check_labels(train[1], "train y", n=x_train.shape[0])
-  x_test = _validation.check_array(test[0], "test x", min_ndim=2)
-  y_test = _validation.check_labels(test[1], "test y", n=x_test.shape[0])
+  convergence_factor = _validation.check_positive_int(convergence_factor, "convergence_factor")
+  _validation.check_non_negative_int(seed, "seed")
+  head_l2 = _validation.check_positive_float(head_l2, "head_l2", allow_zero=True)
+  x_train, y_train = _validation.check_labelled(train, "train")
+  x_test, y_test = _validation.check_labelled(test, "test")
   images = _validation.check_array(images, "images", min_ndim=2)
   if images.shape[1:] != x_train.shape[1:] or x_test.shape[1:] != x_train.shape[1:]:
     raise ValueError(
@@ -305,10 +311,17 @@ def evaluate(
     )
   for b in baselines:
     _validation.check_choice(b, "baseline", BASELINES)
+  if images.shape[0] > x_train.shape[0] and {"random_subset", "kmeans"} & set(baselines):
+    raise ValueError(f"images has {images.shape[0]} rows, more than the {x_train.shape[0]} training inputs the "
+                     "random_subset and kmeans baselines draw that many from.")
   if recipe is None:
     recipe = Recipe()
   elif isinstance(recipe, dict):
     recipe = Recipe.from_config(recipe)
+  elif not isinstance(recipe, Recipe):
+    raise TypeError(f"recipe must be a Recipe or its config dict; got {type(recipe).__name__}.")
+  if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+    raise TypeError(f"preprocessing must be the Preprocessing stored with D; got {type(preprocessing).__name__}.")
   learner = learners.get_inner_learner(inner, sigma2=sigma2, noise_std=noise_std)
   prep = preprocessing if preprocessing is not None else fit_preprocessing(x_train[:1], method="none")
   n_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -316,6 +329,11 @@ def evaluate(
   z_train = jnp.asarray(prep.apply(x_train))
   z_test = jnp.asarray(prep.apply(x_test))
   d_images = jnp.asarray(prep.apply(images))
+  if joint_params is not None:
+    try:
+      _validation.check_static_data(jax.tree.map(jnp.asarray, joint_params), d_images, "images")
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"joint_params do not fit the images: {e}") from None
   y_train_j, y_test_j = jnp.asarray(y_train), jnp.asarray(y_test)
   keys = jax.random.split(jax.random.key(seed), seeds)
   feats = jax.jit(jax.vmap(learner.features, in_axes=(0, None)))
