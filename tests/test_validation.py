@@ -248,3 +248,34 @@ def test_experiment_run_bad_flags(tmp_path, monkeypatch, kwargs, error, match):
   with pytest.raises(error, match=match):
     experiment.run(**(RUN | dict(workdir=str(workdir)) | kwargs))
   assert not (workdir / "config.json").exists() and not (workdir / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "app, kwargs, error, match",
+    [
+        ("compare", dict(budget_seconds=0.0), ValueError, "budget_seconds must be a finite positive"),
+        ("compare", dict(solvers=()), ValueError, "solvers is empty"),
+        ("compare", dict(solvers=("newton",)), ValueError, r"unknown solver 'newton'; valid options are"),
+        ("compare", dict(eval_seeds=0), ValueError, "eval_seeds must be a positive integer for a comparison"),
+        ("compare", dict(n_distill=0), ValueError, "n_distill must be a positive integer"),
+        ("compare", dict(inner="vae"), ValueError, "unknown inner loss 'vae'"),
+        ("seed_table", dict(points=()), ValueError, "points is empty"),
+        ("seed_table", dict(points=(0, 100)), ValueError, "points must be a positive integer; got 0"),
+        ("seed_table", dict(diversity=-1.0), ValueError, "diversity must be a finite non-negative"),
+        ("seed_table", dict(dataset="mnistt"), ValueError, "unknown dataset 'mnistt'"),
+    ],
+)
+def test_compare_solvers_and_seed_table_bad_flags(tmp_path, app, kwargs, error, match):
+  """The two other experiment apps also check their arguments before any training."""
+  from udd_jax import experiment
+
+  workdir = tmp_path / "run"
+  if app == "compare":
+    args = dict(dataset="digits", workdir=str(workdir), n_distill=5, n_hidden=4, budget_seconds=1.0) | kwargs
+    call = experiment.compare_solvers
+  else:
+    args = dict(dataset="digits", workdir=str(workdir), n_distill=5, n_hidden=4, points=(1,)) | kwargs
+    call = experiment.seed_table
+  with pytest.raises(error, match=match):
+    call(**args)
+  assert not workdir.exists() or not any(workdir.iterdir())

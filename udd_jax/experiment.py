@@ -249,6 +249,16 @@ def compare_solvers(
   """
   import matplotlib.pyplot as plt
 
+  check_run_args(dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir,
+                 inner=inner, seed=seed, eval_seeds=eval_seeds)
+  _validation.check_positive_float(budget_seconds, "budget_seconds")
+  if not solvers:
+    raise ValueError("solvers is empty; name at least one of " + ", ".join(sorted(SOLVERS)) + ".")
+  for name in solvers:
+    _validation.check_choice(name, "solver", SOLVERS)
+  if eval_seeds == 0:
+    raise ValueError("eval_seeds must be a positive integer for a comparison; got 0.")
+
   (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
   root = pathlib.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
@@ -311,6 +321,12 @@ def seed_table(
   Columns: the accuracy of the jointly learned w (the seed's figure), the honest accuracy
   (a fresh learner re-trained on D with the recipe) and ``||D - AE(D)||`` under the joint w.
   """
+  check_run_args(dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir)
+  if not points:
+    raise ValueError("points is empty; give the steps at which to report, e.g. 1,100,200.")
+  for step in points:
+    _validation.check_positive_int(step, "points")
+  _validation.check_positive_float(diversity, "diversity", allow_zero=True)
   (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
   root = pathlib.Path(workdir)
   variants = [("quadratic penalty", "penalty", {}), ("penalty + diversity", "penalty", dict(diversity=diversity)),
