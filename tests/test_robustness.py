@@ -30,7 +30,7 @@ APP = [
     "--batch_size=64", f"--steps={STEPS}", "--log_every=3", "--checkpoint_every=30", "--eval_every=0", "--eval_seeds=0",
     "--opt=unroll_steps=5",
 ]
-TIMEOUT = 180  # seconds for any one child; they take a few
+TIMEOUT = 600  # seconds for any one child; they take a few (more on a loaded machine)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,11 @@ def test_interrupted_app_resumes_bit_for_bit(tmp_path, child_env, uninterrupted,
   workdir = tmp_path / "run"
   proc = start(workdir, child_env)
   wait_for_lines(proc, workdir, 12)
+  # Freeze the child before signalling, so that on a loaded machine it cannot run on to the
+  # end between our check and the signal; SIGTERM / SIGINT are then handled on SIGCONT.
+  proc.send_signal(signal.SIGSTOP)
   proc.send_signal(sig)
+  proc.send_signal(signal.SIGCONT)
   rc = finish(proc)
   log = log_of(workdir)
   history = checkpoint_history(workdir)
