@@ -89,7 +89,7 @@ def main():
       r = rows[-1]
       print(f"  {name}, {n_tasks} task(s): compile {r['compile_s']:.2f} s, step {r['step_ms']:.1f} ms", flush=True)
   headers = ["solver", "tasks", "head", "compile (s)", "median step (ms)", "min step (ms)",
-             f"in loop (ms/step, scan of {args.chunk})", "notes"]
+             f"in loop (ms/step, scan of {args.chunk})" if args.chunk > 1 else "in loop (ms/step)", "notes"]
   table = [[r["solver"], r["tasks"], r["head"], r["compile_s"], r["step_ms"], r["step_min_ms"], r.get("in_loop_ms"),
             ", ".join(f"{k} {r[k]:.0f}" for k in ("inner_steps", "cg_steps") if k in r)] for r in rows]
   print(_common.markdown_table(headers, table))
