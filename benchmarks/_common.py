@@ -8,6 +8,7 @@ contended: its timings are not figures to quote).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -247,3 +248,18 @@ def header(meta: dict[str, Any]) -> str:
   if contended(meta):
     line += "\nWARNING: the machine was loaded when this run started; its timings are contended, not figures."
   return line
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+  """The parser every benchmark starts from: its docstring's first line and ``--data_dir``."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+  parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+  return parser
+
+
+def save_figure(fig: Any, title: str, path: pathlib.Path) -> None:
+  """Titles, lays out and writes a benchmark's figure, and says where."""
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")

@@ -32,7 +32,6 @@ benchmarks/results/flops.json and flops.png.
   python benchmarks/flops.py --data_dir ../shared/data --quick    # smoke run: 1024^3 peak, penalty and implicit at the base point
 """
 
-import argparse
 import math
 import time
 
@@ -191,15 +190,11 @@ def plot(rows, peak, path, title):
   ax.set_xticks(range(len(solvers)), solvers)
   ax.set_ylabel("achieved GFLOP/s (matmul FLOPs / step time)")
   ax.legend(fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"wrote {path}")
+  _common.save_figure(fig, title, path)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=_common.DEFAULT_DATA_DIR)
+  parser = _common.argument_parser(__doc__)
   parser.add_argument("--solvers", nargs="+", default=list(bilevel.SOLVERS), choices=list(bilevel.SOLVERS))
   parser.add_argument("--points", nargs="+", default=["100,128,256", "100,1024,1024"],
                       help="sizes |D|,K,batch (one task)")

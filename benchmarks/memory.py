@@ -98,15 +98,11 @@ def plot(rows, path, title):
     ax.set_xlabel(label)
     ax.set_ylabel("MiB")
     ax.legend(fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"wrote {path}")
+  _common.save_figure(fig, title, path)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=_common.DEFAULT_DATA_DIR)
+  parser = _common.argument_parser(__doc__)
   parser.add_argument("--steps", type=int, default=5, help="steps run under the RSS sampler")
   parser.add_argument("--solvers", nargs="+", default=list(bilevel.SOLVERS), choices=list(bilevel.SOLVERS))
   parser.add_argument("--unroll", type=int, nargs="*", default=[5, 10, 20, 50, 100, 200, 500])

@@ -18,7 +18,6 @@ benchmarks/results/scaling.json and scaling.png.
   python benchmarks/scaling.py --data_dir ../shared/data --quick    # smoke run: penalty, 2 points per factor, ~40 s
 """
 
-import argparse
 
 import numpy as np
 
@@ -55,15 +54,11 @@ def plot(rows, fits, path, title):
     ax.set_ylabel("median step (ms)")
     ax.axvline(BASE[factor], color="grey", lw=0.5)
     ax.legend(fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"wrote {path}")
+  _common.save_figure(fig, title, path)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=_common.DEFAULT_DATA_DIR)
+  parser = _common.argument_parser(__doc__)
   parser.add_argument("--solvers", nargs="+", default=list(bilevel.SOLVERS), choices=list(bilevel.SOLVERS))
   parser.add_argument("--factors", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
   for factor, values in SWEEPS.items():

@@ -11,7 +11,6 @@ steps). Prints a markdown table, writes benchmarks/results/step_time.json and a 
   python benchmarks/step_time.py --data_dir ../shared/data --quick    # smoke run (~30 s): 1 task, 3 steps
 """
 
-import argparse
 
 import jax
 
@@ -55,15 +54,11 @@ def plot(rows, path, title):
     ax.set_ylabel(label)
     ax.legend()
   axes[0].set_yscale("log")
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"wrote {path}")
+  _common.save_figure(fig, title, path)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=_common.DEFAULT_DATA_DIR)
+  parser = _common.argument_parser(__doc__)
   parser.add_argument("--steps", type=int, default=30, help="timed steps per solver (after warm-up)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
   parser.add_argument("--chunk", type=int, default=10, help="steps per lax.scan for the in-loop column; 0 skips it")

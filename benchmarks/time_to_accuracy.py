@@ -18,7 +18,6 @@ table, writes benchmarks/results/time_to_accuracy.json and .png (accuracy agains
   python benchmarks/time_to_accuracy.py --data_dir ../shared/data --quick         # smoke run: T=10, batch 256, 20 steps, threshold 0.5
 """
 
-import argparse
 import importlib
 import time
 
@@ -50,15 +49,11 @@ def plot(history, threshold, path, title):
   ax.set_xlabel("training wall time, probes excluded (s)")
   ax.set_ylabel("test accuracy (%)")
   ax.legend(fontsize=8)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"wrote {path}")
+  _common.save_figure(fig, title, path)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=_common.DEFAULT_DATA_DIR)
+  parser = _common.argument_parser(__doc__)
   parser.add_argument("--solver", default=distill_module.DEFAULT_SOLVER)
   parser.add_argument("--n_distill", type=int, default=100)
   parser.add_argument("--n_hidden", type=int, default=128)

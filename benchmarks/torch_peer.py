@@ -32,7 +32,6 @@ Prints a markdown table, writes benchmarks/results/torch_peer.json and torch_pee
   python benchmarks/torch_peer.py --data_dir ../shared/data --quick    # smoke run: 2 rounds of 3 steps, no torch.compile
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -256,15 +255,11 @@ def plot(rows, path, title):
   ax.set_xscale("log")
   ax.set_xlabel("median step (ms, log)")
   ax.invert_yaxis()
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"wrote {path}")
+  _common.save_figure(fig, title, path)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=_common.DEFAULT_DATA_DIR)
+  parser = _common.argument_parser(__doc__)
   parser.add_argument("--batch", type=int, default=_common.BATCH)
   parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
   parser.add_argument("--steps", type=int, default=20, help="penalty steps per contender per round")
