@@ -13,12 +13,13 @@ cache or earlier compilation is carried from one configuration to the next):
   life, compilation included) is recorded too. RSS includes Python, JAX and XLA's own heap,
   so only its growth during steps is comparable with XLA's figure.
 
-The unrolled sweep uses distill's defaults (Adam inner steps) with T in ``--unroll``; the
+The unrolled sweep runs T in ``--unroll`` for each inner optimiser in ``--unrolled_optimizers``
+(distill's default plain gradient steps, ``sgd``, and ``adam``); the
 implicit sweep fixes the CG iteration count (``cg_tol=0``) in ``--cg``; the base rows use
 each solver class's defaults at |D|=100, K=128, batch 256, one task. Prints a markdown
 table, writes benchmarks/results/memory.json and memory.png.
 
-  python benchmarks/memory.py --data_dir ../shared/data            # full: ~3-4 min (18 children)
+  python benchmarks/memory.py --data_dir ../shared/data            # full: ~4-5 min (25 children)
   python benchmarks/memory.py --data_dir ../shared/data --quick    # smoke run: 5 children, ~1 min
 """
 
@@ -71,9 +72,10 @@ def configs(args):
   base = dict(data_dir=args.data_dir, n_distill=_common.N_DISTILL, n_hidden=_common.N_HIDDEN, batch=_common.BATCH,
               steps=args.steps)
   out = [dict(base, sweep="base", solver=s, value=None, options={}) for s in args.solvers]
-  for t in args.unroll:
-    out.append(dict(base, sweep="unroll_T", solver="unrolled", value=t,
-                    options=dict(unroll_steps=t, inner_optimizer=args.unrolled_optimizer, inner_lr=0.01)))
+  for opt in args.unrolled_optimizers:
+    for t in args.unroll:
+      out.append(dict(base, sweep=f"unroll_T_{opt}", solver="unrolled", value=t,
+                      options=dict(unroll_steps=t, inner_optimizer=opt, inner_lr=0.02)))
   for c in args.cg:
     out.append(dict(base, sweep="cg_steps", solver="implicit", value=c, options=dict(cg_steps=c, cg_tol=0.0)))
   return out
@@ -86,14 +88,17 @@ def plot(rows, path, title):
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for ax, sweep, label in zip(axes, ("unroll_T", "cg_steps"), ("unroll length T (unrolled)", "CG iterations (implicit)")):
-    sel = [r for r in rows if r["sweep"] == sweep]
-    if not sel:
+  for ax, prefix, label in zip(axes, ("unroll_T", "cg_steps"), ("unroll length T (unrolled)", "CG iterations (implicit)")):
+    sweeps = sorted({r["sweep"] for r in rows if r["sweep"].startswith(prefix)})
+    if not sweeps:
       continue
-    xs = [r["value"] for r in sel]
-    for key, name in (("xla_peak", "XLA plan: argument + output - alias + temp"), ("temp", "XLA temp"),
-                      ("rss_growth", "RSS growth during steps")):
-      ax.plot(xs, [r[key] / MiB for r in sel], "o-", label=name)
+    for sweep in sweeps:
+      sel = [r for r in rows if r["sweep"] == sweep]
+      xs = [r["value"] for r in sel]
+      tag = f" ({sweep[len(prefix) + 1:]})" if sweep != prefix else ""
+      for key, name, style in (("xla_peak", "XLA plan: argument + output - alias + temp", "o-"),
+                               ("rss_growth", "RSS growth during steps", "x:")):
+        ax.plot(xs, [r[key] / MiB for r in sel], style, label=name + tag)
     ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("MiB")
@@ -106,7 +111,7 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="steps run under the RSS sampler")
   parser.add_argument("--solvers", nargs="+", default=list(bilevel.SOLVERS), choices=list(bilevel.SOLVERS))
   parser.add_argument("--unroll", type=int, nargs="*", default=[5, 10, 20, 50, 100, 200, 500])
-  parser.add_argument("--unrolled_optimizer", default="adam", choices=["sgd", "adam"])
+  parser.add_argument("--unrolled_optimizers", nargs="+", default=["sgd", "adam"], choices=["sgd", "adam"])
   parser.add_argument("--cg", type=int, nargs="*", default=[5, 10, 20, 50, 100, 200])
   parser.add_argument("--quick", action="store_true", help="smoke run: penalty base row, T in 5 10, CG in 5 10")
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -115,6 +120,7 @@ def main():
     return child(json.loads(args.child))
   if args.quick:
     args.solvers, args.unroll, args.cg, args.steps = ["penalty"], [5, 10], [5, 10], 2
+    args.unrolled_optimizers = ["sgd"]
 
   meta = _common.machine()
   meta |= dict(quick=args.quick, contended=_common.contended(meta), steps=args.steps,
@@ -129,7 +135,7 @@ def main():
     print(f"  {r['sweep']} {r['solver']} {r['value'] or ''}: XLA peak {r['xla_peak'] / MiB:.1f} MiB, "
           f"temp {r['temp'] / MiB:.1f} MiB, RSS growth {r['rss_growth'] / MiB:.1f} MiB", flush=True)
   fits = {}
-  for sweep in ("unroll_T", "cg_steps"):
+  for sweep in sorted({r["sweep"] for r in rows} - {"base"}):
     sel = [r for r in rows if r["sweep"] == sweep]
     if len(sel) >= 2:
       slope = np.polyfit([r["value"] for r in sel], [r["xla_peak"] for r in sel], 1)[0]

@@ -54,6 +54,60 @@ def test_implicit_hypergradient_matches_oracle():
   assert 1 <= stats.num_steps <= 4 + 1  # CG on a 4x4 SPD system: at most 4 steps in exact arithmetic
 
 
+def test_conjugate_gradient_warm_start():
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(6, 6))
+  a = jnp.asarray(q @ q.T + 0.5 * np.eye(6))
+  b = jnp.asarray(rng.normal(size=6))
+  x_star = jnp.linalg.solve(a, b)
+  matvec = lambda x: a @ x
+  x, steps, negative, residual = bilevel.implicit_diff.conjugate_gradient(matvec, b, tol=1e-12, max_steps=50, x0=x_star)
+  assert int(steps) == 0 and not negative  # already solved: no iteration
+  np.testing.assert_allclose(x, x_star, rtol=1e-12)
+  x0 = x_star + jnp.asarray(rng.normal(size=6))
+  x, steps, _, residual = bilevel.implicit_diff.conjugate_gradient(matvec, b, tol=1e-12, max_steps=50, x0=x0)
+  np.testing.assert_allclose(x, x_star, rtol=1e-9)
+  assert 1 <= int(steps) <= 6 + 1
+  # the reported residual is the true one
+  assert float(residual) <= 1e-12
+  assert float(jnp.linalg.norm(a @ x - b) / jnp.linalg.norm(b)) < 1e-10
+
+
+def _implicit_run(problem, tasks, x, n_steps, same_batch=False, **options):
+  solver = bilevel.Implicit(inner_steps=300, inner_tol=0.0, damping=1.0, **options)  # damped: positive definite
+  state = solver.init(problem, jax.random.key(0), x[:10])
+  step = jax.jit(lambda s, b: solver.step(problem, s, b))
+  history = []
+  for i in range(n_steps):
+    state, metrics = step(state, bilevel.sample_batch(jax.random.key(10 + (0 if same_batch else i)), tasks, 32))
+    assert not metrics["cg_negative_curvature"]
+    history.append(metrics)
+  return state, history
+
+
+def test_implicit_warm_started_adjoint_solves_the_same_systems():
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1)
+  cold, cold_m = _implicit_run(problem, tasks, x, 4, warm_start_adjoint=False, cg_tol=1e-10, cg_steps=500)
+  warm, warm_m = _implicit_run(problem, tasks, x, 4, warm_start_adjoint=True, cg_tol=1e-10, cg_steps=500)
+  np.testing.assert_allclose(warm.images, cold.images, rtol=1e-7, atol=1e-10)
+  for a, b in zip(jax.tree.leaves(warm.extra[1]), jax.tree.leaves(cold.extra[1])):  # the stored adjoints
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert int(warm_m[0]["cg_steps"]) == int(cold_m[0]["cg_steps"])  # the first warm start is from zero
+
+
+def test_implicit_warm_started_adjoint_accumulates_accuracy_over_steps():
+  # Three CG iterations a step: cold starts stay at the same residual, warm starts keep improving.
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1)
+  runs = {warm: _implicit_run(problem, tasks, x, 8, same_batch=True, warm_start_adjoint=warm, cg_tol=0.0, cg_steps=3)[1]
+          for warm in (False, True)}
+  cold, warm = ([float(m["cg_residual"]) for m in runs[w]] for w in (False, True))
+  assert warm[0] == pytest.approx(cold[0], rel=1e-9)
+  assert warm[-1] < 0.3 * cold[-1]
+  assert warm[-1] < 0.3 * warm[0]
+
+
 def test_implicit_argmin_custom_vjp_matches_oracle():
   D, t, B, c, inner, outer = ridge_problem(seed=1)
   opt = optax.sgd(0.05)

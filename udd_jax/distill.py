@@ -611,8 +611,13 @@ def _resume(workdir: pathlib.Path, config: dict[str, Any], state: solvers_lib.So
   return state, history
 
 
-def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, n_train: int = 10000, n_test: int = 10000):
+def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, n_train: int | None = 10000,
+                       n_test: int | None = 10000, head_steps: int = 300):
   """A cheap probe for training curves: one fresh learner, 10k/10k real images.
+
+  ``n_train=None, n_test=None, head_steps=500`` make it the full protocol's head (all real
+  images, ``fit_logistic``'s default steps) with one fresh seed; ``benchmarks/time_to_accuracy.py``
+  uses that, since the cheap probe reads about a point below the protocol.
 
   ``current_w_accuracy`` probes the solver's own w (the jointly learned one for penalty and
   value function); only ``honest_accuracy`` says whether D alone trains a learner.
@@ -634,7 +639,7 @@ def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, 
 
   @jax.jit
   def accuracy_of(params):
-    head = logistic.fit_logistic(problem.features(params, z_train), y_train, n_classes, max_steps=300)
+    head = logistic.fit_logistic(problem.features(params, z_train), y_train, n_classes, max_steps=head_steps)
     return logistic.accuracy(head, problem.features(params, z_test), y_test)
 
   def run(state, solver_obj, init_scale, recipe):

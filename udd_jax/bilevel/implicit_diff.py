@@ -27,8 +27,8 @@ class LinearSolveStats(NamedTuple):
 
   Attributes:
     num_steps: CG iterations used.
-    residual: relative residual ``||(H + damping I) u - v|| / ||v||``, measured with one
-      extra Hessian-vector product after the solve.
+    residual: relative residual ``||(H + damping I) u - v|| / ||v||`` as tracked by the
+      CG recursion (no extra Hessian-vector product).
     negative_curvature: whether CG met a direction of non-positive curvature (the
       damped Hessian is indefinite there) and stopped early.
   """
@@ -44,20 +44,31 @@ def hvp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, t: Any) -> Any:
 
 
 def conjugate_gradient(
-    matvec: Callable[[Any], Any], b: Any, *, tol: float, max_steps: int
-) -> tuple[Any, Array, Array]:
+    matvec: Callable[[Any], Any], b: Any, *, tol: float, max_steps: int, x0: Any = None
+) -> tuple[Any, Array, Array, Array]:
   """CG for ``A x = b`` on pytrees, stopping at ``||r|| <= tol ||b||`` or at negative curvature.
 
   JAX's ``jax.scipy.sparse.linalg.cg`` reports neither iterations nor breakdown, and
   lineax's CG fails with NaN when the operator is indefinite; here a direction with
-  ``p^T A p <= 0`` ends the solve with one step of length ``r^T r / |p^T A p|``
-  (truncated CG, as in Newton-CG methods), and the event is reported.
+  ``p^T A p <= 0`` ends the solve (truncated CG, as in Newton-CG methods): at the first
+  iteration after one step along ``p = r0`` of length ``||p|| / ||A p||``, later at the
+  current iterate; the event is reported.
+
+  Args:
+    matvec: ``x -> A x``.
+    b: right-hand side.
+    tol: relative tolerance on the residual norm.
+    max_steps: iteration budget.
+    x0: starting point (zero if None, or if its residual ``||b - A x0||`` is not below
+      ``||b||``). A warm start costs one extra ``matvec`` for that residual; it can make
+      ``x0`` the answer with no iteration at all.
 
   Returns:
-    ``(x, num_steps, negative_curvature)``.
+    ``(x, num_steps, negative_curvature, residual)``, ``residual`` being ``||r|| / ||b||``
+    of the CG recursion (equal to ``||b - A x|| / ||b||`` in exact arithmetic).
   """
-  rs0 = optax.tree.vdot(b, b)
-  threshold = (tol**2) * rs0
+  bb = optax.tree.vdot(b, b)
+  threshold = (tol**2) * bb
 
   def cond(carry):
     _, _, _, rs, i, stop = carry
@@ -68,17 +79,31 @@ def conjugate_gradient(
     ap = matvec(p)
     pap = optax.tree.vdot(p, ap)
     negative = pap <= 0
-    alpha = rs / jnp.where(negative, jnp.maximum(-pap, 1e-30), pap)
+    # At negative curvature the first iteration steps along p = r0 by ||p|| / ||A p|| and a
+    # later one stops where it is (Newton-CG, Nocedal & Wright Alg. 7.1): a CG step of
+    # length rs / |p^T A p| would explode as p^T A p -> 0.
+    fallback = jnp.where(i == 0, optax.tree.norm(p) / jnp.maximum(optax.tree.norm(ap), 1e-30), 0.0)
+    alpha = jnp.where(negative, fallback, rs / jnp.where(negative, 1.0, pap))
     x = optax.tree.add_scale(x, alpha, p)
     r = optax.tree.add_scale(r, -alpha, ap)
     rs_new = optax.tree.vdot(r, r)
     p = optax.tree.add_scale(r, rs_new / rs, p)
     return x, r, p, rs_new, i + 1, negative
 
-  x0 = optax.tree.zeros_like(b)
-  init = (x0, b, b, rs0, jnp.asarray(0), jnp.asarray(False))
-  x, _, _, _, steps, negative = jax.lax.while_loop(cond, body, init)
-  return x, steps, negative
+  if x0 is None:
+    x0, r0, rs0 = optax.tree.zeros_like(b), b, bb
+  else:
+    # A warm start is kept only if it beats zero: after a step taken along negative
+    # curvature, x0 can be far worse than zero, and warm starts would compound it.
+    r_warm = optax.tree.sub(b, matvec(x0))
+    rs_warm = optax.tree.vdot(r_warm, r_warm)
+    keep = rs_warm < bb
+    x0 = jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros_like(x)), x0)
+    r0 = jax.tree.map(lambda rw, b_: jnp.where(keep, rw, b_), r_warm, b)
+    rs0 = jnp.where(keep, rs_warm, bb)
+  init = (x0, r0, r0, rs0, jnp.asarray(0), jnp.asarray(False))
+  x, _, _, rs, steps, negative = jax.lax.while_loop(cond, body, init)
+  return x, steps, negative, jnp.sqrt(rs / jnp.maximum(bb, 1e-30))
 
 
 def solve_adjoint(
@@ -90,15 +115,25 @@ def solve_adjoint(
     damping: float = 1e-3,
     tol: float = 1e-5,
     max_steps: int = 50,
+    init: Any = None,
 ) -> tuple[Any, LinearSolveStats]:
-  """Solves ``(H_ww + damping I) u = v`` by conjugate gradients; returns ``u`` and diagnostics."""
+  """Solves ``(H_ww + damping I) u = v`` by conjugate gradients from ``init`` (zero if None).
+
+  Returns ``u`` and diagnostics.
+  """
 
   def matvec(t):
     return optax.tree.add_scale(hvp(f, w, theta, t), damping, t)
 
-  u, steps, negative = conjugate_gradient(matvec, v, tol=tol, max_steps=max_steps)
-  residual = optax.tree.norm(optax.tree.sub(matvec(u), v)) / jnp.maximum(optax.tree.norm(v), 1e-30)
+  u, steps, negative, residual = conjugate_gradient(matvec, v, tol=tol, max_steps=max_steps, x0=init)
   return u, LinearSolveStats(num_steps=steps, residual=residual, negative_curvature=negative)
+
+
+def mixed_vjp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, u: Any) -> Any:
+  """``-(d^2 f / dtheta dw) u``: the hypergradient once the adjoint ``u`` is known."""
+  _, vjp_theta = jax.vjp(lambda th: jax.grad(f)(w, th), theta)
+  (g_theta,) = vjp_theta(u)
+  return jax.tree.map(jnp.negative, g_theta)
 
 
 def implicit_hypergradient(
@@ -126,9 +161,7 @@ def implicit_hypergradient(
     ``(dL/dtheta, LinearSolveStats)``.
   """
   u, stats = solve_adjoint(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps)
-  _, vjp_theta = jax.vjp(lambda th: jax.grad(f)(w, th), theta)
-  (g_theta,) = vjp_theta(u)
-  return jax.tree.map(jnp.negative, g_theta), stats
+  return mixed_vjp(f, w, theta, u), stats
 
 
 def implicit_argmin(

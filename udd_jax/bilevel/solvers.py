@@ -284,9 +284,12 @@ class Implicit:
 
   Each step: a warm-started inner solve (``inner_optimizer`` until the gradient
   norm is below ``inner_tol`` or ``inner_steps``), ``head_steps`` updates of the
-  heads at w* (so they enter at their optimum, Danskin), then CG for the adjoint.
+  heads at w* (so they enter at their optimum, Danskin), then CG for the adjoint
+  ``u``, started from the previous step's ``u`` when ``warm_start_adjoint`` (D, w*
+  and the heads move little per step, so ``u`` does too, and a few CG iterations
+  refine it: amortised implicit differentiation, as Arbel & Mairal 2022's AmIGO).
 
-  State: ``extra`` is the inner optimiser state; ``opt_state`` is ``(images, heads)``.
+  State: ``extra`` is ``(inner optimiser state, adjoint u)``; ``opt_state`` is ``(images, heads)``.
   """
 
   inner_steps: int = 100
@@ -295,6 +298,7 @@ class Implicit:
   damping: float = 1e-3
   cg_tol: float = 1e-5
   cg_steps: int = 50
+  warm_start_adjoint: bool = True
   head_steps: int = 5
   head_optimizer: optax.GradientTransformation = optax.adam(1e-2)
   diversity: float = 0.0
@@ -312,15 +316,17 @@ class Implicit:
   def init(self, problem: Any, key: PRNGKeyArray, images: Array) -> SolverState:
     params, heads, key = _init_common(problem, key, images)
     opt_state = (self.image_optimizer.init(images), self.head_optimizer.init(heads))
-    return SolverState(jnp.asarray(0), images, params, heads, self.inner_optimizer.init(params), opt_state, key)
+    extra = (self.inner_optimizer.init(params), optax.tree.zeros_like(params))
+    return SolverState(jnp.asarray(0), images, params, heads, extra, opt_state, key)
 
   def step(self, problem: Any, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
     key, k_inner = jax.random.split(state.key)
     inner = lambda p, images: problem.inner_loss(p, images, k_inner)
+    s_inner, u_prev = state.extra
     solved = inner_solve(
         lambda p: inner(p, state.images),
         state.params,
-        state.extra,
+        s_inner,
         self.inner_optimizer,
         max_steps=self.inner_steps,
         tol=self.inner_tol,
@@ -328,9 +334,11 @@ class Implicit:
     s_images, s_heads = state.opt_state
     heads, s_heads, _ = _fit_heads(problem, state.heads, s_heads, self.head_optimizer, solved.params, batch, self.head_steps)
     outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(solved.params)
-    g_images, cg = implicit_diff.implicit_hypergradient(
-        inner, solved.params, state.images, v, damping=self.damping, tol=self.cg_tol, max_steps=self.cg_steps
+    u, cg = implicit_diff.solve_adjoint(
+        inner, solved.params, state.images, v, damping=self.damping, tol=self.cg_tol, max_steps=self.cg_steps,
+        init=u_prev if self.warm_start_adjoint else None,
     )
+    g_images = implicit_diff.mixed_vjp(inner, solved.params, state.images, u)
     if self.diversity:
       g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
     images, s_images = _apply(self.image_optimizer, g_images, s_images, state.images)
@@ -344,7 +352,8 @@ class Implicit:
         "cg_negative_curvature": cg.negative_curvature,
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    new_state = SolverState(state.step + 1, images, solved.params, heads, solved.opt_state, (s_images, s_heads), key)
+    extra = (solved.opt_state, u)
+    new_state = SolverState(state.step + 1, images, solved.params, heads, extra, (s_images, s_heads), key)
     return new_state, metrics
 
 
