@@ -136,8 +136,8 @@ def functional_objective_and_grads(mu):
 class TorchImplicit:
   """``udd_jax.Implicit`` with tensors: warm-started inner Adam, head steps, truncated CG on HVPs."""
 
-  def __init__(self, images, W, b, a, hW, hb, *, inner_steps=100, inner_tol=1e-4, inner_lr=1e-2, damping=1e-3,
-               cg_tol=1e-5, cg_steps=50, head_steps=5, head_lr=1e-2, image_lr=1e-2, adam="default"):
+  def __init__(self, images, W, b, a, hW, hb, *, inner_steps, inner_tol, damping, cg_tol, cg_steps, head_steps,
+               warm_start_adjoint, inner_lr=1e-2, head_lr=1e-2, image_lr=1e-2, adam="default"):
     self.D = images.clone().requires_grad_(True)
     self.w = [t.clone().requires_grad_(True) for t in (W, b, a)]
     self.heads = [t.clone().requires_grad_(True) for t in (hW, hb)]
@@ -145,6 +145,7 @@ class TorchImplicit:
     self.opt_heads, self.opt_D = _adam(self.heads, head_lr, adam), _adam([self.D], image_lr, adam)
     self.inner_steps, self.inner_tol, self.damping = inner_steps, inner_tol, damping
     self.cg_tol, self.cg_steps, self.head_steps = cg_tol, cg_steps, head_steps
+    self.warm_start_adjoint, self.u = warm_start_adjoint, None
 
   def step(self, xb, yb):
     D, w = self.D, self.w
@@ -173,20 +174,30 @@ class TorchImplicit:
       return [h + self.damping * ti for h, ti in zip(hv, t)]
 
     dot = lambda u, z: sum((ui * zi).sum() for ui, zi in zip(u, z))
-    rs0 = dot(v, v)
-    threshold = self.cg_tol**2 * rs0
-    x = [torch.zeros_like(t) for t in v]
-    r, p, rs, k, negative = list(v), list(v), rs0, 0, False
+    # CG from the previous step's adjoint, kept only if its residual beats zero's (as udd_jax does).
+    bb = dot(v, v)
+    threshold = self.cg_tol**2 * bb
+    x, r, rs = [torch.zeros_like(t) for t in v], list(v), bb
+    if self.warm_start_adjoint and self.u is not None:
+      r_warm = [vi - ai for vi, ai in zip(v, matvec(self.u))]
+      rs_warm = dot(r_warm, r_warm)
+      if rs_warm < bb:
+        x, r, rs = list(self.u), r_warm, rs_warm
+    p, k, negative = list(r), 0, False
     while k < self.cg_steps and rs > threshold and not negative:
       ap = matvec(p)
       pap = dot(p, ap)
       negative = bool(pap <= 0)
-      alpha = rs / (torch.clamp(-pap, min=1e-30) if negative else pap)
+      if negative:  # first iteration: a step along p of length ||p|| / ||A p||; later: stop where it is
+        alpha = torch.sqrt(dot(p, p)) / torch.clamp(torch.sqrt(dot(ap, ap)), min=1e-30) if k == 0 else 0.0
+      else:
+        alpha = rs / pap
       x = [xi + alpha * pi for xi, pi in zip(x, p)]
       r = [ri - alpha * ai for ri, ai in zip(r, ap)]
       rs_new = dot(r, r)
       p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
       rs, k = rs_new, k + 1
+    self.u = [xi.detach() for xi in x]
     (g_D,) = torch.autograd.grad(gw, D, grad_outputs=x)
     with torch.no_grad():  # at the D of this step, as udd_jax reports it (Dc shares D's storage)
       inner_value = ae_loss(*w, Dc)
@@ -297,9 +308,12 @@ def main():
     options = implicit_options if name == "implicit" else {}
     jax_steps[name], states[name], problems[name] = jax_contender(name, x, y, args.batch, **options)
   mu = float(solvers["penalty"].mu)
+  # The peer takes the JAX solver's own settings (its optimisers' rates are the class defaults, 1e-2).
+  torch_implicit_options = {k: getattr(solvers["implicit"], k) for k in (
+      "inner_steps", "inner_tol", "damping", "cg_tol", "cg_steps", "head_steps", "warm_start_adjoint")}
   make = {
       "penalty": lambda *t: TorchPenalty(*t, mu=mu, adam=args.adam),
-      "implicit": lambda *t: TorchImplicit(*t, adam=args.adam, **implicit_options),
+      "implicit": lambda *t: TorchImplicit(*t, adam=args.adam, **torch_implicit_options),
   }
   checks = {}
   torch.set_num_threads(min(threads))  # only the values matter here
@@ -365,7 +379,7 @@ def main():
   penalty, implicit = {"jax penalty": jax_run("penalty")}, {"jax implicit": jax_run("implicit")}
   for n in threads:
     peer_p = TorchPenalty(*torch_inputs(states["penalty"]), mu=mu, adam=args.adam)
-    peer_i = TorchImplicit(*torch_inputs(states["implicit"]), adam=args.adam, **implicit_options)
+    peer_i = TorchImplicit(*torch_inputs(states["implicit"]), adam=args.adam, **torch_implicit_options)
     penalty[f"torch eager, {n} thread(s): penalty"] = torch_run(peer_p, n)
     implicit[f"torch eager, {n} thread(s): implicit"] = torch_run(peer_i, n, implicit=True)
   penalty |= {f"{k}, {n} thread(s): penalty": torch_run(v, n) for k, v in contenders_penalty.items() for n in threads}
