@@ -5,7 +5,7 @@ one task, float32): |D| in 10 .. 10,000, batch in 64 .. 4096, K in 32 .. 1024. E
 compiles the donated, jitted step once and reports the median of up to ``--steps`` steps
 (at least 3, at most ``--seconds`` per point after the first). By default the iterative
 solvers run a fixed amount of work per step (implicit: ``inner_tol=0``, ``cg_tol=0``, so
-100 inner steps and up to 50 CG iterations, which stop early only on negative curvature;
+its 5 inner steps and up to 5 CG iterations, which stop early only on negative curvature;
 value function: its fixed 10 inner steps) so that the exponent measures the cost of the
 work, not how the stopping rules react to the size; ``--adaptive`` uses the defaults.
 
