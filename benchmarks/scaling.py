@@ -14,7 +14,7 @@ the points at or above the base value (the asymptotic regime; small sizes are do
 by per-step overheads). Linear scaling is b = 1. Prints markdown tables, writes
 benchmarks/results/scaling.json and scaling.png.
 
-  python benchmarks/scaling.py --data_dir ../shared/data            # full: ~30-60 min on 2 idle cores
+  python benchmarks/scaling.py --data_dir ../shared/data            # full: ~15-20 min on 2 idle cores (9 min with --seconds 6 --steps 8)
   python benchmarks/scaling.py --data_dir ../shared/data --quick    # smoke run: penalty, 2 points per factor, ~40 s
 """
 
@@ -32,6 +32,21 @@ SWEEPS = {
 BASE = {"n_distill": _common.N_DISTILL, "batch": _common.BATCH, "n_hidden": _common.N_HIDDEN}
 LABELS = {"n_distill": "|D|", "batch": "batch", "n_hidden": "K"}
 FIXED_WORK = {"implicit": dict(inner_tol=0.0, cg_tol=0.0)}
+
+
+def affine_fit(xs, ts):
+  """Least-squares ``t = fixed + per_unit * x`` in relative error (weights 1/t), over the given points.
+
+  A step is a fixed cost (dispatch, the parts that do not depend on the factor) plus work
+  proportional to the factor; a log-log exponent below 1 can hide exact linearity in x.
+  Returns the two coefficients and the largest relative deviation of a point from the line.
+  """
+  xs, ts = np.asarray(xs, float), np.asarray(ts, float)
+  if len(xs) < 2:
+    return None
+  per_unit, fixed = np.polyfit(xs, ts, 1, w=1.0 / ts)
+  return dict(fixed_ms=float(fixed), per_unit_ms=float(per_unit),
+              max_relative_deviation=float(np.max(np.abs(fixed + per_unit * xs - ts) / ts)))
 
 
 def plot(rows, fits, path, title):
@@ -99,6 +114,7 @@ def main():
       fits[f"{solver}/{factor}"] = dict(
           exponent_all=_common.loglog_fit(xs, ts),
           exponent_upper=_common.loglog_fit(*zip(*upper)) if len(upper) >= 2 else None,
+          affine_upper=affine_fit(*zip(*upper)) if len(upper) >= 2 else None,
           range=[min(xs), max(xs)])
 
   for factor in args.factors:
@@ -108,8 +124,11 @@ def main():
     for solver in args.solvers:
       by_value = {r["value"]: r["step_ms"] for r in rows if r["solver"] == solver and r["factor"] == factor}
       fit = fits[f"{solver}/{factor}"]
-      table.append([solver, *(by_value.get(v) for v in values), fit["exponent_all"], fit["exponent_upper"]])
-    print(_common.markdown_table(["solver", *map(str, values), "exponent (all)", f"exponent (>= {BASE[factor]})"], table))
+      affine = fit["affine_upper"] or {}
+      table.append([solver, *(by_value.get(v) for v in values), fit["exponent_all"], fit["exponent_upper"],
+                    affine.get("fixed_ms"), affine.get("per_unit_ms"), affine.get("max_relative_deviation")])
+    print(_common.markdown_table(["solver", *map(str, values), "exponent (all)", f"exponent (>= {BASE[factor]})",
+                                  "affine: fixed (ms)", "per unit (ms)", "max deviation"], table))
   json_path, png_path = _common.output_paths("scaling", args.quick)
   _common.write_json(json_path, meta, rows, fits=fits)
   plot(rows, fits, png_path, f"step time scaling around |D|=100 K=128 batch=256; {meta['cpu']} x{meta['cpus_usable']}"
