@@ -450,13 +450,16 @@ def distill(
   next_eval_time = eval_every_seconds
   # With a workdir, SIGINT / SIGTERM stop the run at the end of the current chunk, after a checkpoint.
   stop = _StopOnSignal().install() if workdir is not None else None
+  step = start
   try:
-    while int(state.step) < steps:
-      step0 = int(state.step)
+    while step < steps:
+      step0 = step
       state, metrics, finite = run_chunk(state, jnp.asarray(step0))
-      step = int(state.step)
+      # One transfer per chunk: the step counter, the metrics and the finiteness flags together.
+      host_step, metrics, finite = jax.device_get((state.step, metrics, finite))
+      step = int(host_step)
       record = {k: float(v) for k, v in metrics.items()}
-      diverged = _first_non_finite(jax.device_get(finite), record, step0, step)
+      diverged = _first_non_finite(finite, record, step0, step)
       if diverged is not None:
         _stop_diverged(*diverged, workdir, state, lambda s, h: result_of(s, h, dict(config)))
       record["step"] = step
