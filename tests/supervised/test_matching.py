@@ -50,7 +50,11 @@ def test_distance_matches_a_hand_computation():
 
 
 def test_distance_is_zero_for_equal_and_twice_the_channels_for_opposite_gradients():
-  g = {"conv": jax.random.normal(jax.random.key(0), (3, 3, 1, 4)), "dense": jax.random.normal(jax.random.key(1), (6, 2)), "bias": jnp.ones(2)}
+  g = {
+      "conv": jax.random.normal(jax.random.key(0), (3, 3, 1, 4)),
+      "dense": jax.random.normal(jax.random.key(1), (6, 2)),
+      "bias": jnp.ones(2),
+  }
   np.testing.assert_allclose(distance(g, g, eps=0.0), 0.0, atol=1e-12)
   opposite = jax.tree.map(lambda a: -a, g)
   np.testing.assert_allclose(distance(g, opposite, eps=0.0), 2 * (4 + 2), atol=1e-12)

@@ -360,6 +360,9 @@ def dsa_per_image(
 ) -> Float[Array, "n H W C"]:
   """DSA with an independent transform for every image (for training networks on a set).
 
+  Every image also draws its own operation in ``"single"`` mode (the DSA code's
+  non-Siamese call draws one operation per batch and per-image parameters for it).
+
   Its signature ``(x, key)`` (with the strategy bound by ``functools.partial``) fits the
   ``augment`` argument of :func:`udd_jax.supervised.train.evaluate_synset`.
   """

@@ -474,6 +474,8 @@ def distill_kip(
   for it in range(iterations):
     state, loss = train_step(state, jax.random.fold_in(k_run, it), data, table, table_counts, hyper)
     done = it + 1
+    if max_seconds is not None:
+      loss.block_until_ready()  # so that the clock measures the work, not its dispatch
     out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
     if it % log_every == 0 or done == iterations or out_of_time:
       loss = float(loss)
@@ -483,8 +485,6 @@ def distill_kip(
       history.append(record)
       if callback is not None:
         callback(it, record)
-    elif max_seconds is not None:
-      loss.block_until_ready()  # so that the clock measures the work, not its dispatch
     if out_of_time:
       break
   images = np.asarray(state.images, np.float32)
@@ -552,6 +552,8 @@ def kip_accuracy(
   labels = jnp.asarray(result.labels)
   if labels.ndim == 1:
     labels = centred_one_hot(labels, int(max(labels.max(), y_test.max())) + 1)
+  if y_test.max() >= labels.shape[1]:
+    raise ValueError(f"test y has label {int(y_test.max())} but the distilled labels cover {labels.shape[1]} classes.")
   images = jnp.asarray(result.images)
   pred = krr_predict(images, labels.astype(images.dtype), jnp.asarray(x_test, images.dtype), kernel_fn, reg=reg, block_size=block_size)
   return float(np.mean(np.asarray(jnp.argmax(pred, axis=1)) == y_test))

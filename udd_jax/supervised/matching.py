@@ -44,6 +44,7 @@ from udd_jax import _validation
 from udd_jax.supervised import augment as augment_lib
 from udd_jax.supervised.dd import (
     Callback,
+    as_key,
     check_budget,
     cross_entropy,
     init_params,
@@ -51,7 +52,6 @@ from udd_jax.supervised.dd import (
     prepare_data,
     run_outer_loop,
     synthetic_labels,
-    as_key,
 )
 from udd_jax.supervised.result import SupervisedResult
 
@@ -273,7 +273,9 @@ def _dc_iteration(state, key, data, syn_labels, lr_images, lr_network, *, networ
   def round_(carry, inputs):
     state, params = carry
     index, k_match, k_train = inputs
-    state, loss = _dc_match_step(state, params, k_match, data, lr_images, network=network, ipc=ipc, batch_real=batch_real, dsa_strategy=dsa_strategy)
+    state, loss = _dc_match_step(
+        state, params, k_match, data, lr_images, network=network, ipc=ipc, batch_real=batch_real, dsa_strategy=dsa_strategy
+    )
     if outer_loop > 1 and inner_loop > 0:  # else the network never trains (ipc = 1): not even compiled
       train = functools.partial(
           _dc_train_network, labels=syn_labels, key=k_train, lr_network=lr_network, network=network, steps=inner_loop,
@@ -340,7 +342,9 @@ def distill_dc(
       with fewer images).
     init: ``"real"`` (random real images of each class) or ``"noise"`` (N(0, 1)).
     outer_loop: rounds per iteration; DC's value for ``ipc`` (:data:`LOOPS`) when None.
-    inner_loop: network steps between rounds; DC's value when None.
+    inner_loop: network steps between rounds; DC's value when None. The steps are
+      full-batch; DC's code runs ``inner_loop`` epochs of mini-batches of 256, which is
+      the same for sets of at most 256 images (ipc <= 25 with 10 classes).
     n_classes: number of classes; ``max(y) + 1`` when None.
     preprocessing: recorded as ``config["preprocessing"]`` (e.g. the mean and std used).
     max_seconds: stop after this many seconds (checked between iterations).
