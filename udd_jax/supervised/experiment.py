@@ -1,0 +1,211 @@
+"""One supervised distillation run, end to end: the logic behind ``experiments/supervised.py``.
+
+``run`` loads a dataset, preprocesses it, distils a labelled set with one method (or
+picks a coreset baseline), evaluates it DC-BENCH style (networks trained from scratch on
+the set, ``eval_runs`` inits, with and without DSA, other architectures beside), and
+writes everything into ``workdir``: ``result.npz`` (the set, its labels, config,
+history and learned step sizes), ``images.png`` (a grid, one row per class),
+``evaluation.json`` and ``report.md``. A run whose ``result.npz`` exists is not
+distilled again: only its evaluation is (re)done, so a stopped evaluation loses nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from udd_jax import _validation
+from udd_jax import reporting
+from udd_jax.data import load_dataset
+from udd_jax.supervised import artifacts, augment, coresets, dd, dm, gtn, kip, matching, mtt, networks, train
+from udd_jax.supervised.result import SupervisedResult
+
+DISTILLERS = ("dd", "dc", "dsa", "dm", "mtt", "kip", "gtn")
+CORESETS = ("random", "herding", "kcenter")
+METHODS = DISTILLERS + CORESETS
+
+
+def _standardise(x_train: np.ndarray) -> tuple[Any, dict[str, Any]]:
+  """Scalar mean / std of the training pixels (DC's MNIST normalisation, 0.1307 / 0.3081)."""
+  mean, std = float(x_train.mean()), float(x_train.std())
+  return (lambda x: ((np.asarray(x, np.float32) - mean) / std)[..., None]), dict(
+      method="standardize", mean=mean, std=std)
+
+
+def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str, iterations: int | None,
+            max_seconds: float | None, seed: int, workdir: pathlib.Path, options: dict[str, Any],
+            preprocessing: dict[str, Any]) -> SupervisedResult:
+  common = dict(ipc=ipc, key=seed, max_seconds=max_seconds, callback=_progress(method))
+  if iterations:
+    common["iterations"] = iterations
+  if method in ("dc", "dsa"):
+    return matching.distill_dc(x, y, network=network, dsa=method == "dsa", preprocessing=preprocessing,
+                               **common, **options)
+  if method == "dm":
+    return dm.distill_dm(x, y, network=network, preprocessing=preprocessing, **common, **options)
+  if method == "dd":
+    return dd.distill_dd(x, y, network=network, **common, **options)
+  if method == "gtn":
+    return gtn.distill_gtn(x, y, **common, **options)
+  if method == "kip":
+    return kip.distill_kip(x, y, **common, **options)
+  # mtt: experts first (resumable: the ones on disk are kept), then the distillation.
+  expert_options = {k[len("expert_"):]: options.pop(k) for k in list(options) if k.startswith("expert_")}
+  expert_options.setdefault("n_experts", 3)
+  expert_options.setdefault("epochs", 5)
+  mtt.train_experts(x, y, workdir=workdir / "experts", key=seed + 1, network=network, **expert_options)
+  return mtt.distill_mtt(x, y, expert_dir=workdir / "experts", **common, **options)
+
+
+def _progress(method: str):
+  t0 = time.perf_counter()
+
+  def callback(iteration: int, record: dict[str, float]) -> None:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+    print(f"{method} iteration {iteration} ({time.perf_counter() - t0:.0f} s): {shown}", flush=True)
+
+  return callback
+
+
+def _grid(result: SupervisedResult, path: pathlib.Path, title: str) -> None:
+  """One row per class (images sorted by label), pixels mapped back to [0, 1] when standardised."""
+  images = np.asarray(result.images)[..., 0]
+  labels = np.asarray(result.labels)
+  order = np.argsort(labels.argmax(-1) if labels.ndim == 2 else labels, kind="stable")
+  prep = result.config.get("preprocessing") or {}
+  if prep.get("method") == "standardize":
+    images, clip = images * prep["std"] + prep["mean"], (0.0, 1.0)
+  else:
+    clip = None
+  reporting.image_grid(images[order], path, title=title, clip=clip)
+
+
+def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: str = "convnet",
+        iterations: int | None = None, max_seconds: float | None = None, seed: int = 0, workdir: str,
+        eval_runs: int = 5, eval_epochs: int = 300, eval_dsa: bool = True, cross_arch: tuple[str, ...] = (),
+        options: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Distils (or picks a coreset), evaluates and writes a workdir; returns the evaluation dict.
+
+  Args:
+    method: one of ``METHODS``: a distiller (``dd``, ``dc``, ``dsa``, ``dm``, ``mtt``,
+      ``kip``, ``gtn``) or a coreset baseline (``random``, ``herding``, ``kcenter``).
+    dataset: ``mnist``, ``fashion_mnist``, ``usps`` or ``digits`` (embedded).
+    data_dir: directory with ``<dataset>.npz`` (default ``$UDD_DATA_DIR``).
+    ipc: images per class.
+    network: network the method distils with and the evaluation trains (``NETWORKS``).
+    iterations: the method's outer iterations (None: its default).
+    max_seconds: wall-time budget of the distillation (None: none).
+    seed: seed of the distillation; evaluation uses ``seed + 1000`` onwards.
+    workdir: output directory.
+    eval_runs: networks trained from scratch per evaluation row.
+    eval_epochs: epochs of each (DC-BENCH schedule of ``train.evaluate_synset``).
+    eval_dsa: also evaluate with DSA augmentation during training.
+    cross_arch: other networks to evaluate the same set on.
+    options: extra keyword options of the method's function.
+  """
+  _validation.check_choice(method, "method", METHODS)
+  _validation.check_choice(network, "network", networks.NETWORKS)
+  for name in cross_arch:
+    _validation.check_choice(name, "cross_arch network", networks.NETWORKS)
+  ipc = _validation.check_positive_int(ipc, "ipc")
+  eval_runs = _validation.check_non_negative_int(eval_runs, "eval_runs")
+  eval_epochs = _validation.check_positive_int(eval_epochs, "eval_epochs")
+  if iterations is not None:
+    iterations = _validation.check_positive_int(iterations, "iterations")
+  options = dict(options or {})
+  workdir_path = pathlib.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+
+  (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
+  if method == "kip":
+    kip_prep = kip.kip_preprocessing(x_train, zca_reg=options.pop("zca_reg", 0.1))
+    prepare = lambda x: np.asarray(kip_prep.apply(x), np.float32)[..., None]
+    prep_config = kip_prep.config()
+    options.setdefault("preprocessing", kip_prep)
+  else:
+    prepare, prep_config = _standardise(x_train)
+  z_train, z_test = prepare(x_train), prepare(x_test)
+
+  result_path = workdir_path / "result.npz"
+  if result_path.is_file():
+    result = artifacts.load_result(result_path)
+    print(f"{result_path} exists: evaluating it (delete it to distil again).", flush=True)
+  else:
+    t0 = time.perf_counter()
+    if method in CORESETS:
+      images, labels = coresets.coreset(z_train, y_train, ipc, method=method, key=seed)
+      result = SupervisedResult(images=images, labels=labels,
+                                config=dict(method=method, ipc=ipc, seed=seed, iterations=0,
+                                            seconds=time.perf_counter() - t0))
+    else:
+      result = _distil(method, z_train, y_train, ipc=ipc, network=network, iterations=iterations,
+                       max_seconds=max_seconds, seed=seed, workdir=workdir_path, options=options,
+                       preprocessing=prep_config)
+    config = dict(result.config, dataset=dataset, preprocessing=prep_config, network=result.config.get("network", network))
+    result = SupervisedResult(result.images, result.labels, config, result.history, result.step_sizes)
+    artifacts.save_result(result, result_path)
+  _grid(result, workdir_path / "images.png", f"{method}, {dataset}, {ipc} per class")
+
+  rows = []
+  test = (z_test, y_test)
+  # The DSA code drops flips for the MNIST family (a flipped digit is another symbol).
+  dsa_fn = functools.partial(augment.dsa, strategy=augment.DSA_STRATEGY_DIGITS)
+  for net in (network, *[n for n in cross_arch if n != network]):
+    for use_dsa in ((False, True) if eval_dsa else (False,)):
+      if not eval_runs:
+        break
+      t0 = time.perf_counter()
+      out = train.evaluate_synset(result.images, result.labels, test, key=seed + 1000, network=net, runs=eval_runs,
+                                  epochs=eval_epochs, augment=dsa_fn if use_dsa else None)
+      rows.append(dict(network=net, dsa=use_dsa, mean=float(out["mean"]), std=float(out["std"]),
+                       accuracies=[float(a) for a in out["accuracies"]], seconds=time.perf_counter() - t0))
+      print(f"evaluation {net}{' + DSA' if use_dsa else ''}: {100 * rows[-1]['mean']:.2f} +- "
+            f"{100 * rows[-1]['std']:.2f}% ({eval_runs} runs, {eval_epochs} epochs)", flush=True)
+  evaluation = dict(method=method, dataset=dataset, ipc=ipc, rows=rows, eval_runs=eval_runs, eval_epochs=eval_epochs,
+                    iterations=result.config.get("iterations"), distill_seconds=result.config.get("seconds"))
+  if method == "kip":
+    evaluation["krr_accuracy"] = float(kip.kip_accuracy(result, test))
+    print(f"KIP kernel ridge regression accuracy: {100 * evaluation['krr_accuracy']:.2f}%", flush=True)
+  if method == "dd" and eval_runs:
+    evaluation["dd_recipe_accuracy"] = _dd_recipe_accuracy(result, test, seed, eval_runs)
+  (workdir_path / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+  _write_report(workdir_path / "report.md", result, evaluation)
+  return evaluation
+
+
+def _dd_recipe_accuracy(result: SupervisedResult, test, seed: int, runs: int) -> list[float]:
+  """DD is evaluated with its own learned recipe too: fresh inits trained by its unrolled steps."""
+  cfg = result.config
+  net, _ = dd.network_config(cfg["network"], cfg["n_classes"], cfg["width"], cfg["depth"])
+  accs = []
+  for r in range(runs):
+    params = dd.retrain_dd(result, jax.random.key(seed + 2000 + r))
+    accs.append(float(train.accuracy(net, jax.tree.map(lambda a: a[None], params), *test)[0]))
+  print(f"DD with its learned recipe: {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f}%", flush=True)
+  return accs
+
+
+def _write_report(path: pathlib.Path, result: SupervisedResult, evaluation: dict[str, Any]) -> None:
+  lines = [f"# {evaluation['method']} on {evaluation['dataset']}, {evaluation['ipc']} images per class", "",
+           "## Settings", "", "```json", json.dumps(result.config, indent=1, default=str), "```", "",
+           f"Budget: {evaluation['iterations']} iterations, {evaluation['distill_seconds'] or 0:.0f} s of distillation "
+           f"(device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs).", "",
+           "## Evaluation (networks trained from scratch on the set)", "",
+           "| network | DSA during training | test accuracy (%) | runs | epochs | seconds |", "|---|---|---|---|---|---|"]
+  for r in evaluation["rows"]:
+    lines.append(f"| {r['network']} | {'yes' if r['dsa'] else 'no'} | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} | "
+                 f"{len(r['accuracies'])} | {evaluation['eval_epochs']} | {r['seconds']:.0f} |")
+  if "krr_accuracy" in evaluation:
+    lines += ["", f"KIP's own kernel ridge regression on the set: {100 * evaluation['krr_accuracy']:.2f}%"]
+  if "dd_recipe_accuracy" in evaluation:
+    accs = evaluation["dd_recipe_accuracy"]
+    lines += ["", f"DD with its learned step sizes: {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f}%"]
+  lines += ["", "![distilled images](images.png)", ""]
+  path.write_text("\n".join(lines))

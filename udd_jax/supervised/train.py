@@ -1,0 +1,409 @@
+"""DC-BENCH evaluation: train networks from scratch on a (distilled) set, test on real data.
+
+The schedule is the one DC, DSA and DM evaluate with: SGD with momentum 0.9 and weight
+decay 5e-4, learning rate 0.01 divided by 10 half-way, mini-batches of 256 reshuffled every
+epoch, 300 epochs. Integer labels train with softmax cross-entropy; float label vectors
+(learned labels, KIP) with the mean squared error on the logits, as KIP trains its networks.
+
+A whole training run (init, every epoch, every mini-batch) is one ``lax.scan`` inside one
+jitted function; :func:`evaluate_synset` ``vmap``-s it over the runs' keys, so five runs are
+one compiled call.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.concatenate([jnp.zeros((4, 8, 8, 1)), jnp.ones((4, 8, 8, 1))])
+  >>> y = jnp.array([0] * 4 + [1] * 4)
+  >>> report = evaluate_synset(x, y, (x, y), network="mlp", runs=2, key=jax.random.key(0), epochs=20)
+  >>> report["accuracies"]
+  [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
+
+from udd_jax import _validation
+from udd_jax.supervised.networks import NETWORKS, get_network
+
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+LR_DECAY = 0.1
+TEST_CHUNK = 500  # test images per forward pass: 10k MNIST images at once would not fit
+
+
+def eval_optimizer(
+    *, lr: float | jax.Array, momentum: float | jax.Array, weight_decay: float | jax.Array, epochs: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """SGD with momentum and weight decay, learning rate ``lr`` times 0.1 from epoch ``epochs // 2`` on.
+
+  Weight decay is added to the gradient before the momentum, as ``torch.optim.SGD`` does
+  in the reference implementations. ``lr``, ``momentum`` and ``weight_decay`` may be traced,
+  so that changing them does not recompile.
+
+  Args:
+    lr: initial learning rate.
+    momentum: heavy-ball momentum.
+    weight_decay: L2 coefficient added to the gradient.
+    epochs: total epochs of training.
+    steps_per_epoch: mini-batches per epoch (the schedule counts steps).
+
+  Returns:
+    The optax transformation.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = eval_optimizer(lr=0.1, momentum=0.0, weight_decay=0.0, epochs=4, steps_per_epoch=1)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(jnp.ones(1), state, jnp.zeros(1))
+    ...   print(f"{float(updates[0]):.3f}")
+    -0.100
+    -0.100
+    -0.010
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(eval_lr_schedule(lr, epochs=epochs, steps_per_epoch=steps_per_epoch), momentum=momentum),
+  )
+
+
+def eval_lr_schedule(lr: float | jax.Array, *, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """The step-indexed learning rate of :func:`eval_optimizer`: ``lr``, then ``0.1 * lr`` from epoch ``epochs // 2``."""
+  return optax.piecewise_constant_schedule(lr, {(epochs // 2) * steps_per_epoch: LR_DECAY})
+
+
+def _loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  if labels.ndim == 2:  # learned label vectors: regression on the logits
+    per_example = jnp.mean(jnp.square(logits - labels), axis=-1)
+  else:
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(weights * per_example) / jnp.sum(weights)
+
+
+def _train_one(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    hyper: dict[str, jax.Array],
+    *,
+    network: nn.Module,
+    epochs: int,
+    batch_size: int,
+    augment: Augment | None,
+) -> PyTree:
+  """One training run from the init drawn from ``key``; pure, so it can be ``vmap``-ped over keys."""
+  n = images.shape[0]
+  batch = min(batch_size, n)
+  steps_per_epoch = math.ceil(n / batch)
+  # The last mini-batch of an epoch is short when batch does not divide n: it is padded to a
+  # fixed shape (static shapes inside scan) and the padding gets weight 0 in the loss.
+  padding = steps_per_epoch * batch - n
+  weights = (jnp.arange(steps_per_epoch * batch) < n).astype(images.dtype).reshape(steps_per_epoch, batch)
+  k_init, k_data = jax.random.split(key)
+  # Parameters in the images' precision: float64 tests then train entirely in float64.
+  params = jax.tree.map(lambda p: p.astype(images.dtype), network.init(k_init, images[:1])["params"])
+  tx = eval_optimizer(epochs=epochs, steps_per_epoch=steps_per_epoch, **hyper)
+
+  def loss_fn(p, x, y, w):
+    return _loss(network.apply({"params": p}, x), y, w)
+
+  def step(carry, batch_data):
+    p, opt_state = carry
+    idx, w, k_aug = batch_data
+    x = images[idx]
+    if augment is not None:
+      x = augment(x, k_aug)
+    grads = jax.grad(loss_fn)(p, x, labels[idx], w)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), None
+
+  def epoch(carry, e):
+    k_perm, k_aug = jax.random.split(jax.random.fold_in(k_data, e))
+    order = jnp.concatenate([jax.random.permutation(k_perm, n), jnp.zeros(padding, jnp.int32)])
+    batches = (order.reshape(steps_per_epoch, batch), weights, jax.random.split(k_aug, steps_per_epoch))
+    return jax.lax.scan(step, carry, batches)[0], None
+
+  (params, _), _ = jax.lax.scan(epoch, (params, tx.init(params)), jnp.arange(epochs))
+  return params
+
+
+_STATIC = ("network", "epochs", "batch_size", "augment")
+_train_single = jax.jit(_train_one, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _train_many(keys, images, labels, hyper, *, network, epochs, batch_size, augment):
+  train = functools.partial(_train_one, network=network, epochs=epochs, batch_size=batch_size, augment=augment)
+  return jax.vmap(train, in_axes=(0, None, None, None))(keys, images, labels, hyper)
+
+
+@functools.partial(jax.jit, static_argnames=("network",))
+def _count_correct(params, x, y, valid, *, network):
+  """Correct predictions of every run (``params`` stacked over runs) over ``x`` in chunks ``(k, chunk, ...)``."""
+
+  def chunk(data):
+    xc, yc, vc = data
+    logits = jax.vmap(lambda p: network.apply({"params": p}, xc))(params)
+    return jnp.sum((jnp.argmax(logits, -1) == yc) & vc, axis=-1)
+
+  return jnp.sum(jax.lax.map(chunk, (x, y, valid)), axis=0)
+
+
+def _as_key(key: Any, name: str = "key") -> jax.Array:
+  if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape[-1:] == (2,):
+    return jax.random.wrap_key_data(jnp.asarray(key))
+  raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)) or an integer seed; got {type(key).__name__}.")
+
+
+def _check_images(images: Any, name: str = "images") -> np.ndarray:
+  arr = _validation.check_array(images, name, floating=True)
+  if arr.ndim != 4:
+    raise ValueError(
+        f"{name} must have shape (n, H, W, C); got shape {arr.shape}"
+        + (" (grey images: add the channel axis with udd_jax.supervised.networks.as_images)." if arr.ndim == 3 else ".")
+    )
+  return arr if arr.dtype.kind == "f" else arr.astype(np.float32)
+
+
+def _check_targets(labels: Any, n: int) -> np.ndarray:
+  """Integer class labels ``(n,)`` or float target vectors ``(n, C)``."""
+  arr = _validation.check_array(labels, "labels", floating=True)
+  if arr.ndim == 2:
+    if arr.dtype.kind != "f":
+      raise TypeError(f"labels of shape (n, C) must be float target vectors; got dtype {arr.dtype}.")
+    if arr.shape[0] != n:
+      raise ValueError(f"labels has {arr.shape[0]} rows but images has {n}.")
+    return arr
+  if arr.ndim != 1:
+    raise ValueError(f"labels must be class labels (n,) or target vectors (n, C); got shape {arr.shape}.")
+  return _validation.check_labels(arr, "labels", n=n)
+
+
+def _resolve_network(network: Any, labels: np.ndarray, n_classes: int | None, extra_max_label: int = -1) -> nn.Module:
+  """The flax module to train and checks that its outputs cover the labels."""
+  needed = labels.shape[1] if labels.ndim == 2 else int(labels.max()) + 1
+  needed = max(needed, extra_max_label + 1)
+  if n_classes is not None:
+    n_classes = _validation.check_positive_int(n_classes, "n_classes")
+    if n_classes < needed:
+      raise ValueError(f"n_classes={n_classes} but the labels need at least {needed} classes.")
+  if isinstance(network, str):
+    return get_network(_validation.check_choice(network, "network", NETWORKS), n_classes or needed)
+  if not isinstance(network, nn.Module):
+    raise TypeError(f"network must be one of {list(NETWORKS)} or a flax module; got {type(network).__name__}.")
+  outputs = getattr(network, "n_classes", None)
+  if outputs is not None:
+    if labels.ndim == 2 and labels.shape[1] != outputs:
+      raise ValueError(f"labels are {labels.shape[1]}-dimensional target vectors but the network has {outputs} outputs.")
+    if outputs < needed:
+      raise ValueError(f"the network has {outputs} outputs but the labels need {needed} classes.")
+  return network
+
+
+def _check_options(epochs, lr, momentum, weight_decay, batch_size, augment) -> dict[str, float]:
+  _validation.check_positive_int(epochs, "epochs")
+  _validation.check_positive_int(batch_size, "batch_size")
+  momentum = _validation.check_positive_float(momentum, "momentum", allow_zero=True)
+  if momentum >= 1:
+    raise ValueError(f"momentum must be in [0, 1); got {momentum}.")
+  if augment is not None and not callable(augment):
+    raise TypeError(f"augment must be a function (x, key) -> x or None; got {type(augment).__name__}.")
+  return dict(
+      lr=_validation.check_positive_float(lr, "lr"),
+      momentum=momentum,
+      weight_decay=_validation.check_positive_float(weight_decay, "weight_decay", allow_zero=True),
+  )
+
+
+def _hyper_arrays(hyper: dict[str, float], dtype: Any) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
+
+
+def train_network(
+    network: str | nn.Module,
+    images: Float[ArrayLike, "n H W C"],
+    labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
+    key: PRNGKeyArray | int,
+    *,
+    epochs: int = 300,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 256,
+    augment: Augment | None = None,
+    n_classes: int | None = None,
+) -> PyTree:
+  """Trains a fresh init of ``network`` from scratch on ``(images, labels)`` with the DC evaluation schedule.
+
+  Args:
+    network: a name in :data:`NETWORKS` (built with ``n_classes`` outputs and default
+      width) or a flax module mapping ``(n, H, W, C)`` to logits.
+    images: the training set, ``(n, H, W, C)``.
+    labels: integer class labels ``(n,)`` (softmax cross-entropy) or float target vectors
+      ``(n, C)`` (mean squared error on the logits).
+    key: PRNG key (or integer seed) of the init, the shuffling and the augmentation.
+    epochs: passes over the set; the learning rate drops to ``0.1 * lr`` at ``epochs // 2``.
+    lr: initial learning rate.
+    momentum: SGD momentum.
+    weight_decay: L2 coefficient.
+    batch_size: mini-batch size; the whole set is one batch when it is smaller.
+    augment: optional pure function ``(x, key) -> x`` applied to every mini-batch (e.g.
+      DSA with a fixed strategy).
+    n_classes: outputs of a network given by name (default: the largest label + 1).
+
+  Returns:
+    The trained flax parameters.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.concatenate([jnp.zeros((2, 4, 4, 1)), jnp.ones((2, 4, 4, 1))])
+    >>> params = train_network("mlp", x, jnp.array([0, 0, 1, 1]), jax.random.key(0), epochs=10)
+    >>> logits = get_network("mlp", 2).apply({"params": params}, x)
+    >>> jnp.argmax(logits, -1).tolist()
+    [0, 0, 1, 1]
+  """
+  images = _check_images(images)
+  labels = _check_targets(labels, images.shape[0])
+  module = _resolve_network(network, labels, n_classes)
+  hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
+  return _train_single(
+      _as_key(key), jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype),
+      network=module, epochs=epochs, batch_size=batch_size, augment=augment,
+  )
+
+
+def train_networks(
+    network: str | nn.Module,
+    images: Float[ArrayLike, "n H W C"],
+    labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
+    keys: PRNGKeyArray,
+    *,
+    epochs: int = 300,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 256,
+    augment: Augment | None = None,
+    n_classes: int | None = None,
+) -> PyTree:
+  """:func:`train_network` for every key of ``keys`` (shape ``(runs,)``), ``vmap``-ped in one jitted call.
+
+  Run ``r`` gives the same parameters as ``train_network(..., keys[r])``.
+
+  Returns:
+    The trained parameters, every leaf stacked over the runs (leading axis ``runs``).
+  """
+  images = _check_images(images)
+  labels = _check_targets(labels, images.shape[0])
+  module = _resolve_network(network, labels, n_classes)
+  hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
+  keys = _as_key(keys, "keys")
+  if keys.ndim != 1:
+    raise ValueError(f"keys must be a 1-d array of PRNG keys (runs,); got shape {keys.shape}.")
+  return _train_many(
+      keys, jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype),
+      network=module, epochs=epochs, batch_size=batch_size, augment=augment,
+  )
+
+
+def accuracy(
+    network: nn.Module, params: PyTree, x: Float[ArrayLike, "m H W C"], y: Int[ArrayLike, " m"], *, chunk: int = TEST_CHUNK
+) -> np.ndarray:
+  """Accuracy on ``(x, y)`` of every run of ``params`` (leaves stacked over runs), forward in chunks.
+
+  Returns:
+    ``(runs,)`` float64 accuracies.
+  """
+  if not isinstance(network, nn.Module):
+    raise TypeError(f"network must be the flax module the params belong to; got {type(network).__name__}.")
+  x = _check_images(x, "x")
+  y = _validation.check_labels(y, "y", n=x.shape[0])
+  chunk = min(_validation.check_positive_int(chunk, "chunk"), x.shape[0])
+  pad = -x.shape[0] % chunk
+  valid = np.arange(x.shape[0] + pad) < x.shape[0]
+  x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+  y = np.concatenate([y, np.zeros(pad, y.dtype)])
+  k = x.shape[0] // chunk
+  correct = _count_correct(
+      params, jnp.asarray(x.reshape(k, chunk, *x.shape[1:])), jnp.asarray(y.reshape(k, chunk)),
+      jnp.asarray(valid.reshape(k, chunk)), network=network,
+  )
+  return np.asarray(correct, np.float64) / valid.sum()
+
+
+def evaluate_synset(
+    images: Float[ArrayLike, "n H W C"],
+    labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
+    test: tuple[Float[ArrayLike, "m H W C"], Int[ArrayLike, " m"]],
+    *,
+    key: PRNGKeyArray | int,
+    network: str | nn.Module = "convnet",
+    runs: int = 5,
+    epochs: int = 300,
+    augment: Augment | None = None,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 256,
+    n_classes: int | None = None,
+    test_chunk: int = TEST_CHUNK,
+) -> dict[str, Any]:
+  """DC-BENCH evaluation of a set: ``runs`` networks trained from scratch on it, tested on real data.
+
+  Args:
+    images: the (distilled) training set ``(n, H, W, C)``, preprocessed like ``test``.
+    labels: integer labels ``(n,)`` or float target vectors ``(n, C)``.
+    test: the real test set ``(x_test, y_test)``, ``x_test`` of shape ``(m, H, W, C)``.
+    key: PRNG key (or integer seed); run ``r`` trains with ``jax.random.split(key, runs)[r]``.
+    network: a name in :data:`NETWORKS` or a flax module (cross-architecture evaluation).
+    runs: independent inits, trained together (``vmap``) in one jitted call.
+    epochs, augment, lr, momentum, weight_decay, batch_size, n_classes: as in :func:`train_network`.
+    test_chunk: test images per forward pass.
+
+  Returns:
+    A JSON-serialisable dict: ``accuracies`` (one per run), their ``mean`` and ``std``,
+    ``runs``, ``epochs``, ``network``, ``augment`` (whether one was used) and ``seconds``
+    (wall time, compilation included).
+  """
+  t0 = time.perf_counter()
+  images = _check_images(images)
+  labels = _check_targets(labels, images.shape[0])
+  if not isinstance(test, (tuple, list)) or len(test) != 2:
+    raise TypeError("test must be a pair (x_test, y_test).")
+  x_test = _check_images(test[0], "test x")
+  y_test = _validation.check_labels(test[1], "test y", n=x_test.shape[0])
+  if x_test.shape[1:] != images.shape[1:]:
+    raise ValueError(f"test x has images of shape {x_test.shape[1:]} but images are {images.shape[1:]}.")
+  runs = _validation.check_positive_int(runs, "runs")
+  module = _resolve_network(network, labels, n_classes, extra_max_label=int(y_test.max()))
+  keys = jax.random.split(_as_key(key), runs)
+  params = train_networks(
+      module, images, labels, keys, epochs=epochs, lr=lr, momentum=momentum,
+      weight_decay=weight_decay, batch_size=batch_size, augment=augment,
+  )
+  accuracies = accuracy(module, params, x_test.astype(images.dtype), y_test, chunk=test_chunk)
+  return dict(
+      accuracies=[float(a) for a in accuracies],
+      mean=float(np.mean(accuracies)),
+      std=float(np.std(accuracies)),
+      runs=runs,
+      epochs=epochs,
+      network=network if isinstance(network, str) else type(network).__name__,
+      augment=augment is not None,
+      seconds=time.perf_counter() - t0,
+  )
