@@ -61,7 +61,7 @@ def test_loss_matches_a_hand_computation():
   ridge = 0.01 * np.trace(k_ss) / 3
   pred = k_ts @ np.linalg.inv(k_ss + ridge * np.eye(3)) @ np.asarray(y_s)
   expected = 0.5 * np.mean((pred - np.asarray(y_t)) ** 2)
-  assert float(jax.jit(functools.partial(kip_loss, kernel_fn=kernel_fn, reg=0.01))(x_s, y_s, x_t, y_t)) == pytest.approx(expected, rel=1e-10)
+  assert float(jax.jit(functools.partial(kip_loss, kernel_fn=kernel_fn, reg=0.01))(x_s, y_s, x_t, y_t)) == pytest.approx(expected, rel=1e-8)
 
 
 def test_label_gradient_vanishes_at_the_least_squares_labels(name="fc"):
