@@ -22,6 +22,7 @@ flags.DEFINE_string("dataset", "mnist", "mnist, fashion_mnist, usps or digits (e
 flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
 flags.DEFINE_integer("ipc", 1, "Images per class.")
 flags.DEFINE_string("network", "convnet", "convnet, mlp or lenet: distilled with and evaluated on.")
+flags.DEFINE_integer("width", 128, "Channels of the ConvNet (hidden units of the MLP) in distillation and evaluation.")
 flags.DEFINE_integer("iterations", None, "Outer iterations of the method (default: the method's).")
 flags.DEFINE_float("max_seconds", None, "Wall-time budget of the distillation.")
 flags.DEFINE_integer("seed", 0, "Seed of the distillation (evaluation uses seed + 1000 onwards).")
@@ -37,7 +38,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   experiment.run(method=FLAGS.method, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, ipc=FLAGS.ipc,
-                 network=FLAGS.network, iterations=FLAGS.iterations, max_seconds=FLAGS.max_seconds, seed=FLAGS.seed,
+                 network=FLAGS.network, width=FLAGS.width, iterations=FLAGS.iterations, max_seconds=FLAGS.max_seconds, seed=FLAGS.seed,
                  workdir=FLAGS.workdir, eval_runs=FLAGS.eval_runs, eval_epochs=FLAGS.eval_epochs,
                  eval_dsa=FLAGS.eval_dsa, cross_arch=tuple(FLAGS.cross_arch),
                  options=unsupervised_experiment.parse_options(FLAGS.opt))

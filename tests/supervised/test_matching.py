@@ -148,9 +148,10 @@ def test_same_seed_same_result_and_no_recompilation():
   x, y = blobs(20, seed=2)  # the shapes and options of the test above: its compilation is reused
   runs = [matching.distill_dc(x, y, ipc=2, key=7, iterations=3, outer_loop=2, inner_loop=2, **CONV) for _ in range(2)]
   np.testing.assert_array_equal(runs[0].images, runs[1].images)
-  size = matching._dc_iteration._cache_size()
+  steps = (matching._fresh_params, matching._dc_match_step, matching._dc_train_step)
+  sizes = [f._cache_size() for f in steps]
   other = matching.distill_dc(x, y, ipc=2, key=8, iterations=4, outer_loop=2, inner_loop=2, lr_images=0.3, **CONV)
-  assert matching._dc_iteration._cache_size() == size
+  assert [f._cache_size() for f in steps] == sizes
   assert not np.allclose(other.images, runs[0].images)
 
 

@@ -126,10 +126,12 @@ def test_eval_optimizer_is_sgd_with_decay_before_momentum():
 
 def test_no_recompilation_for_new_key_or_hyperparameters(data):
   (x, y), _ = data
+  steps = (train._init, train._epoch_batches, train._train_step)
   train.train_network(MLP, x, y, jax.random.key(0), **SHARED)
-  size = train._train_single._cache_size()
+  sizes = [f._cache_size() for f in steps]
   train.train_network(MLP, x, y, jax.random.key(1), **(SHARED | dict(lr=0.2)), momentum=0.5, weight_decay=0.0)
-  assert train._train_single._cache_size() == size
+  train.train_networks(MLP, x, y, jax.random.split(jax.random.key(2), 3), **SHARED)
+  assert [f._cache_size() for f in steps] == sizes
 
 
 def test_evaluate_synset_matches_separate_runs_and_chunked_test(data):
@@ -201,3 +203,10 @@ def test_evaluate_synset_errors(data):
     train.evaluate_synset(x, y, (xt, np.full(90, 4)), key=0, network=MLP)
   with pytest.raises(ValueError, match="keys must be a 1-d array"):
     train.train_networks(MLP, x, y, jax.random.key(0))
+
+
+def test_lenet_rejects_images_too_small_for_its_poolings():
+  net = networks.get_network("lenet", 10)
+  with pytest.raises(ValueError, match="LeNet needs images of at least 12x12"):
+    net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  assert net.init(jax.random.key(0), jnp.zeros((1, 12, 12, 1)))["params"]["classifier"]["kernel"].shape == (84, 10)

@@ -39,19 +39,21 @@ def _standardise(x_train: np.ndarray) -> tuple[Any, dict[str, Any]]:
       method="standardize", mean=mean, std=std)
 
 
-def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str, iterations: int | None,
+def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str, width: int, iterations: int | None,
             max_seconds: float | None, seed: int, workdir: pathlib.Path, options: dict[str, Any],
             preprocessing: dict[str, Any]) -> SupervisedResult:
   common = dict(ipc=ipc, key=seed, max_seconds=max_seconds, callback=_progress(method))
   if iterations:
     common["iterations"] = iterations
+  # The options may name another network to distil with than the one evaluated (DD's LeNet).
+  net_options = dict(network=network, width=width) | {k: options.pop(k) for k in ("network", "width") if k in options}
   if method in ("dc", "dsa"):
-    return matching.distill_dc(x, y, network=network, dsa=method == "dsa", preprocessing=preprocessing,
-                               **common, **options)
+    return matching.distill_dc(x, y, dsa=method == "dsa", preprocessing=preprocessing, **net_options, **common,
+                               **options)
   if method == "dm":
-    return dm.distill_dm(x, y, network=network, preprocessing=preprocessing, **common, **options)
+    return dm.distill_dm(x, y, preprocessing=preprocessing, **net_options, **common, **options)
   if method == "dd":
-    return dd.distill_dd(x, y, network=network, **common, **options)
+    return dd.distill_dd(x, y, **net_options, **common, **options)
   if method == "gtn":
     return gtn.distill_gtn(x, y, **common, **options)
   if method == "kip":
@@ -60,7 +62,7 @@ def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str
   expert_options = {k[len("expert_"):]: options.pop(k) for k in list(options) if k.startswith("expert_")}
   expert_options.setdefault("n_experts", 3)
   expert_options.setdefault("epochs", 5)
-  mtt.train_experts(x, y, workdir=workdir / "experts", key=seed + 1, network=network, **expert_options)
+  mtt.train_experts(x, y, workdir=workdir / "experts", key=seed + 1, **net_options, **expert_options)
   return mtt.distill_mtt(x, y, expert_dir=workdir / "experts", **common, **options)
 
 
@@ -87,7 +89,7 @@ def _grid(result: SupervisedResult, path: pathlib.Path, title: str) -> None:
   reporting.image_grid(images[order], path, title=title, clip=clip)
 
 
-def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: str = "convnet",
+def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: str = "convnet", width: int = 128,
         iterations: int | None = None, max_seconds: float | None = None, seed: int = 0, workdir: str,
         eval_runs: int = 5, eval_epochs: int = 300, eval_dsa: bool = True, cross_arch: tuple[str, ...] = (),
         options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,6 +102,8 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
     data_dir: directory with ``<dataset>.npz`` (default ``$UDD_DATA_DIR``).
     ipc: images per class.
     network: network the method distils with and the evaluation trains (``NETWORKS``).
+    width: its channels (ConvNet) or hidden units (MLP), in distillation and evaluation;
+      the ``cross_arch`` networks keep their default width.
     iterations: the method's outer iterations (None: its default).
     max_seconds: wall-time budget of the distillation (None: none).
     seed: seed of the distillation; evaluation uses ``seed + 1000`` onwards.
@@ -115,6 +119,7 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
   for name in cross_arch:
     _validation.check_choice(name, "cross_arch network", networks.NETWORKS)
   ipc = _validation.check_positive_int(ipc, "ipc")
+  width = _validation.check_positive_int(width, "width")
   eval_runs = _validation.check_non_negative_int(eval_runs, "eval_runs")
   eval_epochs = _validation.check_positive_int(eval_epochs, "eval_epochs")
   if iterations is not None:
@@ -145,7 +150,7 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
                                 config=dict(method=method, ipc=ipc, seed=seed, iterations=0,
                                             seconds=time.perf_counter() - t0))
     else:
-      result = _distil(method, z_train, y_train, ipc=ipc, network=network, iterations=iterations,
+      result = _distil(method, z_train, y_train, ipc=ipc, network=network, width=width, iterations=iterations,
                        max_seconds=max_seconds, seed=seed, workdir=workdir_path, options=options,
                        preprocessing=prep_config)
     config = dict(result.config, dataset=dataset, preprocessing=prep_config, network=result.config.get("network", network))
@@ -157,18 +162,20 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
   test = (z_test, y_test)
   # The DSA code drops flips for the MNIST family (a flipped digit is another symbol).
   dsa_fn = functools.partial(augment.dsa, strategy=augment.DSA_STRATEGY_DIGITS)
+  n_classes = int(y_train.max()) + 1
   for net in (network, *[n for n in cross_arch if n != network]):
+    module = networks.get_network(net, n_classes, **({"width": width} if net == network else {}))
     for use_dsa in ((False, True) if eval_dsa else (False,)):
       if not eval_runs:
         break
       t0 = time.perf_counter()
-      out = train.evaluate_synset(result.images, result.labels, test, key=seed + 1000, network=net, runs=eval_runs,
+      out = train.evaluate_synset(result.images, result.labels, test, key=seed + 1000, network=module, runs=eval_runs,
                                   epochs=eval_epochs, augment=dsa_fn if use_dsa else None)
       rows.append(dict(network=net, dsa=use_dsa, mean=float(out["mean"]), std=float(out["std"]),
                        accuracies=[float(a) for a in out["accuracies"]], seconds=time.perf_counter() - t0))
       print(f"evaluation {net}{' + DSA' if use_dsa else ''}: {100 * rows[-1]['mean']:.2f} +- "
             f"{100 * rows[-1]['std']:.2f}% ({eval_runs} runs, {eval_epochs} epochs)", flush=True)
-  evaluation = dict(method=method, dataset=dataset, ipc=ipc, rows=rows, eval_runs=eval_runs, eval_epochs=eval_epochs,
+  evaluation = dict(method=method, dataset=dataset, ipc=ipc, network=network, width=width, rows=rows, eval_runs=eval_runs, eval_epochs=eval_epochs,
                     iterations=result.config.get("iterations"), distill_seconds=result.config.get("seconds"))
   if method == "kip":
     evaluation["krr_accuracy"] = float(kip.kip_accuracy(result, test))

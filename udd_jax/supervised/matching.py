@@ -228,6 +228,10 @@ class _DCState(NamedTuple):
   opt_state: optax.OptState
 
 
+_MATCH_STATIC = ("network", "ipc", "batch_real", "dsa_strategy")
+
+
+@functools.partial(jax.jit, static_argnames=_MATCH_STATIC)
 def _dc_match_step(state, params, key, data, lr_images, *, network, ipc, batch_real, dsa_strategy):
   """One image update: the matching loss summed over classes, one SGD(momentum) step."""
   n_classes = data.starts.shape[0]
@@ -244,49 +248,41 @@ def _dc_match_step(state, params, key, data, lr_images, *, network, ipc, batch_r
   return _DCState(optax.apply_updates(state.images, updates), opt_state), loss
 
 
-def _dc_train_network(params, images, labels, key, lr_network, *, network, steps, dsa_strategy):
-  """``steps`` full-batch SGD steps of the network on the (detached) synthetic set."""
-  tx = optax.sgd(lr_network)
-  images = jax.lax.stop_gradient(images)
-
-  def step(carry, k):
-    p, opt_state = carry
-    x = images if dsa_strategy is None else augment_lib.dsa_per_image(images, k, dsa_strategy)
-    grads = jax.grad(cross_entropy, argnums=1)(network, p, x, labels)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), None
-
-  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key, steps))
-  return params
+@functools.partial(jax.jit, static_argnames=("network", "dsa_strategy"))
+def _dc_train_step(params, images, labels, key, lr_network, *, network, dsa_strategy):
+  """One full-batch SGD step of the network on the (detached) synthetic set."""
+  x = images if dsa_strategy is None else augment_lib.dsa_per_image(images, key, dsa_strategy)
+  grads = jax.grad(cross_entropy, argnums=1)(network, params, x, labels)
+  tx = optax.sgd(lr_network)  # no momentum: its state is empty and need not be carried
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return optax.apply_updates(params, updates)
 
 
-_DC_STATIC = ("network", "ipc", "batch_real", "outer_loop", "inner_loop", "dsa_strategy")
+_fresh_params = jax.jit(init_params, static_argnums=(0, 2))
 
 
-@functools.partial(jax.jit, static_argnames=_DC_STATIC)
-def _dc_iteration(state, key, data, syn_labels, lr_images, lr_network, *, network, ipc, batch_real, outer_loop, inner_loop, dsa_strategy):
-  """One DC iteration, compiled whole: a fresh init, then ``outer_loop`` rounds of [image
-  update; network training (skipped after the last round)]."""
+def _dc_iteration(state, key, data, syn_labels, lr_images, lr_network, *, network, ipc, batch_real, outer_loop, inner_loop,
+                  dsa_strategy):
+  """One DC iteration: a fresh init, then ``outer_loop`` rounds of [image update; ``inner_loop``
+  network steps (skipped after the last round)].
+
+  The rounds and steps loop on the host around jitted steps: XLA:CPU runs convolutions in
+  ``scan``/``while`` bodies 7x (32 channels) to 38x (128 channels) slower than as steps of
+  their own (jax-ml/jax#12868; docs/BENCHMARKS.md).
+  """
   k_net, k_rounds = jax.random.split(key)
-  params = init_params(network, k_net, state.images.shape[1:])
-
-  def round_(carry, inputs):
-    state, params = carry
-    index, k_match, k_train = inputs
-    state, loss = _dc_match_step(
-        state, params, k_match, data, lr_images, network=network, ipc=ipc, batch_real=batch_real, dsa_strategy=dsa_strategy
-    )
-    if outer_loop > 1 and inner_loop > 0:  # else the network never trains (ipc = 1): not even compiled
-      train = functools.partial(
-          _dc_train_network, labels=syn_labels, key=k_train, lr_network=lr_network, network=network, steps=inner_loop,
-          dsa_strategy=dsa_strategy,
-      )
-      params = jax.lax.cond(index < outer_loop - 1, lambda p: train(p, state.images), lambda p: p, params)
-    return (state, params), loss
-
+  params = _fresh_params(network, k_net, tuple(state.images.shape[1:]))
   keys = jax.random.split(k_rounds, (outer_loop, 2))
-  (state, _), losses = jax.lax.scan(round_, (state, params), (jnp.arange(outer_loop), keys[:, 0], keys[:, 1]))
-  return state, {"loss": jnp.mean(losses) / data.starts.shape[0]}
+  losses = []
+  for r in range(outer_loop):
+    state, loss = _dc_match_step(state, params, keys[r, 0], data, lr_images, network=network, ipc=ipc,
+                                 batch_real=batch_real, dsa_strategy=dsa_strategy)
+    losses.append(loss)
+    if r < outer_loop - 1:
+      images = jax.lax.stop_gradient(state.images)
+      for k in jax.random.split(keys[r, 1], inner_loop):
+        params = _dc_train_step(params, images, syn_labels, k, lr_network, network=network, dsa_strategy=dsa_strategy)
+  return state, {"loss": jnp.mean(jnp.stack(losses)) / data.starts.shape[0]}
 
 
 def distill_dc(

@@ -14,6 +14,7 @@ Two stages:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -59,22 +60,33 @@ def _data_fingerprint(images: Array, labels: Array) -> str:
 
 
 def _make_train_epoch(network, unravel, optimizer, *, n_batches, batch_size):
+  """One shuffled pass of mini-batch SGD: a host loop over one jitted step.
+
+  Not one ``lax.scan`` over the epoch: XLA:CPU runs convolutions in loop bodies 7x (32
+  channels) to 38x (128 channels) slower than as steps of their own (jax-ml/jax#12868).
+  """
+
   def loss_fn(flat, x, y):
     return dd.cross_entropy(network, unravel(flat), x, y)
 
   @jax.jit
+  def sgd_step(flat, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(flat, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, flat)
+    return optax.apply_updates(flat, updates), opt_state, loss
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def batch_order(key, n):
+    # The last incomplete batch is dropped so that every step has one shape.
+    return jax.random.permutation(key, n)[: n_batches * batch_size].reshape(n_batches, batch_size)
+
   def train_epoch(flat, opt_state, key, x, y):
-    # One shuffled pass; the last incomplete batch is dropped so every step has one shape.
-    order = jax.random.permutation(key, x.shape[0])[: n_batches * batch_size].reshape(n_batches, batch_size)
-
-    def sgd_step(carry, idx):
-      flat, opt_state = carry
-      loss, grads = jax.value_and_grad(loss_fn)(flat, x[idx], y[idx])
-      updates, opt_state = optimizer.update(grads, opt_state, flat)
-      return (optax.apply_updates(flat, updates), opt_state), loss
-
-    (flat, opt_state), losses = jax.lax.scan(sgd_step, (flat, opt_state), order)
-    return flat, opt_state, losses.mean()
+    order = np.asarray(batch_order(key, x.shape[0]))
+    losses = []
+    for idx in order:
+      flat, opt_state, loss = sgd_step(flat, opt_state, x[idx], y[idx])
+      losses.append(loss)
+    return flat, opt_state, jnp.mean(jnp.stack(losses))
 
   return train_epoch
 

@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 from udd_jax import _validation
 
 NETWORKS = ("convnet", "mlp", "lenet")
+LENET_MIN_SIZE = 12
 
 
 class ConvNet(nn.Module):
@@ -83,6 +84,9 @@ class LeNet(nn.Module):
     self.classifier = nn.Dense(self.n_classes)
 
   def embed(self, x: Float[Array, "n H W C"]) -> Float[Array, "n f"]:
+    if min(x.shape[1:3]) < LENET_MIN_SIZE:
+      raise ValueError(f"LeNet needs images of at least {LENET_MIN_SIZE}x{LENET_MIN_SIZE} pixels (two 2x2 poolings around "
+                       f"a 5x5 valid convolution); got {x.shape[1]}x{x.shape[2]}. Use the convnet or the mlp.")
     x = nn.max_pool(nn.relu(self.conv1(x)), (2, 2), strides=(2, 2))
     x = nn.max_pool(nn.relu(self.conv2(x)), (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)

@@ -5,9 +5,9 @@ decay 5e-4, learning rate 0.01 divided by 10 half-way, mini-batches of 256 reshu
 epoch, 300 epochs. Integer labels train with softmax cross-entropy; float label vectors
 (learned labels, KIP) with the mean squared error on the logits, as KIP trains its networks.
 
-A whole training run (init, every epoch, every mini-batch) is one ``lax.scan`` inside one
-jitted function; :func:`evaluate_synset` ``vmap``-s it over the runs' keys, so five runs are
-one compiled call.
+A training run is a host loop over one jitted SGD step (compiled once per network, set size
+and schedule); runs follow one another with the same compiled step. On the CPU this is far
+faster for ConvNets than one ``lax.scan`` over the whole run (see :func:`_train_one`).
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -91,73 +91,68 @@ def _loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array
   return jnp.sum(weights * per_example) / jnp.sum(weights)
 
 
-def _train_one(
-    key: jax.Array,
-    images: jax.Array,
-    labels: jax.Array,
-    hyper: dict[str, jax.Array],
-    *,
-    network: nn.Module,
-    epochs: int,
-    batch_size: int,
-    augment: Augment | None,
-) -> PyTree:
-  """One training run from the init drawn from ``key``; pure, so it can be ``vmap``-ped over keys."""
+@functools.partial(jax.jit, static_argnames=("network",))
+def _init(key: jax.Array, example: jax.Array, *, network: nn.Module) -> tuple[PyTree, jax.Array]:
+  """A fresh init in the images' precision (float64 tests then train in float64) and the run's data key."""
+  k_init, k_data = jax.random.split(key)
+  params = network.init(k_init, example)["params"]
+  return jax.tree.map(lambda p: p.astype(example.dtype), params), k_data
+
+
+@functools.partial(jax.jit, static_argnames=("n", "batch", "steps_per_epoch"))
+def _epoch_batches(k_data: jax.Array, epoch: jax.Array, *, n: int, batch: int, steps_per_epoch: int):
+  """The epoch's mini-batch indices ``(steps, batch)`` (a fresh permutation, padded) and augmentation keys."""
+  k_perm, k_aug = jax.random.split(jax.random.fold_in(k_data, epoch))
+  padding = steps_per_epoch * batch - n
+  order = jnp.concatenate([jax.random.permutation(k_perm, n), jnp.zeros(padding, jnp.int32)])
+  return order.reshape(steps_per_epoch, batch), jax.random.split(k_aug, steps_per_epoch)
+
+
+_STATIC = ("network", "epochs", "steps_per_epoch", "augment")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0, 1))
+def _train_step(params, opt_state, images, labels, idx, weights, k_aug, hyper, *, network, epochs, steps_per_epoch,
+                augment):
+  """One SGD step on the mini-batch ``images[idx]`` (padding rows have weight 0)."""
+  tx = eval_optimizer(epochs=epochs, steps_per_epoch=steps_per_epoch, **hyper)
+  x = images[idx]
+  if augment is not None:
+    x = augment(x, k_aug)
+  grads = jax.grad(lambda p: _loss(network.apply({"params": p}, x), labels[idx], weights))(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _train_one(key, images, labels, hyper, *, network, epochs, batch_size, augment) -> PyTree:
+  """One training run from the init drawn from ``key``.
+
+  The loop over epochs and mini-batches runs on the host around one jitted step: XLA:CPU
+  runs convolutions inside ``scan``/``while`` bodies 7x (32 channels) to 38x (128 channels)
+  slower than as a jitted step of their own (jax-ml/jax#12868; docs/BENCHMARKS.md), and a
+  step of a ConvNet is long enough that the dispatch costs nothing in comparison.
+  """
   n = images.shape[0]
   batch = min(batch_size, n)
   steps_per_epoch = math.ceil(n / batch)
   # The last mini-batch of an epoch is short when batch does not divide n: it is padded to a
-  # fixed shape (static shapes inside scan) and the padding gets weight 0 in the loss.
-  padding = steps_per_epoch * batch - n
+  # fixed shape (one compiled step) and the padding gets weight 0 in the loss.
   weights = (jnp.arange(steps_per_epoch * batch) < n).astype(images.dtype).reshape(steps_per_epoch, batch)
-  k_init, k_data = jax.random.split(key)
-  # Parameters in the images' precision: float64 tests then train entirely in float64.
-  params = jax.tree.map(lambda p: p.astype(images.dtype), network.init(k_init, images[:1])["params"])
-  tx = eval_optimizer(epochs=epochs, steps_per_epoch=steps_per_epoch, **hyper)
-
-  def loss_fn(p, x, y, w):
-    return _loss(network.apply({"params": p}, x), y, w)
-
-  def step(carry, batch_data):
-    p, opt_state = carry
-    idx, w, k_aug = batch_data
-    x = images[idx]
-    if augment is not None:
-      x = augment(x, k_aug)
-    grads = jax.grad(loss_fn)(p, x, labels[idx], w)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), None
-
-  def epoch(carry, e):
-    k_perm, k_aug = jax.random.split(jax.random.fold_in(k_data, e))
-    order = jnp.concatenate([jax.random.permutation(k_perm, n), jnp.zeros(padding, jnp.int32)])
-    batches = (order.reshape(steps_per_epoch, batch), weights, jax.random.split(k_aug, steps_per_epoch))
-    return jax.lax.scan(step, carry, batches)[0], None
-
-  (params, _), _ = jax.lax.scan(epoch, (params, tx.init(params)), jnp.arange(epochs))
+  params, k_data = _init(key, images[:1], network=network)
+  opt_state = eval_optimizer(epochs=epochs, steps_per_epoch=steps_per_epoch, **hyper).init(params)
+  static = dict(network=network, epochs=epochs, steps_per_epoch=steps_per_epoch, augment=augment)
+  for epoch in range(epochs):
+    order, aug_keys = _epoch_batches(k_data, epoch, n=n, batch=batch, steps_per_epoch=steps_per_epoch)
+    for s in range(steps_per_epoch):
+      params, opt_state = _train_step(params, opt_state, images, labels, order[s], weights[s], aug_keys[s], hyper,
+                                      **static)
   return params
-
-
-_STATIC = ("network", "epochs", "batch_size", "augment")
-_train_single = jax.jit(_train_one, static_argnames=_STATIC)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _train_many(keys, images, labels, hyper, *, network, epochs, batch_size, augment):
-  train = functools.partial(_train_one, network=network, epochs=epochs, batch_size=batch_size, augment=augment)
-  return jax.vmap(train, in_axes=(0, None, None, None))(keys, images, labels, hyper)
 
 
 @functools.partial(jax.jit, static_argnames=("network",))
 def _count_correct(params, x, y, valid, *, network):
-  """Correct predictions of every run (``params`` stacked over runs) over ``x`` in chunks ``(k, chunk, ...)``."""
-
-  def chunk(data):
-    xc, yc, vc = data
-    logits = jax.vmap(lambda p: network.apply({"params": p}, xc))(params)
-    return jnp.sum((jnp.argmax(logits, -1) == yc) & vc, axis=-1)
-
-  return jnp.sum(jax.lax.map(chunk, (x, y, valid)), axis=0)
+  """Correct predictions of one network on one chunk of test images (padding rows have ``valid`` False)."""
+  return jnp.sum((jnp.argmax(network.apply({"params": params}, x), -1) == y) & valid)
 
 
 def _as_key(key: Any, name: str = "key") -> jax.Array:
@@ -281,7 +276,7 @@ def train_network(
   labels = _check_targets(labels, images.shape[0])
   module = _resolve_network(network, labels, n_classes)
   hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
-  return _train_single(
+  return _train_one(
       _as_key(key), jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype),
       network=module, epochs=epochs, batch_size=batch_size, augment=augment,
   )
@@ -301,7 +296,7 @@ def train_networks(
     augment: Augment | None = None,
     n_classes: int | None = None,
 ) -> PyTree:
-  """:func:`train_network` for every key of ``keys`` (shape ``(runs,)``), ``vmap``-ped in one jitted call.
+  """:func:`train_network` for every key of ``keys`` (shape ``(runs,)``), one after the other with one compiled step.
 
   Run ``r`` gives the same parameters as ``train_network(..., keys[r])``.
 
@@ -315,10 +310,10 @@ def train_networks(
   keys = _as_key(keys, "keys")
   if keys.ndim != 1:
     raise ValueError(f"keys must be a 1-d array of PRNG keys (runs,); got shape {keys.shape}.")
-  return _train_many(
-      keys, jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype),
-      network=module, epochs=epochs, batch_size=batch_size, augment=augment,
-  )
+  images, labels, hyper = jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype)
+  runs = [_train_one(k, images, labels, hyper, network=module, epochs=epochs, batch_size=batch_size, augment=augment)
+          for k in keys]
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *runs)
 
 
 def accuracy(
@@ -338,12 +333,15 @@ def accuracy(
   valid = np.arange(x.shape[0] + pad) < x.shape[0]
   x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
   y = np.concatenate([y, np.zeros(pad, y.dtype)])
-  k = x.shape[0] // chunk
-  correct = _count_correct(
-      params, jnp.asarray(x.reshape(k, chunk, *x.shape[1:])), jnp.asarray(y.reshape(k, chunk)),
-      jnp.asarray(valid.reshape(k, chunk)), network=network,
-  )
-  return np.asarray(correct, np.float64) / valid.sum()
+  runs = jax.tree.leaves(params)[0].shape[0]
+  correct = np.zeros(runs, np.int64)
+  # Host loops over runs and chunks: convolutions in a lax.map body are slow on the CPU.
+  for r in range(runs):
+    p = jax.tree.map(lambda a: a[r], params)
+    for start in range(0, x.shape[0], chunk):
+      sl = slice(start, start + chunk)
+      correct[r] += int(_count_correct(p, x[sl], y[sl], valid[sl], network=network))
+  return correct / valid.sum()
 
 
 def evaluate_synset(
@@ -371,7 +369,7 @@ def evaluate_synset(
     test: the real test set ``(x_test, y_test)``, ``x_test`` of shape ``(m, H, W, C)``.
     key: PRNG key (or integer seed); run ``r`` trains with ``jax.random.split(key, runs)[r]``.
     network: a name in :data:`NETWORKS` or a flax module (cross-architecture evaluation).
-    runs: independent inits, trained together (``vmap``) in one jitted call.
+    runs: independent inits, trained one after the other.
     epochs, augment, lr, momentum, weight_decay, batch_size, n_classes: as in :func:`train_network`.
     test_chunk: test images per forward pass.
 

@@ -1,0 +1,128 @@
+"""The supervised results table: every method and coreset on a grid of datasets and ipc, one protocol.
+
+  python experiments/supervised_table.py --data_dir=../shared/data --root=runs/supervised_table \
+      --shard=0/2 &   # and --shard=1/2 beside it: two processes share the grid
+  python experiments/supervised_table.py --root=runs/supervised_table --table_only \
+      --output=docs/supervised_table.md
+
+Each cell is one ``experiments/supervised.py`` run (``udd_jax.supervised.experiment.run``)
+in ``<root>/<dataset>_ipc<ipc>_<method>``: a wall-time budget of distillation, then the
+DC-BENCH evaluation (ConvNet of ``--width`` channels with and without DSA, MLP and LeNet
+beside). A cell whose ``evaluation.json`` exists is skipped, so a stopped grid resumes.
+``--table_only`` collects every ``evaluation.json`` under ``--root`` into a markdown table
+with the published figures beside.
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from udd_jax.supervised import experiment
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets of the grid.")
+flags.DEFINE_list("ipcs", ["1", "10"], "Images per class of the grid.")
+flags.DEFINE_list("methods", list(experiment.METHODS), "Methods and coresets of the grid.")
+flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
+flags.DEFINE_string("root", "runs/supervised_table", "One workdir per cell below this directory.")
+flags.DEFINE_integer("width", 32, "ConvNet channels in distillation and evaluation (the papers use 128).")
+flags.DEFINE_list("max_seconds", ["90", "150"], "Distillation wall-time budget per ipc of --ipcs (one value or one each).")
+flags.DEFINE_integer("eval_runs", 2, "Networks trained from scratch per evaluation row.")
+flags.DEFINE_integer("eval_epochs", 300, "Epochs of each evaluation training.")
+flags.DEFINE_list("cross_arch", ["mlp", "lenet"], "Other networks the sets are evaluated on.")
+flags.DEFINE_string("shard", "0/1", "i/k: this process runs the cells whose index is i modulo k.")
+flags.DEFINE_bool("table_only", False, "Only collect the evaluations under --root into --output.")
+flags.DEFINE_string("output", None, "Markdown file for the table (default: print it).")
+
+# What each method distils with when the grid does not say: the papers' choices where the
+# ConvNet would not fit the budget on a CPU (DD's LeNet, GTN's MLP learner, KIP's FC kernel).
+METHOD_OPTIONS = {
+    "dd": {"network": "lenet"},
+    "mtt": {"expert_n_experts": 2, "expert_epochs": 2},
+}
+
+# Published test accuracies (%) at 1 / 10 images per class (ConvNet, SPEC section 7).
+PUBLISHED = {
+    ("mnist", "dc"): {1: 91.7, 10: 97.4},
+    ("mnist", "dsa"): {1: 88.7, 10: 97.8},
+    ("mnist", "kip"): {1: 97.3, 10: 99.1},
+    ("mnist", "dd"): {10: 79.5},
+}
+
+
+def cells() -> list[tuple[str, int, str, float]]:
+  ipcs = [int(i) for i in FLAGS.ipcs]
+  budgets = [float(b) for b in FLAGS.max_seconds]
+  if len(budgets) not in (1, len(ipcs)):
+    raise ValueError(f"--max_seconds has {len(budgets)} values for {len(ipcs)} ipcs; give one, or one per ipc.")
+  budgets = budgets * len(ipcs) if len(budgets) == 1 else budgets
+  return [(d, ipc, m, b) for d in FLAGS.datasets for ipc, b in zip(ipcs, budgets) for m in FLAGS.methods]
+
+
+def run_grid() -> None:
+  index, count = (int(v) for v in FLAGS.shard.split("/"))
+  failed = []
+  for i, (dataset, ipc, method, budget) in enumerate(cells()):
+    workdir = pathlib.Path(FLAGS.root) / f"{dataset}_ipc{ipc}_{method}"
+    if i % count != index or (workdir / "evaluation.json").is_file():
+      continue
+    print(f"=== {workdir} ===", flush=True)
+    try:
+      _run_cell(dataset, ipc, method, budget, workdir)
+    except Exception as e:  # one failed cell must not stop the grid: it is reported and left empty
+      failed.append(f"{workdir}: {type(e).__name__}: {e}")
+      print(f"FAILED {failed[-1]}", flush=True)
+  if failed:
+    raise RuntimeError("cells failed:\n" + "\n".join(failed))
+
+
+def _run_cell(dataset: str, ipc: int, method: str, budget: float, workdir: pathlib.Path) -> None:
+  experiment.run(method=method, dataset=dataset, data_dir=FLAGS.data_dir, ipc=ipc, network="convnet",
+                   width=FLAGS.width, max_seconds=budget if method in experiment.DISTILLERS else None,
+                   iterations=100_000 if method in experiment.DISTILLERS else None, seed=0, workdir=str(workdir),
+                   eval_runs=FLAGS.eval_runs, eval_epochs=FLAGS.eval_epochs, eval_dsa=True,
+                   cross_arch=tuple(FLAGS.cross_arch), options=dict(METHOD_OPTIONS.get(method, {})))
+
+
+def _cell(rows, network: str, dsa: bool) -> str:
+  row = next((r for r in rows if r["network"] == network and r["dsa"] == dsa), None)
+  return "" if row is None else f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+
+
+def table(root: pathlib.Path) -> str:
+  evaluations = [json.loads(p.read_text()) for p in sorted(root.glob("*/evaluation.json"))]
+  order = {m: i for i, m in enumerate(experiment.METHODS)}
+  evaluations.sort(key=lambda e: (e["dataset"], e["ipc"], order.get(e["method"], len(order)), e["method"]))
+  lines = ["| dataset | ipc | method | iterations | distil s | ConvNet | ConvNet + DSA | MLP | LeNet | method's own | published |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for e in evaluations:
+    own = ""
+    if "krr_accuracy" in e:
+      own = f"KRR {100 * e['krr_accuracy']:.1f}"
+    elif "dd_recipe_accuracy" in e:
+      accs = e["dd_recipe_accuracy"]
+      own = f"learned steps {100 * sum(accs) / len(accs):.1f}"
+    published = PUBLISHED.get((e["dataset"], e["method"]), {}).get(e["ipc"], "")
+    seconds = e.get("distill_seconds")
+    lines.append(
+        f"| {e['dataset']} | {e['ipc']} | {e['method']} | {e.get('iterations') or 0} | "
+        f"{'' if seconds is None else f'{seconds:.0f}'} | {_cell(e['rows'], 'convnet', False)} | "
+        f"{_cell(e['rows'], 'convnet', True)} | {_cell(e['rows'], 'mlp', False)} | {_cell(e['rows'], 'lenet', False)} | "
+        f"{own} | {published} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  if not FLAGS.table_only:
+    run_grid()
+  text = table(pathlib.Path(FLAGS.root))
+  if FLAGS.output:
+    pathlib.Path(FLAGS.output).write_text(text)
+  else:
+    print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
