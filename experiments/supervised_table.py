@@ -16,9 +16,12 @@ with the published figures beside.
 import json
 import pathlib
 
+import numpy as np
 from absl import app, flags
 
-from udd_jax.supervised import experiment
+from udd_jax.data import load_dataset
+from udd_jax.distill import load_distilled
+from udd_jax.supervised import artifacts, compare, experiment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["mnist", "fashion_mnist"], "Datasets of the grid.")
@@ -31,6 +34,11 @@ flags.DEFINE_list("max_seconds", ["90", "150"], "Distillation wall-time budget p
 flags.DEFINE_integer("eval_runs", 2, "Networks trained from scratch per evaluation row.")
 flags.DEFINE_integer("eval_epochs", 300, "Epochs of each evaluation training.")
 flags.DEFINE_list("cross_arch", ["mlp", "lenet"], "Other networks the sets are evaluated on.")
+flags.DEFINE_string("udd_root", "runs", "The udd cells evaluate <udd_root>/udd_<dataset>_<10 * ipc>/distilled.npz "
+                    "(experiments/distill.py workdirs).")
+flags.DEFINE_bool("probe", True, "Also put every set through the unsupervised protocol (tied AE, K = 128, on the set; "
+                  "logistic head on real features).")
+flags.DEFINE_integer("probe_seeds", 3, "Autoencoder inits of the unsupervised protocol.")
 flags.DEFINE_string("shard", "0/1", "i/k: this process runs the cells whose index is i modulo k.")
 flags.DEFINE_bool("table_only", False, "Only collect the evaluations under --root into --output.")
 flags.DEFINE_string("output", None, "Markdown file for the table (default: print it).")
@@ -40,7 +48,7 @@ flags.DEFINE_string("output", None, "Markdown file for the table (default: print
 METHOD_OPTIONS = {
     "dd": {"network": "lenet"},
     "mtt": {"expert_n_experts": 2, "expert_epochs": 2},
-}
+}  # udd: the unsupervised set of the same size (--udd_root)
 
 # Published test accuracies (%) at 1 / 10 images per class (ConvNet, SPEC section 7).
 PUBLISHED = {
@@ -60,7 +68,8 @@ def cells() -> list[tuple[str, int, str, float]]:
   return [(d, ipc, m, b) for d in FLAGS.datasets for ipc, b in zip(ipcs, budgets) for m in FLAGS.methods]
 
 
-def run_grid() -> None:
+def run_grid() -> list[str]:
+  """Runs this shard's missing cells; returns the failed ones (a failure does not stop the others)."""
   index, count = (int(v) for v in FLAGS.shard.split("/"))
   failed = []
   for i, (dataset, ipc, method, budget) in enumerate(cells()):
@@ -73,8 +82,7 @@ def run_grid() -> None:
     except Exception as e:  # one failed cell must not stop the grid: it is reported and left empty
       failed.append(f"{workdir}: {type(e).__name__}: {e}")
       print(f"FAILED {failed[-1]}", flush=True)
-  if failed:
-    raise RuntimeError("cells failed:\n" + "\n".join(failed))
+  return failed
 
 
 def _run_cell(dataset: str, ipc: int, method: str, budget: float, workdir: pathlib.Path) -> None:
@@ -82,20 +90,63 @@ def _run_cell(dataset: str, ipc: int, method: str, budget: float, workdir: pathl
                    width=FLAGS.width, max_seconds=budget if method in experiment.DISTILLERS else None,
                    iterations=100_000 if method in experiment.DISTILLERS else None, seed=0, workdir=str(workdir),
                    eval_runs=FLAGS.eval_runs, eval_epochs=FLAGS.eval_epochs, eval_dsa=True,
-                   cross_arch=tuple(FLAGS.cross_arch), options=dict(METHOD_OPTIONS.get(method, {})))
+                   cross_arch=tuple(FLAGS.cross_arch), options=_options(dataset, ipc, method))
+
+
+def _options(dataset: str, ipc: int, method: str) -> dict:
+  if method == "udd":
+    return {"source": str(pathlib.Path(FLAGS.udd_root) / f"udd_{dataset}_{10 * ipc}" / "distilled.npz")}
+  options = dict(METHOD_OPTIONS.get(method, {}))
+  if method == "mtt":  # one set of experts per dataset, shared by its ipc cells
+    options["expert_dir"] = str(pathlib.Path(FLAGS.root) / f"experts_{dataset}")
+  return options
+
+
+def probe_cells(root: pathlib.Path) -> None:
+  """Adds ``feature_probe`` (the unsupervised protocol) to every evaluated cell lacking it.
+
+  The set goes back to raw pixels through its standardisation; KIP's sets live in its ZCA
+  space and are left out. A udd set is probed from its source, with the default recipe
+  and with its own learned one (``feature_probe_own_recipe``).
+  """
+  splits = {}
+  for path in sorted(root.glob("*/evaluation.json")):
+    evaluation = json.loads(path.read_text())
+    if "feature_probe" in evaluation or evaluation["method"] == "kip":
+      continue
+    dataset = evaluation["dataset"]
+    if dataset not in splits:
+      splits[dataset] = load_dataset(dataset, data_dir=FLAGS.data_dir)
+    train, test = splits[dataset]
+    result = artifacts.load_result(path.parent / "result.npz")
+    if evaluation["method"] == "udd":
+      source = load_distilled(result.config["source"])
+      raw = np.asarray(source.images)
+      evaluation["feature_probe_own_recipe"] = compare.feature_probe(raw, train, test, seeds=FLAGS.probe_seeds,
+                                                                     recipe=source.recipe)
+    else:
+      prep = result.config["preprocessing"]
+      raw = np.asarray(result.images)[..., 0] * prep["std"] + prep["mean"]
+    evaluation["feature_probe"] = compare.feature_probe(raw, train, test, seeds=FLAGS.probe_seeds)
+    path.write_text(json.dumps(evaluation, indent=1))
+    print(f"{path.parent.name}: unsupervised protocol {100 * evaluation['feature_probe']['mean']:.2f}%", flush=True)
+
+
+def _mean_std(row) -> str:
+  return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
 
 
 def _cell(rows, network: str, dsa: bool) -> str:
   row = next((r for r in rows if r["network"] == network and r["dsa"] == dsa), None)
-  return "" if row is None else f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+  return "" if row is None else _mean_std(row)
 
 
 def table(root: pathlib.Path) -> str:
   evaluations = [json.loads(p.read_text()) for p in sorted(root.glob("*/evaluation.json"))]
   order = {m: i for i, m in enumerate(experiment.METHODS)}
   evaluations.sort(key=lambda e: (e["dataset"], e["ipc"], order.get(e["method"], len(order)), e["method"]))
-  lines = ["| dataset | ipc | method | iterations | distil s | ConvNet | ConvNet + DSA | MLP | LeNet | method's own | published |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| dataset | ipc | method | iterations | distil s | ConvNet | ConvNet + DSA | MLP | LeNet | method's own | "
+           "AE probe | published |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for e in evaluations:
     own = ""
     if "krr_accuracy" in e:
@@ -103,25 +154,33 @@ def table(root: pathlib.Path) -> str:
     elif "dd_recipe_accuracy" in e:
       accs = e["dd_recipe_accuracy"]
       own = f"learned steps {100 * sum(accs) / len(accs):.1f}"
+    elif "feature_probe_own_recipe" in e:
+      own = f"AE probe, own recipe {_mean_std(e['feature_probe_own_recipe'])}"
+    probe = _mean_std(e["feature_probe"]) if "feature_probe" in e else ""
     published = PUBLISHED.get((e["dataset"], e["method"]), {}).get(e["ipc"], "")
     seconds = e.get("distill_seconds")
     lines.append(
         f"| {e['dataset']} | {e['ipc']} | {e['method']} | {e.get('iterations') or 0} | "
         f"{'' if seconds is None else f'{seconds:.0f}'} | {_cell(e['rows'], 'convnet', False)} | "
         f"{_cell(e['rows'], 'convnet', True)} | {_cell(e['rows'], 'mlp', False)} | {_cell(e['rows'], 'lenet', False)} | "
-        f"{own} | {published} |")
+        f"{own} | {probe} | {published} |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   del argv
+  failed = []
   if not FLAGS.table_only:
-    run_grid()
+    failed = run_grid()
+    if FLAGS.probe:
+      probe_cells(pathlib.Path(FLAGS.root))
   text = table(pathlib.Path(FLAGS.root))
   if FLAGS.output:
     pathlib.Path(FLAGS.output).write_text(text)
   else:
     print(text)
+  if failed:
+    raise RuntimeError("cells failed:\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def evaluate(
     joint_params: the jointly learned w of a penalty/OVR run, reported beside.
     baselines: which of ``raw_pixels``, ``random_w``, ``random_subset``, ``kmeans``,
       ``full_data``, ``supervised`` to add.
-    convergence_factor: the robustness row re-trains with this many times the steps.
+    convergence_factor: the robustness row re-trains with this many times the steps (0: no such row).
     head_l2: L2 of the logistic head (on standardised features).
     seed: base of the evaluation PRNG stream.
     sigma2, noise_std: inner-loss hyperparameters.
@@ -299,7 +299,7 @@ def evaluate(
   """
   seeds = _validation.check_positive_int(seeds, "seeds")
   n_hidden = _validation.check_positive_int(n_hidden, "n_hidden")
-  convergence_factor = _validation.check_positive_int(convergence_factor, "convergence_factor")
+  convergence_factor = _validation.check_non_negative_int(convergence_factor, "convergence_factor")
   _validation.check_non_negative_int(seed, "seed")
   head_l2 = _validation.check_positive_float(head_l2, "head_l2", allow_zero=True)
   x_train, y_train = _validation.check_labelled(train, "train")
@@ -345,7 +345,7 @@ def evaluate(
   def learner_rows(name: str, sets: Array, note: str = "", with_convergence: bool = True):
     """Re-train on each of ``sets`` (S, N, d) with the recipe (and 10x), probe the features."""
     variants = [(name, recipe.inner_steps, note)]
-    if with_convergence:
+    if with_convergence and convergence_factor:
       steps = convergence_factor * recipe.inner_steps
       variants.append((f"{name}, {convergence_factor}x steps", steps, f"{steps} steps"))
     for row_name, steps, row_note in variants:

@@ -24,12 +24,15 @@ import numpy as np
 from udd_jax import _validation
 from udd_jax import reporting
 from udd_jax.data import load_dataset
-from udd_jax.supervised import artifacts, augment, coresets, dd, dm, gtn, kip, matching, mtt, networks, train
+from udd_jax.supervised import artifacts, augment, compare, coresets, dd, dm, gtn, kip, matching, mtt, networks, train
 from udd_jax.supervised.result import SupervisedResult
 
 DISTILLERS = ("dd", "dc", "dsa", "dm", "mtt", "kip", "gtn")
 CORESETS = ("random", "herding", "kcenter")
-METHODS = DISTILLERS + CORESETS
+# An unsupervised distilled set (udd_jax.distill's distilled.npz, --opt source=...) labelled by
+# its nearest real training images: it enters the same evaluation table.
+EXTERNAL = ("udd",)
+METHODS = DISTILLERS + CORESETS + EXTERNAL
 
 
 def _standardise(x_train: np.ndarray) -> tuple[Any, dict[str, Any]]:
@@ -58,12 +61,14 @@ def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str
     return gtn.distill_gtn(x, y, **common, **options)
   if method == "kip":
     return kip.distill_kip(x, y, **common, **options)
-  # mtt: experts first (resumable: the ones on disk are kept), then the distillation.
+  # mtt: experts first (resumable: the ones on disk are kept; expert_dir may be shared by
+  # runs on the same data), then the distillation.
+  expert_dir = pathlib.Path(options.pop("expert_dir", workdir / "experts"))
   expert_options = {k[len("expert_"):]: options.pop(k) for k in list(options) if k.startswith("expert_")}
   expert_options.setdefault("n_experts", 3)
   expert_options.setdefault("epochs", 5)
-  mtt.train_experts(x, y, workdir=workdir / "experts", key=seed + 1, **net_options, **expert_options)
-  return mtt.distill_mtt(x, y, expert_dir=workdir / "experts", **common, **options)
+  mtt.train_experts(x, y, workdir=expert_dir, key=seed + 1, **net_options, **expert_options)
+  return mtt.distill_mtt(x, y, expert_dir=expert_dir, **common, **options)
 
 
 def _progress(method: str):
@@ -97,7 +102,9 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
 
   Args:
     method: one of ``METHODS``: a distiller (``dd``, ``dc``, ``dsa``, ``dm``, ``mtt``,
-      ``kip``, ``gtn``) or a coreset baseline (``random``, ``herding``, ``kcenter``).
+      ``kip``, ``gtn``), a coreset baseline (``random``, ``herding``, ``kcenter``), or
+      ``udd``: the unsupervised distilled set ``options["source"]`` (a ``distilled.npz``)
+      with the labels of its nearest real training images (:mod:`compare`).
     dataset: ``mnist``, ``fashion_mnist``, ``usps`` or ``digits`` (embedded).
     data_dir: directory with ``<dataset>.npz`` (default ``$UDD_DATA_DIR``).
     ipc: images per class.
@@ -125,6 +132,9 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
   if iterations is not None:
     iterations = _validation.check_positive_int(iterations, "iterations")
   options = dict(options or {})
+  if method == "udd" and "source" not in options:
+    raise ValueError("method 'udd' evaluates an unsupervised distilled set: give its path as options['source'] "
+                     "(--opt source=runs/.../distilled.npz).")
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
 
@@ -149,6 +159,8 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
       result = SupervisedResult(images=images, labels=labels,
                                 config=dict(method=method, ipc=ipc, seed=seed, iterations=0,
                                             seconds=time.perf_counter() - t0))
+    elif method == "udd":
+      result = compare.from_unsupervised(options.pop("source"), prepare, z_train, y_train, ipc=ipc)
     else:
       result = _distil(method, z_train, y_train, ipc=ipc, network=network, width=width, iterations=iterations,
                        max_seconds=max_seconds, seed=seed, workdir=workdir_path, options=options,

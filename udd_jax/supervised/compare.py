@@ -1,0 +1,142 @@
+"""Supervised and unsupervised distilled sets side by side, under both protocols.
+
+An unsupervised distilled set (``udd_jax.distill``) has no labels, so the DC-BENCH
+evaluation cannot train on it as it is: :func:`from_unsupervised` gives each of its images
+the label of its nearest real training image (Euclidean, in the standardised pixel space
+the supervised methods work in) and returns a :class:`SupervisedResult` that the
+evaluation of ``experiment.run`` takes like any distilled set. The other way round,
+:func:`feature_probe` runs the unsupervised protocol of SPEC section 5 (a tied autoencoder
+trained on the set's images alone, a logistic head on its features of the real data) on
+any set, so every method gets a figure in the unsupervised protocol too.
+
+Examples:
+  >>> import numpy as np
+  >>> train = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]])
+  >>> nearest_labels(np.array([[4.0, 4.5], [0.2, -0.1]]), train, np.array([0, 0, 1])).tolist()
+  [1, 0]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from udd_jax import _validation
+from udd_jax.distill import load_distilled
+from udd_jax.evaluation import protocol
+from udd_jax.supervised.result import SupervisedResult
+
+NEAREST_CHUNK = 256  # distilled images per distance block against the whole training set
+
+
+@jax.jit
+def _nearest_rows(queries: Array, train: Array) -> Array:
+  # ||q - t||^2 = ||q||^2 - 2 q.t + ||t||^2; ||q||^2 does not change the argmin.
+  return jnp.argmin(jnp.sum(train * train, axis=1)[None, :] - 2.0 * queries @ train.T, axis=1)
+
+
+def nearest_labels(
+    images: Float[ArrayLike, "n ..."], x_train: Float[ArrayLike, "m ..."], y_train: Int[ArrayLike, " m"]
+) -> np.ndarray:
+  """The label of each image's nearest training image (squared Euclidean distance, flattened).
+
+  Args:
+    images: ``(n, ...)`` images to label.
+    x_train: ``(m, ...)`` labelled images of the same trailing shape, in the same space.
+    y_train: ``(m,)`` their integer labels.
+
+  Returns:
+    ``(n,)`` int32 labels.
+  """
+  images = _validation.check_array(images, "images", floating=True, min_ndim=2)
+  x_train = _validation.check_array(x_train, "x_train", floating=True, min_ndim=2)
+  y_train = _validation.check_labels(y_train, "y_train", n=x_train.shape[0])
+  if images.shape[1:] != x_train.shape[1:]:
+    raise ValueError(f"images have shape {images.shape[1:]} but x_train {x_train.shape[1:]}: label in one space.")
+  train = jnp.asarray(x_train.reshape(x_train.shape[0], -1), jnp.float32)
+  flat = images.reshape(images.shape[0], -1).astype(np.float32)
+  rows = [np.asarray(_nearest_rows(jnp.asarray(flat[i:i + NEAREST_CHUNK]), train))
+          for i in range(0, flat.shape[0], NEAREST_CHUNK)]
+  return np.asarray(y_train)[np.concatenate(rows)].astype(np.int32)
+
+
+def from_unsupervised(
+    path: str | os.PathLike,
+    prepare: Callable[[np.ndarray], np.ndarray],
+    z_train: Float[ArrayLike, "m H W C"],
+    y_train: Int[ArrayLike, " m"],
+    *,
+    ipc: int,
+) -> SupervisedResult:
+  """An unsupervised distilled set (``distilled.npz``) as a labelled set for the DC-BENCH evaluation.
+
+  Args:
+    path: the ``distilled.npz`` that ``udd_jax.distill`` wrote.
+    prepare: the supervised preprocessing, raw images ``(n, H, W)`` to ``(n, H, W, C)``.
+    z_train: the real training images after ``prepare``.
+    y_train: their labels.
+    ipc: images per class the set stands for: it must hold ``ipc * classes`` images.
+
+  Returns:
+    The set in the supervised space with nearest-neighbour labels; ``config`` records the
+    source, the unsupervised config and the label counts (they need not be balanced).
+  """
+  distilled = load_distilled(path)
+  y_train = np.asarray(y_train)
+  n_classes = int(y_train.max()) + 1
+  images = np.asarray(distilled.images)
+  if images.shape[0] != ipc * n_classes:
+    raise ValueError(f"{os.fspath(path)!r} holds {images.shape[0]} images; ipc={ipc} with {n_classes} classes needs "
+                     f"{ipc * n_classes}.")
+  z = prepare(images)
+  if z.shape[1:] != tuple(np.shape(z_train)[1:]):
+    raise ValueError(f"{os.fspath(path)!r} holds images of shape {images.shape[1:]}, which do not map to the "
+                     f"training images' shape {tuple(np.shape(z_train)[1:])} (another dataset?).")
+  labels = nearest_labels(z, z_train, y_train)
+  cfg = distilled.config
+  config = dict(method="udd", ipc=ipc, source=os.fspath(path), labels="nearest real training image",
+                label_counts=np.bincount(labels, minlength=n_classes).tolist(), iterations=cfg.get("steps"),
+                seconds=cfg.get("seconds"), unsupervised_config=cfg)
+  return SupervisedResult(images=np.asarray(z, np.float32), labels=labels, config=config)
+
+
+def feature_probe(
+    images: Float[ArrayLike, "n H W"],
+    train: tuple[Any, Any],
+    test: tuple[Any, Any],
+    *,
+    n_hidden: int = 128,
+    seeds: int = 3,
+    recipe: protocol.Recipe | dict[str, Any] | None = None,
+    n_train: int | None = 10_000,
+) -> dict[str, Any]:
+  """The unsupervised protocol on any set: tied AE trained on ``images``, logistic head on real features.
+
+  Args:
+    images: the set in raw pixel space (as ``load_dataset`` gives images; labels unused).
+    train, test: real labelled ``(x, y)`` in the same space.
+    n_hidden: hidden units K of the autoencoder.
+    seeds: fresh autoencoder inits.
+    recipe: how the autoencoder trains on the set (default :class:`protocol.Recipe`: Adam
+      0.01, 200 full-batch steps).
+    n_train: the head trains on the first ``n_train`` training images (None: all of them;
+      the full protocol's head on 60k images costs minutes per set on a CPU).
+
+  Returns:
+    ``accuracies``, ``mean``, ``std``, the ``recipe`` config, ``n_hidden`` and ``n_train``.
+  """
+  x_train, y_train = train
+  if n_train is not None:
+    n_train = _validation.check_positive_int(n_train, "n_train")
+    x_train, y_train = x_train[:n_train], y_train[:n_train]
+  report = protocol.evaluate(images, (x_train, y_train), test, n_hidden=n_hidden, inner="ae", recipe=recipe,
+                             seeds=seeds, baselines=(), convergence_factor=0)
+  row = report.rows[0]
+  return dict(accuracies=row.accuracies, mean=row.mean, std=row.std, recipe=report.settings["recipe"],
+              n_hidden=n_hidden, n_train=int(len(y_train)))
