@@ -34,10 +34,16 @@ flags.DEFINE_list("max_seconds", ["90", "150"], "Distillation wall-time budget p
 flags.DEFINE_integer("eval_runs", 2, "Networks trained from scratch per evaluation row.")
 flags.DEFINE_integer("eval_epochs", 300, "Epochs of each evaluation training.")
 flags.DEFINE_list("cross_arch", ["mlp", "lenet"], "Other networks the sets are evaluated on.")
+flags.DEFINE_bool("eval_dsa", True, "Also evaluate with DSA augmentation during training.")
+flags.DEFINE_string("experts_root", None, "MTT's experts go to <experts_root>/experts_<dataset> (default: --root).")
+flags.DEFINE_list("curve_roots", [], "Grid roots run at different budgets: adds accuracy against distillation time "
+                  "(a table, and the figure --curve_output).")
+flags.DEFINE_string("curve_output", "docs/figures/supervised_budget.png", "The accuracy-against-budget figure.")
 flags.DEFINE_string("udd_root", "runs", "The udd cells evaluate <udd_root>/udd_<dataset>_<10 * ipc>/distilled.npz "
                     "(experiments/distill.py workdirs).")
 flags.DEFINE_bool("probe", True, "Also put every set through the unsupervised protocol (tied AE, K = 128, on the set; "
                   "logistic head on real features).")
+flags.DEFINE_list("probe_ipcs", ["10"], "The ipc values whose cells get the unsupervised-protocol probe.")
 flags.DEFINE_integer("probe_seeds", 3, "Autoencoder inits of the unsupervised protocol.")
 flags.DEFINE_string("shard", "0/1", "i/k: this process runs the cells whose index is i modulo k.")
 flags.DEFINE_bool("table_only", False, "Only collect the evaluations under --root into --output.")
@@ -86,11 +92,11 @@ def run_grid() -> list[str]:
 
 
 def _run_cell(dataset: str, ipc: int, method: str, budget: float, workdir: pathlib.Path) -> None:
-  experiment.run(method=method, dataset=dataset, data_dir=FLAGS.data_dir, ipc=ipc, network="convnet",
-                   width=FLAGS.width, max_seconds=budget if method in experiment.DISTILLERS else None,
-                   iterations=100_000 if method in experiment.DISTILLERS else None, seed=0, workdir=str(workdir),
-                   eval_runs=FLAGS.eval_runs, eval_epochs=FLAGS.eval_epochs, eval_dsa=True,
-                   cross_arch=tuple(FLAGS.cross_arch), options=_options(dataset, ipc, method))
+  distiller = method in experiment.DISTILLERS  # budgeted by wall time; coresets and udd sets are not distilled here
+  experiment.run(method=method, dataset=dataset, data_dir=FLAGS.data_dir, ipc=ipc, network="convnet", width=FLAGS.width,
+                 max_seconds=budget if distiller else None, iterations=100_000 if distiller else None, seed=0,
+                 workdir=str(workdir), eval_runs=FLAGS.eval_runs, eval_epochs=FLAGS.eval_epochs,
+                 eval_dsa=FLAGS.eval_dsa, cross_arch=tuple(FLAGS.cross_arch), options=_options(dataset, ipc, method))
 
 
 def _options(dataset: str, ipc: int, method: str) -> dict:
@@ -98,7 +104,7 @@ def _options(dataset: str, ipc: int, method: str) -> dict:
     return {"source": str(pathlib.Path(FLAGS.udd_root) / f"udd_{dataset}_{10 * ipc}" / "distilled.npz")}
   options = dict(METHOD_OPTIONS.get(method, {}))
   if method == "mtt":  # one set of experts per dataset, shared by its ipc cells
-    options["expert_dir"] = str(pathlib.Path(FLAGS.root) / f"experts_{dataset}")
+    options["expert_dir"] = str(pathlib.Path(FLAGS.experts_root or FLAGS.root) / f"experts_{dataset}")
   return options
 
 
@@ -112,7 +118,8 @@ def probe_cells(root: pathlib.Path) -> None:
   splits = {}
   for path in sorted(root.glob("*/evaluation.json")):
     evaluation = json.loads(path.read_text())
-    if "feature_probe" in evaluation or evaluation["method"] == "kip":
+    if ("feature_probe" in evaluation or evaluation["method"] == "kip"
+        or str(evaluation["ipc"]) not in FLAGS.probe_ipcs):
       continue
     dataset = evaluation["dataset"]
     if dataset not in splits:
@@ -167,6 +174,40 @@ def table(root: pathlib.Path) -> str:
   return "\n".join(lines) + "\n"
 
 
+def budget_figure(roots: list[pathlib.Path], path: pathlib.Path) -> str:
+  """ConvNet accuracy (no DSA) against distillation seconds, one line per (dataset, ipc, method)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  points: dict[tuple, list[tuple[float, float, float, int]]] = {}
+  for root in roots:
+    for p in root.glob("*/evaluation.json"):
+      e = json.loads(p.read_text())
+      row = next((r for r in e["rows"] if r["network"] == "convnet" and not r["dsa"]), None)
+      if row is not None and e["method"] in experiment.DISTILLERS:
+        points.setdefault((e["dataset"], e["ipc"], e["method"]), []).append(
+            (e["distill_seconds"], 100 * row["mean"], 100 * row["std"], e["iterations"]))
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  lines = ["| dataset | ipc | method | distillation s (iterations): ConvNet accuracy (%) |", "|---|---|---|---|"]
+  for key in sorted(points):
+    pts = sorted(points[key])
+    xs, ys, es, _ = zip(*pts)
+    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, label=f"{key[2]} ({key[0]}, ipc {key[1]})")
+    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + ", ".join(f"{x:.0f} s ({i}): {y:.1f}" for x, y, _, i in pts) + " |")
+  ax.set_xscale("log")
+  ax.set_xlabel("distillation wall time (s, 2-core CPU)")
+  ax.set_ylabel("test accuracy, ConvNet trained on the set (%)")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
   failed = []
@@ -175,6 +216,8 @@ def main(argv):
     if FLAGS.probe:
       probe_cells(pathlib.Path(FLAGS.root))
   text = table(pathlib.Path(FLAGS.root))
+  if FLAGS.curve_roots:
+    text += "\n" + budget_figure([pathlib.Path(r) for r in FLAGS.curve_roots], pathlib.Path(FLAGS.curve_output))
   if FLAGS.output:
     pathlib.Path(FLAGS.output).write_text(text)
   else:
