@@ -14,6 +14,7 @@ with the published figures beside.
 """
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -45,7 +46,8 @@ flags.DEFINE_bool("probe", True, "Also put every set through the unsupervised pr
                   "logistic head on real features).")
 flags.DEFINE_list("probe_ipcs", ["10"], "The ipc values whose cells get the unsupervised-protocol probe.")
 flags.DEFINE_integer("probe_seeds", 3, "Autoencoder inits of the unsupervised protocol.")
-flags.DEFINE_string("shard", "0/1", "i/k: this process runs the cells whose index is i modulo k.")
+flags.DEFINE_string("shard", "0/1", "i/k: this process runs the cells whose index is i modulo k; 'claim': any cell "
+                    "no live process has claimed (<workdir>/.claim holds the pid), so several processes share a grid.")
 flags.DEFINE_bool("table_only", False, "Only collect the evaluations under --root into --output.")
 flags.DEFINE_string("output", None, "Markdown file for the table (default: print it).")
 
@@ -76,11 +78,12 @@ def cells() -> list[tuple[str, int, str, float]]:
 
 def run_grid() -> list[str]:
   """Runs this shard's missing cells; returns the failed ones (a failure does not stop the others)."""
-  index, count = (int(v) for v in FLAGS.shard.split("/"))
+  claim = FLAGS.shard == "claim"
+  index, count = (0, 1) if claim else (int(v) for v in FLAGS.shard.split("/"))
   failed = []
   for i, (dataset, ipc, method, budget) in enumerate(cells()):
     workdir = pathlib.Path(FLAGS.root) / f"{dataset}_ipc{ipc}_{method}"
-    if i % count != index or (workdir / "evaluation.json").is_file():
+    if i % count != index or (workdir / "evaluation.json").is_file() or (claim and not _claim(workdir)):
       continue
     print(f"=== {workdir} ===", flush=True)
     try:
@@ -89,6 +92,24 @@ def run_grid() -> list[str]:
       failed.append(f"{workdir}: {type(e).__name__}: {e}")
       print(f"FAILED {failed[-1]}", flush=True)
   return failed
+
+
+def _claim(workdir: pathlib.Path) -> bool:
+  """Claims a cell for this process: False when a live process holds it."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / ".claim"
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    try:
+      os.kill(int(path.read_text() or 0), 0)
+      return False  # its process is alive
+    except (ProcessLookupError, ValueError):
+      path.unlink(missing_ok=True)  # a stopped run's claim
+      return _claim(workdir)
+  os.write(fd, str(os.getpid()).encode())
+  os.close(fd)
+  return True
 
 
 def _run_cell(dataset: str, ipc: int, method: str, budget: float, workdir: pathlib.Path) -> None:
