@@ -136,7 +136,7 @@ def _evaluate_case(digits, case):
       "joint_params of another size": (x[:3], (x, y), (xt, yt), dict(joint_params=udd_jax.GRBMParams(
           np.ones((5, 3)), np.zeros(3), np.zeros(5)))),
       "more images than a subset can draw": (x[:3], (x[:2], y[:2]), (xt, yt), dict(baselines=("random_subset",))),
-      "convergence_factor zero": (x[:3], (x, y), (xt, yt), dict(convergence_factor=0)),
+      "convergence_factor negative": (x[:3], (x, y), (xt, yt), dict(convergence_factor=-1)),
   }
   return cases[case]
 
@@ -165,7 +165,7 @@ def _evaluate_case(digits, case):
         ("preprocessing a string", TypeError, "preprocessing must be the Preprocessing stored with D"),
         ("joint_params of another size", ValueError, "joint_params do not fit the images"),
         ("more images than a subset can draw", ValueError, "3 rows, more than the 2 training inputs"),
-        ("convergence_factor zero", ValueError, "convergence_factor must be a positive integer"),
+        ("convergence_factor negative", ValueError, "convergence_factor must be a non-negative integer; got -1"),
     ],
 )
 def test_evaluate_bad_input(digits, case, error, match):
