@@ -79,7 +79,7 @@ def cells() -> list[tuple[str, int, str, float]]:
 def run_grid() -> list[str]:
   """Runs this shard's missing cells; returns the failed ones (a failure does not stop the others)."""
   claim = FLAGS.shard == "claim"
-  index, count = (0, 1) if claim else (int(v) for v in FLAGS.shard.split("/"))
+  index, count = (0, 1) if claim else _parse_shard(FLAGS.shard)
   failed = []
   for i, (dataset, ipc, method, budget) in enumerate(cells()):
     workdir = pathlib.Path(FLAGS.root) / f"{dataset}_ipc{ipc}_{method}"
@@ -92,6 +92,13 @@ def run_grid() -> list[str]:
       failed.append(f"{workdir}: {type(e).__name__}: {e}")
       print(f"FAILED {failed[-1]}", flush=True)
   return failed
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+  parts = spec.split("/")
+  if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
+    raise ValueError(f"--shard must be 'i/k' with 0 <= i < k (e.g. 0/2) or 'claim'; got {spec!r}.")
+  return int(parts[0]), int(parts[1])
 
 
 def _claim(workdir: pathlib.Path) -> bool:

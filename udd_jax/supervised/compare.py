@@ -30,6 +30,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from udd_jax import _validation
 from udd_jax.distill import load_distilled
 from udd_jax.evaluation import protocol
+from udd_jax.supervised import coresets
 from udd_jax.supervised.result import SupervisedResult
 
 NEAREST_CHUNK = 256  # distilled images per distance block against the whole training set
@@ -37,8 +38,8 @@ NEAREST_CHUNK = 256  # distilled images per distance block against the whole tra
 
 @jax.jit
 def _nearest_rows(queries: Array, train: Array) -> Array:
-  # ||q - t||^2 = ||q||^2 - 2 q.t + ||t||^2; ||q||^2 does not change the argmin.
-  return jnp.argmin(jnp.sum(train * train, axis=1)[None, :] - 2.0 * queries @ train.T, axis=1)
+  sq_norms = jnp.sum(train * train, axis=1)
+  return jax.vmap(lambda q: jnp.argmin(coresets._sq_distances(train, q, sq_norms)))(queries)
 
 
 def nearest_labels(

@@ -266,9 +266,8 @@ def _dc_iteration(state, key, data, syn_labels, lr_images, lr_network, *, networ
   """One DC iteration: a fresh init, then ``outer_loop`` rounds of [image update; ``inner_loop``
   network steps (skipped after the last round)].
 
-  The rounds and steps loop on the host around jitted steps: XLA:CPU runs convolutions in
-  ``scan``/``while`` bodies 7x (32 channels) to 38x (128 channels) slower than as steps of
-  their own (jax-ml/jax#12868; docs/BENCHMARKS.md).
+  The rounds and steps loop on the host around jitted steps, for the reason given in
+  :func:`udd_jax.supervised.train._train_one` (convolutions in loop bodies are slow on the CPU).
   """
   k_net, k_rounds = jax.random.split(key)
   params = _fresh_params(network, k_net, tuple(state.images.shape[1:]))

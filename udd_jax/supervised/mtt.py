@@ -62,8 +62,8 @@ def _data_fingerprint(images: Array, labels: Array) -> str:
 def _make_train_epoch(network, unravel, optimizer, *, n_batches, batch_size):
   """One shuffled pass of mini-batch SGD: a host loop over one jitted step.
 
-  Not one ``lax.scan`` over the epoch: XLA:CPU runs convolutions in loop bodies 7x (32
-  channels) to 38x (128 channels) slower than as steps of their own (jax-ml/jax#12868).
+  Not one ``lax.scan`` over the epoch, for the reason given in
+  :func:`udd_jax.supervised.train._train_one` (convolutions in loop bodies are slow on the CPU).
   """
 
   def loss_fn(flat, x, y):

@@ -128,9 +128,9 @@ def _train_one(key, images, labels, hyper, *, network, epochs, batch_size, augme
   """One training run from the init drawn from ``key``.
 
   The loop over epochs and mini-batches runs on the host around one jitted step: XLA:CPU
-  runs convolutions inside ``scan``/``while`` bodies 7x (32 channels) to 38x (128 channels)
-  slower than as a jitted step of their own (jax-ml/jax#12868; docs/BENCHMARKS.md), and a
-  step of a ConvNet is long enough that the dispatch costs nothing in comparison.
+  runs convolutions inside ``scan``/``while`` bodies an order of magnitude slower than as a
+  jitted step of their own (jax-ml/jax#12868; docs/BENCHMARKS.md (g)), and a ConvNet step
+  is long enough that the dispatch costs nothing in comparison.
   """
   n = images.shape[0]
   batch = min(batch_size, n)
@@ -333,15 +333,14 @@ def accuracy(
   valid = np.arange(x.shape[0] + pad) < x.shape[0]
   x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
   y = np.concatenate([y, np.zeros(pad, y.dtype)])
+  # Host loops over runs and chunks (convolutions in a lax.map body are slow on the CPU); the
+  # test set goes to the device once and the counts come back in one transfer.
+  x, y, valid = jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid)
   runs = jax.tree.leaves(params)[0].shape[0]
-  correct = np.zeros(runs, np.int64)
-  # Host loops over runs and chunks: convolutions in a lax.map body are slow on the CPU.
-  for r in range(runs):
-    p = jax.tree.map(lambda a: a[r], params)
-    for start in range(0, x.shape[0], chunk):
-      sl = slice(start, start + chunk)
-      correct[r] += int(_count_correct(p, x[sl], y[sl], valid[sl], network=network))
-  return correct / valid.sum()
+  counts = [[_count_correct(jax.tree.map(lambda a: a[r], params), x[i:i + chunk], y[i:i + chunk], valid[i:i + chunk],
+                            network=network) for i in range(0, x.shape[0], chunk)] for r in range(runs)]
+  correct = np.asarray(jax.device_get(counts), np.int64).sum(axis=1)
+  return correct / int(valid.sum())
 
 
 def evaluate_synset(
