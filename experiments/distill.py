@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "digits", "Dataset name (digits is embedded; others read from --data_dir).")
 flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
 flags.DEFINE_string("inner", "ae", "Inner loss: ae, score_matching, denoising_score_matching.")
-flags.DEFINE_string("solver", None, "unrolled, implicit, penalty or value_function (default: the library's).")
+flags.DEFINE_string("solver", None, "pool, unrolled, implicit, penalty or value_function (default: the library's).")
 flags.DEFINE_integer("n_distill", 20, "Size of the distilled set.")
 flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")
 flags.DEFINE_integer("steps", None, "Outer steps (default: the library's).")

@@ -7,10 +7,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import udd_jax
-from udd_jax import experiment
+from udd_jax import evaluation, experiment
 from udd_jax.evaluation import protocol
 
 
@@ -34,16 +35,18 @@ def test_pipeline_on_digits_writes_artifacts_and_beats_random_features(tmp_path)
                "curves.png", "evaluation.json", "report.md"):
     assert (tmp_path / name).is_file(), name
   evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-  rows = {r["name"]: r for r in evaluation["rows"]}
-  honest = rows["distilled D, fresh learner (recipe)"]
-  assert len(honest["accuracies"]) == 3
-  assert honest["mean"] > rows["random untrained W"]["mean"] + 0.01
+  rows = {(r["name"], r["recipe"]): r for r in evaluation["rows"]}
+  honest, own = rows["distilled D", "standard"], rows["distilled D", "D's recipe"]
+  assert len(honest["accuracies"]) == len(honest["accuracies_standardized"]) == 3
+  assert own["steps"] == 50 and honest["steps"] >= 4000  # the unroll's recipe; the standard one, to convergence
+  assert own["mean"] > rows["random untrained W", ""]["mean"] + 0.01
   assert summary["honest_accuracy"] == pytest.approx(honest["mean"])
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == list(range(10, 61, 10))
-  assert "honest_accuracy" in json.loads(lines[-1])
+  assert {"honest_accuracy", "recipe_accuracy"} <= set(json.loads(lines[-1]))
   report = (tmp_path / "report.md").read_text()
-  assert "| distilled D, fresh learner (recipe) |" in report and "Inner recipe shipped with D" in report
+  assert "| distilled D | standard |" in report and "| distilled D | D's recipe |" in report
+  assert "- standard: adam lr 0.003, >= 4000 full-batch steps until the gradient norm stops falling" in report
 
 
 def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
@@ -213,6 +216,16 @@ def test_recipe_validation_and_step_sizes():
   r = udd_jax.Recipe("sgd", (0.1, 0.2, 0.3), 3, 0.01)
   np.testing.assert_allclose(r.step_sizes(5), [0.1, 0.2, 0.3, 0.3, 0.3])
   assert udd_jax.Recipe.from_config(r.to_config()) == r
+  standard = udd_jax.STANDARD_RECIPE
+  assert (standard.inner_optimizer, standard.inner_lr, standard.inner_steps, standard.init_scale) == ("adam", 3e-3, 4000, 0.01)
+  assert standard.until_converged and standard.max_steps == 16000
+  assert udd_jax.Recipe.from_config(standard.to_config()) == standard
+  with pytest.raises(ValueError, match="needs one constant inner_lr"):
+    udd_jax.Recipe("sgd", (0.1, 0.2), 2, until_converged=True)
+  with pytest.raises(ValueError, match="max_steps applies only"):
+    udd_jax.Recipe("sgd", 0.1, 2, max_steps=5)
+  with pytest.raises(ValueError, match="max_steps \\(3\\) must be at least inner_steps \\(4\\)"):
+    udd_jax.Recipe("sgd", 0.1, 4, until_converged=True, max_steps=3)
   with pytest.raises(ValueError, match="3 per-step rates but inner_steps is 4"):
     udd_jax.Recipe("sgd", (0.1, 0.2, 0.3), 4)
   with pytest.raises(ValueError, match="unknown inner_optimizer 'lbfgs'"):
@@ -236,6 +249,74 @@ def test_retrain_follows_the_recipe_exactly():
   assert float(loss) == pytest.approx(float(udd_jax.ae_loss(p, images)))
 
 
+def test_train_until_converged_stops_when_the_gradient_norm_stops_falling(monkeypatch):
+  """Chunks continue while the gradient norm falls by CONVERGENCE_DROP; the cap and the minimum hold.
+
+  On a quadratic, plain gradient steps of size lr shrink the gradient norm by exactly
+  (1 - lr) per step, so the stopping point is known in advance.
+  """
+  monkeypatch.setattr(protocol, "CONVERGENCE_CHUNK", 10)
+  quadratic = udd_jax.get_inner_learner("ae")
+  quadratic = type(quadratic)(name="quadratic", loss=lambda p, x, key: 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in p))
+  images = jnp.zeros((6, 5), jnp.float64)
+  run = lambda lr, lo, hi: protocol.train_until_converged(images, jax.random.key(1), learner=quadratic, n_hidden=3, lr=lr,
+                                                          init_scale=0.01, adam=False, min_steps=lo, max_steps=hi)
+  params, _, gnorm, steps = run(0.1, 20, 200)  # (1 - 0.1)^10 = 0.35 per chunk: falling until the cap
+  assert int(steps) == 200
+  k_init, _ = jax.random.split(jax.random.key(1))
+  p0 = quadratic.init(k_init, 5, 3, init_scale=1.0, dtype=jnp.float64)
+  p0 = p0._replace(W=0.01 * p0.W)
+  for a, b in zip(params, p0):  # exactly 200 plain steps: w_T = 1 + 0.9^200 (w_0 - 1)
+    np.testing.assert_allclose(a, 1.0 + 0.9**200 * (b - 1.0), rtol=1e-10)
+  _, _, _, steps = run(1e-3, 20, 200)  # (1 - 1e-3)^10 = 0.99 per chunk: not a 5% drop, stops at the minimum
+  assert int(steps) == 20
+  _, _, _, steps = run(0.004, 20, 200)  # 0.96 per chunk: falls by 4%, stops at the minimum too
+  assert int(steps) == 20
+  _, _, _, steps = run(0.006, 20, 200)  # 0.94 per chunk: falls by 6%, runs on
+  assert int(steps) == 200
+
+
+def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
+  """fit_logistic(standardize=False) minimises mean CE(f V + c) + l2/2 ||V||^2 on the raw features."""
+  key_f, key_y = jax.random.split(jax.random.key(0))
+  scales = jnp.asarray([1.0, 0.01, 10.0, 1e-4], jnp.float64)
+  feats = jax.random.normal(key_f, (300, 4), jnp.float64) * scales + 0.5
+  labels = jnp.argmax(feats[:, :3] / scales[:3] + 0.5 * jax.random.normal(key_y, (300, 3), jnp.float64), axis=1)
+  l2 = 1e-3
+  head = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=False, max_steps=2000, tol=1e-10)
+  V, c = head.W / head.scale[:, None], head.b - (head.mean / head.scale) @ head.W  # back to the raw basis
+  onehot = jax.nn.one_hot(labels, 3, dtype=feats.dtype)
+  raw = lambda p: jnp.mean(optax.softmax_cross_entropy(feats @ p[0] + p[1], onehot)) + 0.5 * l2 * jnp.sum(p[0] ** 2)
+  grad = jax.grad(raw)((V, c))
+  assert max(float(jnp.max(jnp.abs(g))) for g in grad) < 1e-8  # stationary for the raw objective: its minimiser
+  np.testing.assert_array_equal(evaluation.logistic.predict(head, feats), jnp.argmax(feats @ V + c, axis=1))
+  # The standardised head is another problem (penalty on standardised weights): another answer.
+  other = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=True, max_steps=2000, tol=1e-10)
+  assert float(jnp.max(jnp.abs(other.W / other.scale[:, None] - V))) > 1e-3
+
+
+def test_recipe_transfers_to_another_learner_or_says_it_diverged(digits):
+  """Plain-gradient step sizes rescale with K; a recipe that still diverges gives a marked row, never NaN accuracies."""
+  sgd = udd_jax.Recipe("sgd", (0.2, 0.1), 2, 0.01)
+  assert sgd.for_learner(256, made_for=128).inner_lr == (0.1, 0.05)
+  assert sgd.for_learner(128, made_for=128) is sgd and sgd.for_learner(64, made_for=None) is sgd
+  adam = udd_jax.Recipe("adam", 0.01, 2)
+  assert adam.for_learner(256, made_for=128) is adam  # Adam's steps are scale-free
+  (x, y), (xt, yt) = digits
+  exploding = udd_jax.Recipe("sgd", 1e6, 30, 0.01)
+  quick = udd_jax.Recipe("adam", 0.01, 50, 0.01, until_converged=True, max_steps=50)
+  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=(), recipe=exploding,
+                            standard_recipe=quick, head_steps=100)
+  standard, own = report.rows
+  assert own.recipe == "D's recipe" and own.accuracies == [] and "diverged" in own.note
+  assert "| distilled D | D's recipe | diverged | diverged |" in report.to_markdown()
+  assert len(standard.accuracies) == 2 and all(np.isfinite(standard.accuracies))
+  # The same recipe made for a learner 1e7 times wider is rescaled to a step size that trains.
+  rescaled = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=(), recipe=exploding,
+                              recipe_n_hidden=8 * 10**7, standard_recipe=quick, head_steps=100)
+  assert all(np.isfinite(rescaled.rows[1].accuracies)) and len(rescaled.rows[1].accuracies) == 2
+
+
 def test_kmeans_recovers_separated_clusters():
   rng = np.random.default_rng(0)
   centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -246,12 +327,23 @@ def test_kmeans_recovers_separated_clusters():
 
 def test_evaluate_report_and_errors(digits):
   (x, y), (xt, yt) = digits
+  quick = udd_jax.Recipe("adam", 0.01, 100, 0.01, until_converged=True, max_steps=300)
   report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=("raw_pixels",),
-                            recipe=udd_jax.Recipe("adam", 0.01, 20))
-  names = [r.name for r in report.rows]
-  assert names == ["distilled D, fresh learner (recipe)", "distilled D, fresh learner (recipe), 10x steps", "raw pixels"]
+                            recipe=udd_jax.Recipe("adam", 0.01, 20), standard_recipe=quick, convergence_factor=10)
+  assert [(r.name, r.recipe) for r in report.rows] == [
+      ("distilled D", "standard"), ("distilled D", "D's recipe"), ("distilled D, 10x steps", "D's recipe"), ("raw pixels", "")]
+  standard, own, longer = report.rows[:3]
+  assert 100 <= standard.steps <= 300 and own.steps == 20 and longer.steps == 200
+  assert standard.grad_norm < own.grad_norm  # trained further
+  for row in report.rows:  # both probes, every seed
+    assert len(row.accuracies) == len(row.accuracies_standardized) == (1 if row.name == "raw pixels" else 2)
   assert 0.5 < report["raw pixels"].mean <= 1.0
-  assert "| raw pixels |" in str(report)
+  text = str(report)
+  assert "| raw pixels |  |" in text and "- D's recipe: adam lr 0.01, 20 full-batch steps, init 0.01 N(0, 1)" in text
+  assert report.settings["recipes"] == {"standard": quick.to_config(), "D's recipe": udd_jax.Recipe("adam", 0.01, 20).to_config()}
+  # A set that ships the standard recipe gets one learner row per set, not two.
+  same = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=1, baselines=(), recipe=quick, standard_recipe=quick)
+  assert [(r.name, r.recipe) for r in same.rows] == [("distilled D", "standard")]
   with pytest.raises(ValueError, match="must share one trailing shape"):
     udd_jax.evaluate(np.zeros((3, 4, 4)), (x, y), (xt, yt), n_hidden=8)
   with pytest.raises(ValueError, match="unknown baseline 'pca'"):
@@ -266,6 +358,7 @@ def test_compare_solvers_and_seed_table_smoke(tmp_path):
       solvers=("penalty", "unrolled"), eval_seeds=1, options={"unrolled": dict(unroll_steps=10)},
   )
   assert table.count("\n") == 3 and "| penalty |" in table and "| unrolled |" in table
+  assert "| adam lr 0.003, >= 4000 full-batch steps" in table  # penalty ships the standard recipe
   assert (tmp_path / "cmp" / "comparison.png").is_file()
   history = json.loads((tmp_path / "cmp" / "comparison.json").read_text())[0]["history"]
   assert history[-1]["wall_time"] >= 2.0 and "honest_accuracy" in history[-1]

@@ -8,6 +8,7 @@ sub-packages ``udd_jax.inner`` (inner learners and their losses), ``udd_jax.head
 
 from udd_jax.bilevel import Implicit as Implicit
 from udd_jax.bilevel import Penalty as Penalty
+from udd_jax.bilevel import Pool as Pool
 from udd_jax.bilevel import SolverState as SolverState
 from udd_jax.bilevel import TaskBatch as TaskBatch
 from udd_jax.bilevel import Unrolled as Unrolled
@@ -26,6 +27,7 @@ from udd_jax.distill import DistillResult as DistillResult
 from udd_jax.distill import distill as distill
 from udd_jax.distill import load_distilled as load_distilled
 from udd_jax.evaluation import EvaluationReport as EvaluationReport
+from udd_jax.evaluation import STANDARD_RECIPE as STANDARD_RECIPE
 from udd_jax.evaluation import Recipe as Recipe
 from udd_jax.evaluation import evaluate as evaluate
 from udd_jax.inner import INNER_LOSSES as INNER_LOSSES

@@ -28,7 +28,7 @@ from udd_jax.evaluation import logistic, protocol
 from udd_jax.inner.grbm import GRBMParams, score
 
 FORMAT_VERSION = 1
-DEFAULT_SOLVER = "unrolled"
+DEFAULT_SOLVER = "pool"
 INITS = ("real", "kmeans", "random")
 # Options of distill() itself; everything else in **options goes to the solver.
 PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
@@ -41,8 +41,8 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "penalty": dict(mu=solvers_lib.mu_schedule("geometric", 0.01, final=100.0, steps=2000)),
     "value_function": dict(mu=solvers_lib.mu_schedule("geometric", 0.01, final=100.0, steps=2000)),
 }
-DEFAULT_HEADS = {"unrolled": "ridge"}
-DEFAULT_STEPS = {"unrolled": 300}  # outer steps by solver; 600 for the others
+DEFAULT_HEADS = {"unrolled": "ridge", "pool": "ridge"}
+DEFAULT_STEPS = {"unrolled": 300, "pool": 500}  # outer steps by solver; 600 for the others
 DEFAULT_IMAGE_LR = 1e-2  # every solver's default Adam step size on D
 LR_SCHEDULES = ("constant", "cosine")  # of the image_lr / model_lr shorthands
 
@@ -201,10 +201,19 @@ def _initial_images(init: str, key: jax.Array, z: np.ndarray, n: int) -> jnp.nda
 
 
 def _solver_recipe(solver: Any, state: solvers_lib.SolverState, recipe: protocol.Recipe | None, init_scale: float) -> protocol.Recipe:
+  """The recipe D ships: the unrolled solver's own unroll, else the given one, else the standard recipe.
+
+  Every solver but the unrolled one targets the learner at convergence (argmin_w L_in(w; D)),
+  which is what the standard recipe trains.
+  """
   if isinstance(solver, solvers_lib.Unrolled):
     lrs = tuple(float(v) for v in np.exp(np.asarray(state.extra)))
     return protocol.Recipe(solver.inner_optimizer, lrs, solver.unroll_steps, init_scale)
-  return recipe if recipe is not None else protocol.Recipe(init_scale=init_scale)
+  if isinstance(solver, solvers_lib.Pool):  # its learners' own recipe, trained until convergence
+    return protocol.Recipe(solver.inner_optimizer, solver.inner_lr, solver.lifetime, init_scale, until_converged=True)
+  if recipe is not None:
+    return recipe
+  return dataclasses.replace(protocol.STANDARD_RECIPE, init_scale=init_scale)
 
 
 def _flatten_state(state: solvers_lib.SolverState) -> dict[str, np.ndarray]:
@@ -246,7 +255,7 @@ class _Progress:
     elapsed = time.perf_counter() - self.t0
     rate = (step - self.start) / max(elapsed, 1e-9)
     eta = (self.total - step) / max(rate, 1e-9)
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("outer_loss", "inner_grad_norm", "penalty", "honest_accuracy"))
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("outer_loss", "inner_grad_norm", "penalty", "honest_accuracy", "recipe_accuracy"))
     print(f"step {step}/{self.total} | {rate:.2f} it/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s | {shown}", file=sys.stderr, flush=True)
 
 
@@ -403,7 +412,7 @@ def distill(
     state, per_step = jax.lax.scan(body, state, start + jnp.arange(log_every))
     metrics = jax.tree.map(jnp.mean, per_step)
     # The seed's "||X - AE(X)||" column: mean reconstruction residual of D under the current w.
-    residual = score(state.params, state.images, sigma2=problem_options.get("sigma2", 1.0))
+    residual = score(solver_obj.current_params(state), state.images, sigma2=problem_options.get("sigma2", 1.0))
     metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
     # Per step and per part of the state, so that a divergence names its first step and quantity.
     finite = dict(
@@ -421,7 +430,7 @@ def distill(
     config.update(_solver_recipe(solver_obj, state, recipe, init_scale).to_config())
     return DistillResult(
         images=prep.invert(np.asarray(state.images)),
-        params=jax.tree.map(np.asarray, state.params),
+        params=jax.tree.map(np.asarray, solver_obj.current_params(state)),
         history=history,
         config=config,
         preprocessing=prep,
@@ -615,12 +624,14 @@ def _resume(workdir: pathlib.Path, config: dict[str, Any], state: solvers_lib.So
 
 
 def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, n_train: int | None = 10000,
-                       n_test: int | None = 10000, head_steps: int = 300):
-  """A cheap probe for training curves: one fresh learner, 10k/10k real images.
+                       n_test: int | None = 10000, head_steps: int = 500):
+  """A cheap probe for training curves: one fresh learner, a head fitted on 10k real images, 10k test images.
 
-  ``n_train=None, n_test=None, head_steps=500`` make it the full protocol's head (all real
-  images, ``fit_logistic``'s default steps) with one fresh seed; ``benchmarks/time_to_accuracy.py``
-  uses that, since the cheap probe reads about a point below the protocol.
+  It follows the protocol (:func:`udd_jax.evaluate`): the fresh learner is trained on D
+  with the standard recipe until convergence (``honest_accuracy``) and, when D ships a
+  recipe of its own, with that one too (``recipe_accuracy``); the logistic head is fitted
+  on the raw features. ``n_train=None, n_test=None`` make it the full protocol's head
+  (all real images) with one fresh seed; ``benchmarks/time_to_accuracy.py`` uses that.
 
   ``current_w_accuracy`` probes the solver's own w (the jointly learned one for penalty and
   value function); only ``honest_accuracy`` says whether D alone trains a learner.
@@ -631,24 +642,39 @@ def _make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, 
   z_test = jnp.asarray(prep.apply(np.asarray(x_test)[:n_test]))
   y_train = jnp.asarray(np.asarray(y_train)[:n_train])
   y_test = jnp.asarray(np.asarray(y_test)[:n_test])
+  key = jax.random.key(123_456)
 
-  @functools.partial(jax.jit, static_argnames="optimizer_is_adam")
-  def probe(images, step_sizes, init_scale, optimizer_is_adam):
-    params, _, _ = protocol.retrain_with_step_sizes(
-        images, step_sizes, jax.random.key(123_456), learner=problem.learner, n_hidden=problem.n_hidden,
-        init_scale=init_scale, adam=optimizer_is_adam,
-    )
+  @functools.partial(jax.jit, static_argnames="recipe")
+  def probe_converged(images, recipe):
+    params, _, _ = protocol.retrain(images, recipe, key, learner=problem.learner, n_hidden=problem.n_hidden)
     return accuracy_of(params)
+
+  # Learned step sizes change at every probe: traced, so that one compilation serves them all.
+  @functools.partial(jax.jit, static_argnames="adam")
+  def probe_steps(images, step_sizes, init_scale, adam):
+    params, _, _ = protocol.retrain_with_step_sizes(images, step_sizes, key, learner=problem.learner,
+                                                    n_hidden=problem.n_hidden, init_scale=init_scale, adam=adam)
+    return accuracy_of(params)
+
+  def probe(images, recipe):
+    if recipe.until_converged:
+      return probe_converged(images, recipe)
+    return probe_steps(images, jnp.asarray(recipe.step_sizes()), recipe.init_scale, adam=recipe.inner_optimizer == "adam")
 
   @jax.jit
   def accuracy_of(params):
-    head = logistic.fit_logistic(problem.features(params, z_train), y_train, n_classes, max_steps=head_steps)
+    head = logistic.fit_logistic(problem.features(params, z_train), y_train, n_classes, l2=2e-5, standardize=False,
+                                 max_steps=head_steps)
     return logistic.accuracy(head, problem.features(params, z_test), y_test)
 
   def run(state, solver_obj, init_scale, recipe):
-    """Honest accuracy (a fresh learner re-trained with the recipe) and that of the solver's current w."""
-    rec = _solver_recipe(solver_obj, state, recipe, init_scale)
-    honest = probe(state.images, jnp.asarray(rec.step_sizes()), rec.init_scale, optimizer_is_adam=rec.inner_optimizer == "adam")
-    return dict(honest_accuracy=float(honest), current_w_accuracy=float(accuracy_of(state.params)))
+    """Honest accuracy (fresh learners on D: standard recipe, and D's own) and that of the solver's current w."""
+    standard = dataclasses.replace(protocol.STANDARD_RECIPE, init_scale=init_scale)
+    own = _solver_recipe(solver_obj, state, recipe, init_scale)
+    current = solver_obj.current_params(state)
+    out = dict(honest_accuracy=float(probe(state.images, standard)), current_w_accuracy=float(accuracy_of(current)))
+    if own != standard:
+      out["recipe_accuracy"] = float(probe(state.images, own))
+    return out
 
   return run

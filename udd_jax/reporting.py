@@ -53,8 +53,12 @@ def training_curves(history: list[dict[str, float]], path: str | pathlib.Path) -
     points = [(s, h[key]) for s, h in zip(steps, history) if key in h]
     if points:
       xs, ys = zip(*points)
-      ax.plot(xs, ys, marker="." if len(points) < 30 else None, label="fresh learner on D (honest)" if key == "honest_accuracy" else None)
+      ax.plot(xs, ys, marker="." if len(points) < 30 else None,
+              label="fresh learner on D, standard recipe (converged)" if key == "honest_accuracy" else None)
     if key == "honest_accuracy":
+      own = [(s, h["recipe_accuracy"]) for s, h in zip(steps, history) if "recipe_accuracy" in h]
+      if own:
+        ax.plot(*zip(*own), marker=".", linestyle=":", label="fresh learner on D, D's recipe")
       joint = [(s, h["current_w_accuracy"]) for s, h in zip(steps, history) if "current_w_accuracy" in h]
       if joint:
         ax.plot(*zip(*joint), marker=".", linestyle="--", label="solver's current w")
@@ -70,7 +74,7 @@ def training_curves(history: list[dict[str, float]], path: str | pathlib.Path) -
 
 def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any], table: str, notes: Sequence[str] = ()) -> None:
   """Writes the markdown report of a run: settings, the evaluation table, figures, notes."""
-  recipe = {k: config.get(k) for k in ("inner_optimizer", "inner_steps", "init_scale")}
+  recipe = {k: config.get(k) for k in ("inner_optimizer", "inner_steps", "init_scale", "until_converged") if k in config}
   lr = config.get("inner_lr")
   recipe["inner_lr"] = f"{len(lr)} learned rates, mean {np.mean(lr):.4g}" if isinstance(lr, list) else lr
   lines = [

@@ -5,6 +5,7 @@ from udd_jax.bilevel.implicit_diff import hvp as hvp
 from udd_jax.bilevel.implicit_diff import implicit_argmin as implicit_argmin
 from udd_jax.bilevel.implicit_diff import implicit_hypergradient as implicit_hypergradient
 from udd_jax.bilevel.inner_solve import InnerSolveResult as InnerSolveResult
+from udd_jax.bilevel.inner_solve import advance as advance
 from udd_jax.bilevel.inner_solve import inner_solve as inner_solve
 from udd_jax.bilevel.inner_solve import unroll as unroll
 from udd_jax.bilevel.problem import BilevelProblem as BilevelProblem
@@ -14,6 +15,8 @@ from udd_jax.bilevel.problem import sample_batch as sample_batch
 from udd_jax.bilevel.solvers import SOLVERS as SOLVERS
 from udd_jax.bilevel.solvers import Implicit as Implicit
 from udd_jax.bilevel.solvers import Penalty as Penalty
+from udd_jax.bilevel.solvers import Pool as Pool
+from udd_jax.bilevel.solvers import PoolState as PoolState
 from udd_jax.bilevel.solvers import SolverState as SolverState
 from udd_jax.bilevel.solvers import Unrolled as Unrolled
 from udd_jax.bilevel.solvers import ValueFunction as ValueFunction

@@ -113,3 +113,31 @@ def unroll(
     carry = jax.lax.stop_gradient(carry)
   carry, _ = jax.lax.scan(step, carry, step_sizes[cut:])
   return carry[0]
+
+
+def advance(
+    loss_fn: Callable[[Any, Any], Scalar],
+    params: Any,
+    opt_state: Any,
+    theta: Any,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+) -> tuple[Any, Any]:
+  """``steps`` differentiable steps of ``optimizer`` on ``loss_fn(., theta)`` from ``(params, opt_state)``.
+
+  Unlike :func:`unroll`, which starts the transformation's state afresh, this continues a
+  learner's training where it stopped (its Adam moments included): the pool solver
+  differentiates through the last ``steps`` steps of learners that keep training across
+  outer steps.
+
+  Returns:
+    ``(params, opt_state)`` after the steps.
+  """
+  grad_fn = jax.grad(loss_fn)
+
+  def step(carry, _):
+    p, s = carry
+    updates, s = optimizer.update(grad_fn(p, theta), s, p)
+    return (optax.apply_updates(p, updates), s), None
+
+  return jax.lax.scan(step, (params, opt_state), None, length=steps)[0]

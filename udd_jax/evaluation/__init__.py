@@ -6,7 +6,9 @@ from udd_jax.evaluation.logistic import fit_logistic as fit_logistic
 from udd_jax.evaluation.protocol import BASELINES as BASELINES
 from udd_jax.evaluation.protocol import EvaluationReport as EvaluationReport
 from udd_jax.evaluation.protocol import Recipe as Recipe
+from udd_jax.evaluation.protocol import STANDARD_RECIPE as STANDARD_RECIPE
 from udd_jax.evaluation.protocol import Row as Row
 from udd_jax.evaluation.protocol import evaluate as evaluate
 from udd_jax.evaluation.protocol import kmeans as kmeans
 from udd_jax.evaluation.protocol import retrain as retrain
+from udd_jax.evaluation.protocol import train_until_converged as train_until_converged

@@ -124,8 +124,8 @@ def feature_probe(
     train, test: real labelled ``(x, y)`` in the same space.
     n_hidden: hidden units K of the autoencoder.
     seeds: fresh autoencoder inits.
-    recipe: how the autoencoder trains on the set (default :class:`protocol.Recipe`: Adam
-      0.01, 200 full-batch steps).
+    recipe: how the autoencoder trains on the set (default ``protocol.STANDARD_RECIPE``:
+      Adam 3e-3, full batch until convergence).
     n_train: the head trains on the first ``n_train`` training images (None: all of them;
       the full protocol's head on 60k images costs minutes per set on a CPU).
 
@@ -136,8 +136,11 @@ def feature_probe(
   if n_train is not None:
     n_train = _validation.check_positive_int(n_train, "n_train")
     x_train, y_train = x_train[:n_train], y_train[:n_train]
-  report = protocol.evaluate(images, (x_train, y_train), test, n_hidden=n_hidden, inner="ae", recipe=recipe,
-                             seeds=seeds, baselines=(), convergence_factor=0)
+  if isinstance(recipe, dict):
+    recipe = protocol.Recipe.from_config(recipe)
+  standard = protocol.STANDARD_RECIPE if recipe is None else recipe
+  report = protocol.evaluate(images, (x_train, y_train), test, n_hidden=n_hidden, inner="ae", standard_recipe=standard,
+                             seeds=seeds, baselines=())
   row = report.rows[0]
-  return dict(accuracies=row.accuracies, mean=row.mean, std=row.std, recipe=report.settings["recipe"],
+  return dict(accuracies=row.accuracies, mean=row.mean, std=row.std, recipe=report.settings["recipes"]["standard"],
               n_hidden=n_hidden, n_train=int(len(y_train)))
