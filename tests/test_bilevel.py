@@ -326,7 +326,20 @@ SOLVER_OPTIONS = {
     "value_function": dict(inner_steps=5, model_optimizer=optax.adam(3e-2)),
     "implicit": dict(inner_steps=20, cg_steps=10, damping=0.1),
     "unrolled": dict(unroll_steps=5, head_steps=10),
+    # Learners live 20 outer steps: a 60-step run restarts each of them about three times.
+    "pool": dict(pool_size=3, inner_steps=5, lifetime=100, inner_lr=3e-2, head_steps=10),
+    # The pool with its other hypergradient: CG at each learner, warm-started adjoints.
+    "pool_implicit": dict(pool_size=3, inner_steps=5, lifetime=100, inner_lr=3e-2, head_steps=10, hypergradient="implicit"),
 }
+SOLVER_CASES = list(bilevel.SOLVERS) + ["pool_implicit"]  # every registered solver, and the pool's implicit variant
+
+
+def make_solver(case):
+  return bilevel.get_solver(case.removesuffix("_implicit"), **SOLVER_OPTIONS[case])
+
+
+def test_every_registered_solver_has_test_options():
+  assert set(bilevel.SOLVERS) <= set(SOLVER_OPTIONS) and set(SOLVER_OPTIONS) == set(SOLVER_CASES)
 
 
 def digits_tasks(n_tasks):
@@ -337,11 +350,11 @@ def digits_tasks(n_tasks):
   return x, tasks, [10, 2, 2][:n_tasks]
 
 
-@pytest.mark.parametrize("name", list(bilevel.SOLVERS))
+@pytest.mark.parametrize("name", SOLVER_CASES)
 def test_jit_equals_no_jit_and_no_recompilation(name):
   x, tasks, n_classes = digits_tasks(3)
   problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1)
-  solver = bilevel.get_solver(name, **SOLVER_OPTIONS[name])
+  solver = make_solver(name)
   state = solver.init(problem, jax.random.key(0), x[:10])
   batch = bilevel.sample_batch(jax.random.key(1), tasks, 16)
   eager_state, eager_metrics = solver.step(problem, state, batch)
@@ -364,13 +377,14 @@ def test_jit_equals_no_jit_and_no_recompilation(name):
 
 
 @pytest.mark.parametrize("n_tasks", [1, 3])
-@pytest.mark.parametrize("name", list(bilevel.SOLVERS))
+@pytest.mark.parametrize("name", SOLVER_CASES)
 def test_solvers_reduce_the_outer_loss_on_digits(name, n_tasks):
   x, tasks, n_classes = digits_tasks(n_tasks)
-  # Unrolled starts every step from a new init, so its heads are refitted each step: ridge does it exactly.
-  head = "ridge" if name == "unrolled" else "softmax"
+  # Unrolled starts every step from a new init, and the pool scores learners that restart and
+  # change from step to step, so their heads are refitted each step: ridge does it exactly.
+  head = "ridge" if name.startswith(("unrolled", "pool")) else "softmax"
   problem = bilevel.make_problem(n_visible=64, n_hidden=16, n_classes=n_classes, init_scale=0.1, head=head)
-  solver = bilevel.get_solver(name, **SOLVER_OPTIONS[name])
+  solver = make_solver(name)
   state = solver.init(problem, jax.random.key(0), x[:10])
 
   @jax.jit
@@ -416,12 +430,183 @@ def test_unrolled_with_several_inits_averages_their_hypergradients():
 
 
 # ---------------------------------------------------------------------------
+# The pool: persistent learners, restarts, and its two hypergradients against oracles.
+# ---------------------------------------------------------------------------
+
+
+def small_pool_problem(seed=0, n_images=6, n_visible=5, n_hidden=3, n_classes=3):
+  """A small GRBM problem with a ridge head (closed form, so outer_loss needs no head parameters)."""
+  rng = np.random.default_rng(seed)
+  problem = bilevel.make_problem(n_visible=n_visible, n_hidden=n_hidden, n_classes=n_classes, init_scale=0.5, head="ridge")
+  images = jnp.asarray(rng.normal(size=(n_images, n_visible)))
+  batch = bilevel.TaskBatch(jnp.asarray(rng.normal(size=(1, 20, n_visible))),
+                            jnp.asarray(rng.integers(0, n_classes, size=(1, 20))))
+  return problem, images, batch
+
+
+def with_ages(state, ages):
+  return state._replace(extra=state.extra._replace(age=jnp.asarray(ages, state.extra.age.dtype)))
+
+
+@pytest.mark.parametrize("inner_optimizer, min_age", [("adam", 0), ("sgd", 0), ("adam", 8)])
+def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inner_optimizer, min_age):
+  """One step's image gradient is grad_D of mean_i L(advance(L_in, w_i, s_i, D, opt, m)) over the counted learners."""
+  problem, images, batch = small_pool_problem()
+  solver = bilevel.Pool(pool_size=3, inner_steps=4, lifetime=1000, inner_optimizer=inner_optimizer, inner_lr=0.05,
+                        min_age=min_age, image_optimizer=optax.sgd(1.0))
+  state = solver.init(problem, jax.random.key(0), images)
+  step = jax.jit(lambda s: solver.step(problem, s, batch))
+  state = step(step(state)[0])[0]  # two steps first: learners with moments of their own, D moved
+  state = with_ages(state, [0, 10, 20])  # after the step 4, 14, 24: nobody restarts; min_age 8 leaves learner 0 out
+  counted = [0, 1, 2] if min_age == 0 else [1, 2]
+  new_state, metrics = step(state)
+
+  _, _, k_inner, _ = jax.random.split(state.key, 4)
+  inner = lambda p, d: problem.inner_loss(p, d, k_inner)
+  opt = solver.learner_optimizer()
+  learner = lambda i: jax.tree.map(lambda a: a[i], (state.params, state.extra.opt_state))
+
+  def objective(d):
+    losses = [problem.outer_loss(bilevel.advance(inner, *learner(i), d, opt, 4)[0], (), batch)[0] for i in counted]
+    return sum(losses) / len(losses)
+
+  value, expected = jax.value_and_grad(objective)(state.images)
+  assert float(jnp.abs(expected).max()) > 1e-6  # a real gradient, not a vacuous match
+  np.testing.assert_allclose(state.images - new_state.images, expected, rtol=1e-8, atol=1e-14)
+  assert float(metrics["outer_loss"]) == pytest.approx(float(value), rel=1e-10)
+  for i in range(3):  # every learner (counted or not) continues its training on the old D
+    w, s = bilevel.advance(inner, *learner(i), state.images, opt, 4)
+    for a, b in zip(jax.tree.leaves((w, s)), jax.tree.leaves(jax.tree.map(lambda a: a[i], (new_state.params, new_state.extra.opt_state)))):
+      np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15)
+  np.testing.assert_array_equal(new_state.extra.age, [4, 14, 24])
+
+
+def test_pool_learners_restart_after_their_lifetime_and_stay_staggered():
+  problem, images, batch = small_pool_problem(seed=1)
+  solver = bilevel.Pool(pool_size=3, inner_steps=2, lifetime=6, inner_lr=0.05, head_steps=5)
+  state = solver.init(problem, jax.random.key(0), images)
+  np.testing.assert_array_equal(state.extra.age, [0, 2, 4])  # staggered over the lifetime from the start
+  step = jax.jit(lambda s: solver.step(problem, s, batch))
+  opt = solver.learner_optimizer()
+  advance = jax.jit(lambda w, s, d, k: bilevel.advance(lambda p, d: problem.inner_loss(p, d, k), w, s, d, opt, 2)[0])
+  restarts = []
+  for t in range(9):
+    new_state, _ = step(state)
+    k_fresh, k_inner = jax.random.split(state.key, 4)[1:3]
+    fresh = jax.vmap(lambda k: problem.init_params(k, jnp.float64))(jax.random.split(k_fresh, 3))
+    old_age = np.asarray(state.extra.age)
+    restarted = [i for i in range(3) if old_age[i] >= solver.lifetime]
+    restarts.append(restarted)
+    for i in range(3):
+      new = jax.tree.map(lambda a: a[i], new_state.params)
+      continued = advance(jax.tree.map(lambda a: a[i], state.params), jax.tree.map(lambda a: a[i], state.extra.opt_state),
+                          state.images, k_inner)
+      if i in restarted:  # a fresh init (its moments reset too), trained inner_steps on D
+        w0 = jax.tree.map(lambda a: a[i], fresh)
+        expected = advance(w0, opt.init(w0), state.images, k_inner)
+        assert int(new_state.extra.age[i]) == solver.inner_steps
+        assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(continued))) > 1e-3
+      else:
+        expected = continued
+        assert int(new_state.extra.age[i]) == old_age[i] + solver.inner_steps
+      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert sorted(np.asarray(new_state.extra.age).tolist()) == [2, 4, 6]  # still staggered, evenly
+    state = new_state
+  # The oldest learner restarts at every step from the second on, each in turn.
+  assert restarts == [[], [2], [1], [0], [2], [1], [0], [2], [1]]
+
+
+def test_pool_current_params_is_the_oldest_learner():
+  problem, images, batch = small_pool_problem(seed=2)
+  solver = bilevel.Pool(pool_size=4, inner_steps=3, lifetime=100, head_steps=5)
+  state = with_ages(solver.init(problem, jax.random.key(0), images), [30, 90, 10, 60])
+  for a, b in zip(jax.tree.leaves(solver.current_params(state)), jax.tree.leaves(jax.tree.map(lambda a: a[1], state.params))):
+    np.testing.assert_array_equal(a, b)
+  assert any(float(jnp.abs(a[1] - a[3]).max()) > 0 for a in jax.tree.leaves(state.params))  # learners really differ
+  new_state, metrics = solver.step(problem, state, batch)  # the metrics are the oldest learner's
+  _, _, k_inner, _ = jax.random.split(state.key, 4)
+  oldest = jax.tree.map(lambda a: a[1], new_state.params)
+  assert float(metrics["inner_value"]) == pytest.approx(float(problem.inner_loss(oldest, state.images, k_inner)), rel=1e-12)
+  # Another solver reports its one learner.
+  single = bilevel.Implicit().init(problem, jax.random.key(0), images)
+  assert bilevel.Implicit().current_params(single) is single.params
+
+
+@dataclasses.dataclass(frozen=True)
+class RidgePoolProblem:
+  """Oracle 1 as a problem the pool can run: every learner starts at the exact inner solution w*(D)."""
+
+  D: jax.Array
+  t: jax.Array
+  B: jax.Array
+  c: jax.Array
+  head = heads_lib.RidgeHead()
+  class_mask = np.ones((1, 2), bool)
+
+  def inner_loss(self, w, images, key):
+    return 0.5 * jnp.sum((images @ w - self.t) ** 2) + 0.5 * LAM * jnp.sum(w**2)
+
+  def outer_loss(self, w, heads, batch):
+    value = 0.5 * jnp.sum((self.B @ w - self.c) ** 2)
+    return value, value[None]
+
+  def features(self, w, x):  # only for the (unused) head fit of a ridge head
+    return x * w[0]
+
+  def init_params(self, key, dtype=jnp.float64):
+    return ridge_oracle(self.D, self.t, self.B, self.c)[0].astype(dtype)
+
+  def init_heads(self, key, dtype=jnp.float64):
+    return ()
+
+
+def test_pool_implicit_hypergradient_at_a_converged_learner_matches_oracle():
+  D, t, B, c, _, _ = ridge_problem(seed=4)
+  problem = RidgePoolProblem(D, t, B, c)
+  w_star, expected = ridge_oracle(D, t, B, c)
+  M = D.T @ D + LAM * jnp.eye(4)
+  lr = float(1.0 / jnp.linalg.eigvalsh(M).max())  # plain gradient steps at w* stay at w*
+  solver = bilevel.Pool(pool_size=2, inner_steps=3, lifetime=1000, inner_optimizer="sgd", inner_lr=lr,
+                        hypergradient="implicit", damping=0.0, cg_steps=50, cg_tol=1e-14, image_optimizer=optax.sgd(1.0))
+  batch = bilevel.TaskBatch(jnp.zeros((1, 3, 4)), jnp.zeros((1, 3), jnp.int32))
+  state = solver.init(problem, jax.random.key(0), D)
+  new_state, metrics = jax.jit(lambda s: solver.step(problem, s, batch))(state)
+  np.testing.assert_allclose(D - new_state.images, expected, rtol=1e-8, atol=1e-12)
+  u = jnp.linalg.solve(M, B.T @ (B @ w_star - c))  # the adjoint, kept per learner for the next warm start
+  np.testing.assert_allclose(new_state.extra.adjoint, jnp.stack([u, u]), rtol=1e-8, atol=1e-12)
+  assert float(metrics["cg_residual"]) < 1e-12 and float(metrics["cg_negative_curvature"]) == 0.0
+  # Warm-started at the right adjoint, the next step's CG has nothing left to do.
+  _, again = jax.jit(lambda s: solver.step(problem, s, batch))(new_state._replace(images=D))
+  assert float(again["cg_steps"]) == 0.0
+
+
+def test_pool_option_errors():
+  with pytest.raises(ValueError, match=r"lifetime \(5\) must be at least inner_steps \(10\)"):
+    bilevel.Pool(inner_steps=10, lifetime=5)
+  with pytest.raises(ValueError, match=r"min_age \(100\) must be below lifetime \(100\): no learner would count"):
+    bilevel.Pool(lifetime=100, min_age=100)
+  with pytest.raises(ValueError, match=r"unknown hypergradient 'exact'; valid options are \['implicit', 'truncated'\]"):
+    bilevel.Pool(hypergradient="exact")
+  with pytest.raises(ValueError, match=r"unknown inner_optimizer 'rmsprop'; valid options are \['adam', 'sgd'\]"):
+    bilevel.Pool(inner_optimizer="rmsprop")
+  with pytest.raises(ValueError, match="pool_size must be a positive integer; got 0"):
+    bilevel.Pool(pool_size=0)
+  with pytest.raises(ValueError, match="min_age must be a non-negative integer; got -1"):
+    bilevel.Pool(min_age=-1)
+  with pytest.raises(TypeError, match=r"unknown option\(s\) \['unroll_steps'\] for solver 'pool'"):
+    bilevel.get_solver("pool", unroll_steps=5)
+  assert bilevel.get_solver("pool", lifetime=50, inner_steps=5).lifetime == 50
+
+
+# ---------------------------------------------------------------------------
 # Options.
 # ---------------------------------------------------------------------------
 
 
 def test_solver_option_errors():
-  with pytest.raises(ValueError, match=r"unknown solver 'newton'; valid options are \['implicit', 'penalty'"):
+  valid = r"\['implicit', 'penalty', 'pool', 'unrolled', 'value_function'\]"
+  with pytest.raises(ValueError, match=r"unknown solver 'newton'; valid options are " + valid):
     bilevel.get_solver("newton")
   with pytest.raises(TypeError, match=r"unknown option\(s\) \['cg_iters'\] for solver 'implicit'"):
     bilevel.get_solver("implicit", cg_iters=3)
@@ -447,8 +632,8 @@ def test_every_inner_loss_works_with_every_solver(inner):
   x, tasks, n_classes = digits_tasks(1)
   problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, inner=inner, init_scale=0.1)
   batch = bilevel.sample_batch(jax.random.key(1), tasks, 32)
-  for name in bilevel.SOLVERS:
-    solver = bilevel.get_solver(name, **SOLVER_OPTIONS[name])
+  for name in SOLVER_CASES:
+    solver = make_solver(name)
     state = solver.init(problem, jax.random.key(0), x[:10])
     new_state, metrics = jax.jit(solver.step, static_argnums=0)(problem, state, batch)
     assert all(bool(jnp.isfinite(v)) for v in metrics.values()), (name, metrics)

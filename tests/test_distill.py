@@ -23,13 +23,18 @@ def digits():
   return udd_jax.load_dataset("digits")
 
 
-FAST = dict(n_distill=10, n_hidden=16, unroll_steps=20, batch_size=64, progress=False, log_every=5, checkpoint_every=5)
+# The unrolled solver (the default is the pool): cheap per step, and it learns a recipe of its own.
+FAST = dict(solver="unrolled", n_distill=10, n_hidden=16, unroll_steps=20, batch_size=64, progress=False, log_every=5,
+            checkpoint_every=5)
+# The default solver, the pool, small.
+FAST_POOL = {k: v for k, v in FAST.items() if k not in ("solver", "unroll_steps")} | dict(pool_size=3, inner_steps=5)
+UNROLLED_ONLY = ("solver", "unroll_steps")  # what to drop from FAST to run another solver
 
 
 def test_pipeline_on_digits_writes_artifacts_and_beats_random_features(tmp_path):
   summary = experiment.run(
       dataset="digits", workdir=str(tmp_path), n_distill=20, n_hidden=16, steps=60, eval_every=30, eval_seeds=3,
-      baselines=("random_w",), options=dict(unroll_steps=50, inner_lr=0.08), progress=False,
+      baselines=("random_w",), solver="unrolled", options=dict(unroll_steps=50, inner_lr=0.08), progress=False,
   )
   for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png", "filters.png",
                "curves.png", "evaluation.json", "report.md"):
@@ -69,6 +74,18 @@ def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
   np.testing.assert_array_equal(loaded.preprocessing.apply(x[:5]), result.preprocessing.apply(x[:5]))
 
 
+def test_default_solver_is_the_pool_and_ships_the_standard_recipe(digits, tmp_path):
+  (x, y), _ = digits
+  result = udd_jax.distill(x, y, steps=10, seed=3, **FAST_POOL)
+  assert result.config["solver"] == distill_lib.DEFAULT_SOLVER == "pool"
+  assert result.config["problem_options"]["head"] == "ridge"
+  assert result.recipe == udd_jax.STANDARD_RECIPE  # lifetime 4000 Adam 3e-3 steps, until convergence
+  assert result.params.W.shape == (64, 16)  # one learner (the oldest), not the stacked pool
+  loaded = udd_jax.load_distilled(result.save(tmp_path / "d.npz"))
+  assert loaded.recipe == udd_jax.STANDARD_RECIPE and loaded.config == result.config
+  np.testing.assert_array_equal(loaded.params.W, result.params.W)
+
+
 def test_load_distilled_errors(digits, tmp_path):
   with pytest.raises(FileNotFoundError, match="no distilled set"):
     udd_jax.load_distilled(tmp_path / "missing.npz")
@@ -96,12 +113,15 @@ def test_load_distilled_errors(digits, tmp_path):
     udd_jax.load_distilled(tmp_path / "bad_config.npz")
 
 
-def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+@pytest.mark.parametrize("options", [FAST, FAST_POOL | dict(lifetime=20)], ids=["unrolled", "pool"])
+def test_resumed_run_equals_uninterrupted_run(digits, tmp_path, options):
+  """The pool's lifetime of 20 inner steps: learners restart before, at and after the resume point."""
   (x, y), _ = digits
-  straight = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "a", **FAST)
-  udd_jax.distill(x, y, steps=10, workdir=tmp_path / "b", **FAST)
-  resumed = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "b", **FAST)
+  straight = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "a", **options)
+  udd_jax.distill(x, y, steps=10, workdir=tmp_path / "b", **options)
+  resumed = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "b", **options)
   np.testing.assert_array_equal(resumed.images, straight.images)
+  np.testing.assert_array_equal(resumed.params.W, straight.params.W)
   assert [h["step"] for h in resumed.history] == [5, 10, 15, 20]
   lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [5, 10, 15, 20]
@@ -114,14 +134,16 @@ def test_resume_refuses_another_configuration(digits, tmp_path):
     udd_jax.distill(x, y, steps=5, workdir=tmp_path, **(FAST | dict(n_hidden=8)))
 
 
-@pytest.mark.parametrize("solver", ["penalty", "value_function", "implicit", "unrolled"])
+@pytest.mark.parametrize("solver", list(udd_jax.bilevel.SOLVERS))
 def test_every_solver_through_distill_with_three_tasks(digits, solver):
   (x, y), _ = digits
-  options = {k: v for k, v in FAST.items() if k != "unroll_steps"}
+  options = {k: v for k, v in FAST.items() if k not in UNROLLED_ONLY}
   if solver == "unrolled":
     options["unroll_steps"] = 10
   if solver == "implicit":
     options.update(inner_steps=10, cg_steps=5)
+  if solver == "pool":
+    options.update(pool_size=2, inner_steps=5, lifetime=20)
   result = udd_jax.distill(x, [y, y % 2, (y >= 5).astype(int)], steps=10, solver=solver, **options)
   assert result.config["n_classes"] == [10, 2, 2] and result.config["solver"] == solver
   assert np.all(np.isfinite(result.images))
@@ -151,7 +173,8 @@ def test_cosine_schedule_moves_the_images_less(digits):
     [
         (dict(n_distill=0), ValueError, "n_distill must be a positive integer"),
         (dict(n_hidden=2.5), TypeError, "n_hidden must be a positive integer"),
-        (dict(solver="adam"), ValueError, r"unknown solver 'adam'; valid options are \['implicit'"),
+        (dict(solver="adam"), ValueError,
+         r"unknown solver 'adam'; valid options are \['implicit', 'penalty', 'pool', 'unrolled', 'value_function'\]"),
         (dict(inner="vae"), ValueError, "unknown inner loss 'vae'"),
         (dict(init="zeros"), ValueError, "unknown init 'zeros'"),
         (dict(cg_iters=3), TypeError, r"unknown option\(s\) \['cg_iters'\]"),
@@ -159,7 +182,9 @@ def test_cosine_schedule_moves_the_images_less(digits):
         (dict(eval_every=5), ValueError, "needs eval_data"),
         (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
         (dict(lr_schedule="step"), ValueError, "unknown lr_schedule 'step'"),
-        (dict(n_inits=0), ValueError, "n_inits must be a positive integer"),
+        (dict(solver="unrolled", n_inits=0), ValueError, "n_inits must be a positive integer"),
+        (dict(unroll_steps=5), TypeError, r"unknown option\(s\) \['unroll_steps'\] for solver 'pool'"),
+        (dict(lifetime=3), ValueError, r"lifetime \(3\) must be at least inner_steps \(10\)"),
     ],
 )
 def test_distill_bad_options(digits, kwargs, error, match):
@@ -192,7 +217,7 @@ def test_divergence_stops_with_a_clear_message(digits, tmp_path, good_steps):
   lr = lambda count: jnp.where(count < good_steps, 1e-2, 1e30)
   with pytest.raises(FloatingPointError) as info:
     udd_jax.distill(x, y, steps=20, workdir=tmp_path, solver="penalty", image_optimizer=optax.sgd(lr), **{
-        k: v for k, v in FAST.items() if k != "unroll_steps"})
+        k: v for k, v in FAST.items() if k not in UNROLLED_ONLY})
   message = str(info.value)
   step = int(re.search(r"diverged at step (\d+): non-finite", message).group(1))
   assert good_steps < step <= good_steps + 3  # the first step whose metrics are not finite, not the chunk's end

@@ -28,7 +28,7 @@ STEPS = 300
 APP = [
     sys.executable, str(REPO / "experiments" / "distill.py"), "--dataset=digits", "--n_distill=10", "--n_hidden=16",
     "--batch_size=64", f"--steps={STEPS}", "--log_every=3", "--checkpoint_every=30", "--eval_every=0", "--eval_seeds=0",
-    "--opt=unroll_steps=5",
+    "--solver=unrolled", "--opt=unroll_steps=5",
 ]
 TIMEOUT = 600  # seconds for any one child; they take a few (more on a loaded machine)
 

@@ -137,6 +137,10 @@ def _evaluate_case(digits, case):
           np.ones((5, 3)), np.zeros(3), np.zeros(5)))),
       "more images than a subset can draw": (x[:3], (x[:2], y[:2]), (xt, yt), dict(baselines=("random_subset",))),
       "convergence_factor negative": (x[:3], (x, y), (xt, yt), dict(convergence_factor=-1)),
+      "standard_recipe a config dict": (x[:3], (x, y), (xt, yt), dict(standard_recipe=udd_jax.STANDARD_RECIPE.to_config())),
+      "recipe_n_hidden zero": (x[:3], (x, y), (xt, yt), dict(recipe=udd_jax.Recipe("sgd", 0.1, 5), recipe_n_hidden=0)),
+      "head_steps zero": (x[:3], (x, y), (xt, yt), dict(head_steps=0)),
+      "head_l2 negative": (x[:3], (x, y), (xt, yt), dict(head_l2=-1.0)),
   }
   return cases[case]
 
@@ -166,6 +170,10 @@ def _evaluate_case(digits, case):
         ("joint_params of another size", ValueError, "joint_params do not fit the images"),
         ("more images than a subset can draw", ValueError, "3 rows, more than the 2 training inputs"),
         ("convergence_factor negative", ValueError, "convergence_factor must be a non-negative integer; got -1"),
+        ("standard_recipe a config dict", TypeError, "standard_recipe must be a Recipe; got dict"),
+        ("recipe_n_hidden zero", ValueError, "recipe_n_hidden must be a positive integer; got 0"),
+        ("head_steps zero", ValueError, "head_steps must be a positive integer; got 0"),
+        ("head_l2 negative", ValueError, "head_l2 must be a finite non-negative"),
     ],
 )
 def test_evaluate_bad_input(digits, case, error, match):
@@ -221,7 +229,8 @@ RUN = dict(dataset="digits", n_distill=10, n_hidden=8, steps=5, eval_seeds=1, ba
         (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
         (dict(eval_every=-10), ValueError, "eval_every must be a non-negative integer"),
         (dict(eval_seeds=-1), ValueError, "eval_seeds must be a non-negative integer"),
-        (dict(solver="adam"), ValueError, r"unknown solver 'adam'; valid options are \['implicit', 'penalty'"),
+        (dict(solver="adam"), ValueError,
+         r"unknown solver 'adam'; valid options are \['implicit', 'penalty', 'pool', 'unrolled', 'value_function'\]"),
         (dict(inner="vae"), ValueError, r"unknown inner loss 'vae'; valid options are"),
         (dict(init="zeros"), ValueError, r"unknown init 'zeros'; valid options are \['kmeans'"),
         (dict(preprocessing="pca"), ValueError, "unknown preprocessing 'pca'"),
@@ -255,7 +264,8 @@ def test_experiment_run_bad_flags(tmp_path, monkeypatch, kwargs, error, match):
     [
         ("compare", dict(budget_seconds=0.0), ValueError, "budget_seconds must be a finite positive"),
         ("compare", dict(solvers=()), ValueError, "solvers is empty"),
-        ("compare", dict(solvers=("newton",)), ValueError, r"unknown solver 'newton'; valid options are"),
+        ("compare", dict(solvers=("newton",)), ValueError,
+         r"unknown solver 'newton'; valid options are \['implicit', 'penalty', 'pool', 'unrolled', 'value_function'\]"),
         ("compare", dict(eval_seeds=0), ValueError, "eval_seeds must be a positive integer for a comparison"),
         ("compare", dict(n_distill=0), ValueError, "n_distill must be a positive integer"),
         ("compare", dict(inner="vae"), ValueError, "unknown inner loss 'vae'"),

@@ -20,7 +20,8 @@ def digits():
 @pytest.fixture(scope="module")
 def unsupervised_set(digits, tmp_path_factory):
   (x, y), _ = digits
-  result = udd_jax.distill(x, y, n_distill=10, n_hidden=8, steps=3, unroll_steps=5, batch_size=64, progress=False)
+  result = udd_jax.distill(x, y, n_distill=10, n_hidden=8, steps=3, solver="unrolled", unroll_steps=5, batch_size=64,
+                           progress=False)
   return result.save(tmp_path_factory.mktemp("udd") / "distilled.npz")
 
 
@@ -78,7 +79,12 @@ def test_feature_probe_is_the_protocol_on_the_first_training_images(digits):
   (x, y), test = digits
   images = x[:20]
   probe = compare.feature_probe(images, (x, y), test, n_hidden=8, seeds=2, n_train=500)
-  report = protocol.evaluate(images, (x[:500], y[:500]), test, n_hidden=8, seeds=2, baselines=(), convergence_factor=0)
-  assert len(report.rows) == 1  # convergence_factor=0: no robustness row
+  report = protocol.evaluate(images, (x[:500], y[:500]), test, n_hidden=8, seeds=2, baselines=())
+  assert [(r.name, r.recipe) for r in report.rows] == [("distilled D", "standard")]  # the standard recipe, one row
   assert probe["accuracies"] == report.rows[0].accuracies and probe["n_train"] == 500
+  assert probe["recipe"] == protocol.STANDARD_RECIPE.to_config() == report.settings["recipes"]["standard"]
   assert probe["mean"] > 0.5  # ten classes: features of an AE fitted on 20 digits are far above chance
+  # Another recipe replaces the standard one (a config dict is accepted) and is reported back.
+  quick = protocol.Recipe("adam", 0.01, 50, 0.01)
+  other = compare.feature_probe(images, (x, y), test, n_hidden=8, seeds=1, n_train=500, recipe=quick.to_config())
+  assert other["recipe"] == quick.to_config() and len(other["accuracies"]) == 1
