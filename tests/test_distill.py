@@ -328,18 +328,19 @@ def test_recipe_transfers_to_another_learner_or_says_it_diverged(digits):
   adam = udd_jax.Recipe("adam", 0.01, 2)
   assert adam.for_learner(256, made_for=128) is adam  # Adam's steps are scale-free
   (x, y), (xt, yt) = digits
-  exploding = udd_jax.Recipe("sgd", 1e6, 30, 0.01)
+  exploding = udd_jax.Recipe("sgd", 8.0, 30, 0.01)  # plain steps of 8 blow up a K = 64 learner on the digits
   quick = udd_jax.Recipe("adam", 0.01, 50, 0.01, until_converged=True, max_steps=50)
-  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=(), recipe=exploding,
+  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=64, seeds=2, baselines=(), recipe=exploding,
                             standard_recipe=quick, head_steps=100)
   standard, own = report.rows
   assert own.recipe == "D's recipe" and own.accuracies == [] and "diverged" in own.note
   assert "| distilled D | D's recipe | diverged | diverged |" in report.to_markdown()
   assert len(standard.accuracies) == 2 and all(np.isfinite(standard.accuracies))
-  # The same recipe made for a learner 1e7 times wider is rescaled to a step size that trains.
-  rescaled = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=(), recipe=exploding,
-                              recipe_n_hidden=8 * 10**7, standard_recipe=quick, head_steps=100)
-  assert all(np.isfinite(rescaled.rows[1].accuracies)) and len(rescaled.rows[1].accuracies) == 2
+  # The same recipe, made for a K = 4 learner, is rescaled by 4 / 64 to steps of 0.5, which train.
+  rescaled = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=64, seeds=2, baselines=(), recipe=exploding,
+                              recipe_n_hidden=4, standard_recipe=quick, head_steps=100)
+  assert len(rescaled.rows[1].accuracies) == 2 and all(np.isfinite(rescaled.rows[1].accuracies))
+  assert rescaled.settings["recipes"]["D's recipe"]["inner_lr"] == 0.5
 
 
 def test_kmeans_recovers_separated_clusters():
