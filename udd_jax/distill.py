@@ -293,8 +293,8 @@ def distill(
     n_distill: size of the distilled set.
     n_hidden: hidden units K of the GRBM / tied autoencoder.
     inner: ``"ae"``, ``"score_matching"`` or ``"denoising_score_matching"``.
-    solver: ``"unrolled"`` (default), ``"implicit"``, ``"penalty"`` or ``"value_function"``.
-    steps: outer steps (default 300 for unrolled, 600 for the other solvers).
+    solver: ``"pool"`` (default), ``"unrolled"``, ``"implicit"``, ``"penalty"`` or ``"value_function"``.
+    steps: outer steps (default 500 for pool, 300 for unrolled, 600 for the other solvers).
     seed: PRNG seed of the run (evaluation uses other, fresh seeds).
     workdir: if given, the run writes ``config.json``, ``metrics.jsonl``, ``checkpoint.npz``
       (at step 0 and every ``checkpoint_every`` steps, atomically; a restarted run resumes

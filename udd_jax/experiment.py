@@ -235,7 +235,7 @@ def compare_solvers(
     n_distill: int,
     n_hidden: int,
     budget_seconds: float,
-    solvers: Sequence[str] = ("penalty", "value_function", "implicit", "unrolled"),
+    solvers: Sequence[str] = ("penalty", "value_function", "implicit", "unrolled", "pool"),
     data_dir: str | None = None,
     inner: str = "ae",
     eval_seeds: int = 3,
