@@ -175,3 +175,24 @@ def check_static_data(params: Any, x: Any, name: str = "x", *, sigma2: Any = 1.0
     raise ValueError(f"{name} is empty (shape {_shape_str(x.shape)}).")
   if not np.issubdtype(x.dtype, np.floating):
     raise TypeError(f"{name} must be a floating array (convert images with x.astype(float) / 255); got dtype {x.dtype}.")
+
+
+def as_key(key: Any, name: str = "key") -> tuple[Any, Any]:
+  """A typed PRNG key from an integer seed or a key (JAX convention), and its JSON record.
+
+  Accepts a non-negative int seed, a typed key (``jax.random.key(seed)``) or a raw
+  ``jax.random.PRNGKey`` (uint32, shape (2,)). Returns ``(key, record)`` where ``record`` is
+  the int seed, or the key's data as a list, for configs.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+    if key < 0:
+      raise ValueError(f"{name} must be a non-negative integer seed or a PRNG key; got {key}.")
+    return jax.random.key(int(key)), int(key)
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+    return key, np.asarray(jax.random.key_data(key)).tolist()
+  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(jnp.asarray(key)), np.asarray(key).tolist()
+  raise TypeError(f"{name} must be an integer seed or a single PRNG key (jax.random.key(seed)); got {key!r}.")
