@@ -105,7 +105,8 @@ def task_set(x: jax.Array, y: jax.Array, n_tasks: int) -> tuple[tuple[tuple[jax.
 
 
 def default_head(name: str) -> str:
-  return "ridge" if name == "unrolled" else "softmax"
+  """The head ``udd_jax.distill`` uses with this solver (its class's ``default_head``)."""
+  return bilevel.SOLVERS[name].default_head
 
 
 def make_step(name: str, x: jax.Array, tasks, n_classes: Sequence[int], *, n_distill: int = N_DISTILL,

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import udd_jax
-from udd_jax.evaluation import protocol
+from udd_jax import training
+from udd_jax.evaluation import baselines
 
 from _common import DEFAULT_DATA_DIR, RESULTS, machine
 
@@ -47,16 +48,16 @@ def main() -> None:
   learner = udd_jax.get_inner_learner("ae")
   sets = jnp.broadcast_to(z[:100], (args.seeds, 100, z.shape[1]))
   keys = jax.random.split(jax.random.key(0), args.seeds)
-  recipe = protocol.STANDARD_RECIPE
+  recipe = training.STANDARD_RECIPE
   rows = {}
-  first, second, (params, _, _, steps) = timed(protocol._train_many, sets, keys, recipe, learner=learner, n_hidden=128)
+  first, second, (params, _, _, steps) = timed(training.retrain_many, sets, keys, recipe, learner=learner, n_hidden=128)
   rows["train, standard recipe"] = dict(first_s=first, second_s=second, steps=float(jnp.mean(steps)))
   feats = jax.jit(jax.vmap(learner.features, in_axes=(0, None)))
   first, second, (f_train, f_test) = timed(lambda p: (feats(p, z), feats(p, zt)), params)
   rows["features of 60k + 10k images"] = dict(first_s=first, second_s=second)
   for standardize in (False, True):
-    first, second, accs = timed(protocol._probe, f_train, yj, f_test, ytj, 2e-5, n_classes=10, standardize=standardize,
-                                max_steps=args.head_steps)
+    first, second, accs = timed(baselines.probe_accuracies, f_train, yj, f_test, ytj, 2e-5, n_classes=10,
+                                standardize=standardize, max_steps=args.head_steps)
     rows[f"logistic head, {'standardised' if standardize else 'raw'} features"] = dict(
         first_s=first, second_s=second, accuracy=float(np.mean(accs)))
   for name, r in rows.items():

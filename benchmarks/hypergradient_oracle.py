@@ -20,7 +20,7 @@ jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, "tests")
 from test_bilevel import ToyProblem, ridge_oracle, ridge_problem, run_solver  # noqa: E402
 
-from udd_jax import bilevel  # noqa: E402
+from udd_jax import bilevel, training  # noqa: E402
 
 
 def rel(a, b):
@@ -43,9 +43,9 @@ def main():
   w, expected = ridge_oracle(D, t, B, c)
   lr = 1.0 / jnp.linalg.eigvalsh(D.T @ D + 0.5 * jnp.eye(4)).max()
   for steps in (10, 100, 1000, 3000):
-    g = jax.grad(lambda D: outer(bilevel.unroll(inner, jnp.zeros(4), D, jnp.full((steps,), lr))))(D)
+    g = jax.grad(lambda D: outer(training.unroll(inner, jnp.zeros(4), D, jnp.full((steps,), lr))))(D)
     print(f"| unrolled (D 7 x 4) | T = {steps} GD steps at 1/L | {rel(g, expected):.1e} |")
-  g = jax.grad(lambda D: outer(bilevel.unroll(inner, jnp.zeros(4), D, jnp.full((3000,), lr), truncate=100)))(D)
+  g = jax.grad(lambda D: outer(training.unroll(inner, jnp.zeros(4), D, jnp.full((3000,), lr), truncate=100)))(D)
   print(f"| unrolled (D 7 x 4) | T = 3000, truncated to the last 100 | {rel(g, expected):.1e} |")
 
   print()

@@ -1,7 +1,7 @@
 """Wall time for ``udd_jax.distill`` (default solver) to reach an honest accuracy on MNIST, |D| = 100.
 
-Runs ``udd_jax.distill`` with its defaults (solver ``udd_jax.distill.DEFAULT_SOLVER`` and its
-``SOLVER_DEFAULTS``, K = 128, ``DEFAULT_STEPS`` unless ``--steps``) with the honest probe every
+Runs ``udd_jax.distill`` with its defaults (solver ``udd_jax.driver.DEFAULT_SOLVER`` with its
+class defaults, K = 128, the solver's ``default_steps`` unless ``--steps``) with the honest probe every
 ``--eval_every`` steps and stops at the first probe at or above ``--threshold``, or when
 ``--budget_seconds`` of wall time is spent (``distill``'s ``max_seconds``), or after
 ``--steps``, and reports which. The probe is the evaluation protocol's with one fresh
@@ -21,7 +21,6 @@ table, writes benchmarks/results/time_to_accuracy.json and .png (accuracy agains
 """
 
 import functools
-import importlib
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ import numpy as np
 import _common
 import udd_jax
 
-distill_module = importlib.import_module("udd_jax.distill")  # the module (udd_jax.distill is the function)
+from udd_jax.driver import api as distill_module  # where distill builds its probe
 
 
 class Reached(Exception):
@@ -95,7 +94,7 @@ def main():
   print(_common.header(meta))
 
   probe_times = []
-  original = getattr(distill_module, "_make_honest_probe", None)
+  original = getattr(distill_module, "make_honest_probe", None)
   if original is not None:
     factory = original if args.cheap_probe else functools.partial(original, n_train=None, n_test=None, head_steps=500)
 
@@ -108,7 +107,7 @@ def main():
         probe_times.append(time.perf_counter() - t0)
         return out
       return timed
-    distill_module._make_honest_probe = timed_factory
+    distill_module.make_honest_probe = timed_factory
 
   history = []
   t_call = time.perf_counter()
@@ -135,7 +134,7 @@ def main():
     outcome = "reached"
   finally:
     if original is not None:
-      distill_module._make_honest_probe = original
+      distill_module.make_honest_probe = original
   if outcome != "reached" and history and history[-1]["wall_time"] >= args.budget_seconds:
     outcome = "budget"
 

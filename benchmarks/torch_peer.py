@@ -5,8 +5,8 @@ linear softmax head, L2 1e-4), a batch of 256 real images drawn inside each step
 
 * penalty: tied-AE inner loss 0.5 mean_i ||a - x_i + W sigmoid(W^T x_i + b)||^2 on D,
   outer = CE(head(sigmoid(W^T x + b))) + l2/2 ||head W||^2 + mu/2 ||grad_w L_in(w; D)||^2
-  (double backward), Adam(1e-2) on D and Adam(1e-3) on (w, head): ``udd_jax.Penalty()``
-  with its defaults (mu = 1).
+  (double backward), Adam(1e-2) on D and Adam(1e-3) on (w, head): ``udd_jax.Penalty(mu=1.0)``
+  (a constant mu) with its other defaults.
 * implicit: ``udd_jax.Implicit()`` with its defaults: warm-started inner Adam(1e-2) steps
   until ||grad|| <= 1e-4 or 100 steps, 5 Adam(1e-2) steps on the head at w*, CG
   (tol 1e-5, at most 50 iterations, truncated at negative curvature) on damped (1e-3)
@@ -150,7 +150,7 @@ class TorchImplicit:
   def step(self, xb, yb):
     D, w = self.D, self.w
     Dc = D.detach()
-    # Inner solve: the same loop as udd_jax.bilevel.inner_solve (gradient at the start, then step / gradient).
+    # Inner solve: the same loop as udd_jax.training.inner_solve (gradient at the start, then step / gradient).
     g = torch.autograd.grad(ae_loss(*w, Dc), w)
     gnorm, i = float(torch.sqrt(sum((t * t).sum() for t in g))), 0
     while i < self.inner_steps and gnorm > self.inner_tol:
@@ -302,10 +302,13 @@ def main():
   sampler = Sampler(xt, yt, args.batch)
 
   # --- Same maths: the check. ---
-  solvers = {"penalty": bilevel.get_solver("penalty"), "implicit": bilevel.get_solver("implicit", **implicit_options)}
+  # A constant mu: the peer has no schedule (the class default is distill's geometric one).
+  penalty_options = dict(mu=1.0)
+  solvers = {"penalty": bilevel.get_solver("penalty", **penalty_options),
+             "implicit": bilevel.get_solver("implicit", **implicit_options)}
   jax_steps, states, problems = {}, {}, {}
   for name in solvers:
-    options = implicit_options if name == "implicit" else {}
+    options = implicit_options if name == "implicit" else penalty_options
     jax_steps[name], states[name], problems[name] = jax_contender(name, x, y, args.batch, **options)
   mu = float(solvers["penalty"].mu)
   # The peer takes the JAX solver's own settings (its optimisers' rates are the class defaults, 1e-2).

@@ -6,28 +6,25 @@
 
 from absl import app, flags, logging
 
-from udd_jax import experiment
+from udd_jax import app_flags, experiment
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "digits", "Dataset name.")
+flags.DEFINE_enum("dataset", "digits", experiment.BUILTIN_DATASETS, "Dataset (digits is embedded).")
 flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
 flags.DEFINE_integer("n_distill", 20, "Size of the distilled set.")
 flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")
 flags.DEFINE_list("points", ["1", "100", "200"], "Outer steps at which to report.")
 flags.DEFINE_float("diversity", 0.1, "Weight of the diversity term in the second row.")
-flags.DEFINE_multi_string("opt", [], "Solver option key=value (repeatable), for all three rows.")
-flags.DEFINE_string("workdir", None, "Where everything is written.", required=True)
+flags.DEFINE_multi_string("opt", [], "Solver or problem option key=value, for all three rows")
+flags.DEFINE_string("workdir", None, "(required) Where everything is written.")
+flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
-  points = [int(p) for p in FLAGS.points]
-  experiment.seed_table(
-      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, workdir=FLAGS.workdir, n_distill=FLAGS.n_distill,
-      n_hidden=FLAGS.n_hidden, points=points, diversity=FLAGS.diversity,
-      options=experiment.parse_options(FLAGS.opt),
-  )
+  experiment.seed_table(**app_flags.app_arguments(FLAGS, experiment.seed_table, points=[int(p) for p in FLAGS.points],
+                                                  options=experiment.parse_options(FLAGS.opt)))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ result.npz is only re-evaluated.
 
 from absl import app, flags, logging
 
+from udd_jax import app_flags
 from udd_jax import experiment as unsupervised_experiment
-from udd_jax.supervised import experiment
+from udd_jax.data import BUILTIN_DATASETS
+from udd_jax.supervised import experiment, networks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "dc", list(experiment.METHODS), "Distillation method or coreset baseline.")
-flags.DEFINE_string("dataset", "mnist", "mnist, fashion_mnist, usps or digits (embedded).")
+flags.DEFINE_enum("dataset", "mnist", BUILTIN_DATASETS, "Dataset (digits is embedded).")
 flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
 flags.DEFINE_integer("ipc", 1, "Images per class.")
-flags.DEFINE_string("network", "convnet", "convnet, mlp or lenet: distilled with and evaluated on.")
+flags.DEFINE_enum("network", "convnet", networks.NETWORKS, "Network distilled with and evaluated on.")
 flags.DEFINE_integer("width", 128, "Channels of the ConvNet (hidden units of the MLP) in distillation and evaluation.")
 flags.DEFINE_integer("iterations", None, "Outer iterations of the method (default: the method's).")
 flags.DEFINE_float("max_seconds", None, "Wall-time budget of the distillation.")
@@ -30,7 +32,7 @@ flags.DEFINE_string("workdir", None, "Where everything is written.", required=Tr
 flags.DEFINE_integer("eval_runs", 5, "Networks trained from scratch per evaluation row (0: no evaluation).")
 flags.DEFINE_integer("eval_epochs", 300, "Epochs of each evaluation training.")
 flags.DEFINE_bool("eval_dsa", True, "Also evaluate with DSA augmentation during training.")
-flags.DEFINE_list("cross_arch", [], "Other networks to evaluate the set on, e.g. mlp,lenet.")
+app_flags.define_enum_list("cross_arch", [], networks.NETWORKS, "Other networks to evaluate the set on.")
 flags.DEFINE_multi_string("opt", [], "Method option key=value (repeatable).")
 
 

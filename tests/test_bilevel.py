@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import udd_jax
-from udd_jax import bilevel
+from udd_jax import bilevel, training
 from udd_jax.heads import linear as heads_lib
 
 # ---------------------------------------------------------------------------
@@ -91,8 +92,7 @@ def test_implicit_warm_started_adjoint_solves_the_same_systems():
   cold, cold_m = _implicit_run(problem, tasks, x, 4, warm_start_adjoint=False, cg_tol=1e-10, cg_steps=500)
   warm, warm_m = _implicit_run(problem, tasks, x, 4, warm_start_adjoint=True, cg_tol=1e-10, cg_steps=500)
   np.testing.assert_allclose(warm.images, cold.images, rtol=1e-7, atol=1e-10)
-  for a, b in zip(jax.tree.leaves(warm.extra[1]), jax.tree.leaves(cold.extra[1])):  # the stored adjoints
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  chex.assert_trees_all_close(warm.extra[1], cold.extra[1], rtol=1e-6, atol=1e-9)  # the stored adjoints
   assert int(warm_m[0]["cg_steps"]) == int(cold_m[0]["cg_steps"])  # the first warm start is from zero
 
 
@@ -113,7 +113,7 @@ def test_implicit_argmin_custom_vjp_matches_oracle():
   opt = optax.sgd(0.05)
 
   def solve(w0, D):
-    return bilevel.inner_solve(lambda w: inner(w, D), w0, opt.init(w0), opt, max_steps=20000, tol=1e-13).params
+    return training.inner_solve(lambda w: inner(w, D), w0, opt.init(w0), opt, max_steps=20000, tol=1e-13).params
 
   argmin = bilevel.implicit_argmin(inner, solve, damping=0.0, tol=1e-13, max_steps=100)
   g = jax.grad(lambda D: outer(argmin(jnp.zeros(4), D)))(D)
@@ -126,14 +126,14 @@ def test_unrolled_hypergradient_with_many_steps_matches_oracle(truncate):
   M = D.T @ D + LAM * jnp.eye(4)
   lr = 1.0 / jnp.linalg.eigvalsh(M).max()
   steps = jnp.full((3000,), lr)
-  g = jax.grad(lambda D: outer(bilevel.unroll(inner, jnp.zeros(4), D, steps, truncate=truncate)))(D)
+  g = jax.grad(lambda D: outer(training.unroll(inner, jnp.zeros(4), D, steps, truncate=truncate)))(D)
   np.testing.assert_allclose(g, ridge_oracle(D, t, B, c)[1], rtol=1e-7, atol=1e-10)
 
 
 def test_unrolled_gradient_wrt_step_sizes_matches_finite_differences():
   D, t, B, c, inner, outer = ridge_problem(seed=3)
   steps = jnp.linspace(0.01, 0.05, 10)
-  loss = lambda s: outer(bilevel.unroll(inner, jnp.zeros(4), D, s, transform=optax.scale_by_adam()))
+  loss = lambda s: outer(training.unroll(inner, jnp.zeros(4), D, s, transform=optax.scale_by_adam()))
   g = jax.grad(loss)(steps)
   eps = 1e-6
   for i in (0, 4, 9):
@@ -142,9 +142,59 @@ def test_unrolled_gradient_wrt_step_sizes_matches_finite_differences():
     assert abs(g[i] - fd) <= 1e-6 * max(abs(fd), 1e-3)
 
 
+@pytest.mark.parametrize("truncate", [None, 3])
+@pytest.mark.parametrize("remat", [False, True])
+def test_unroll_with_per_step_batches_matches_a_python_loop(remat, truncate):
+  """Per-step data (here mini-batch indices) reach the loss as its third argument; remat changes no number."""
+  D, t, B, c, _, outer = ridge_problem(seed=4)
+  batches = jax.random.randint(jax.random.key(0), (8, 3), 0, D.shape[0])
+  loss = lambda w, d, idx: 0.5 * jnp.sum((d[idx] @ w - t[idx]) ** 2) + 0.5 * LAM * jnp.sum(w**2)
+  steps = jnp.linspace(0.02, 0.05, 8)
+
+  def by_loop(d, s):
+    w = jnp.zeros(4)
+    for i in range(8):
+      if truncate is not None and i == 8 - truncate:
+        w = jax.lax.stop_gradient(w)
+      w = w - s[i] * jax.grad(loss)(w, d, batches[i])
+    return outer(w)
+
+  def by_unroll(d, s):
+    return outer(training.unroll(loss, jnp.zeros(4), d, s, xs=batches, truncate=truncate, remat=remat))
+
+  value, grads = jax.value_and_grad(by_unroll, argnums=(0, 1))(D, steps)
+  expected, expected_grads = jax.value_and_grad(by_loop, argnums=(0, 1))(D, steps)
+  np.testing.assert_allclose(value, expected, rtol=1e-12)
+  chex.assert_trees_all_close(grads, expected_grads, rtol=1e-10, atol=1e-13)
+  if truncate is not None:
+    assert not bool(jnp.any(grads[1][:8 - truncate])) and bool(jnp.all(grads[1][8 - truncate:] != 0))
+
+
+def test_unroll_remat_checkpoints_the_step_and_changes_no_number():
+  D, t, B, c, inner, outer = ridge_problem(seed=5)
+  steps = jnp.linspace(0.01, 0.05, 10)
+
+  def f(d, s, remat):
+    return outer(training.unroll(inner, jnp.zeros(4), d, s, transform=optax.scale_by_adam(), remat=remat))
+
+  plain, remat = (jax.value_and_grad(f, argnums=(0, 1))(D, steps, r) for r in (False, True))
+  np.testing.assert_allclose(remat[0], plain[0], rtol=1e-13)
+  chex.assert_trees_all_close(remat[1], plain[1], rtol=1e-12, atol=1e-15)
+  jaxprs = {r: str(jax.make_jaxpr(lambda d, s: f(d, s, r))(D, steps)) for r in (False, True)}
+  assert "remat" in jaxprs[True] and "remat" not in jaxprs[False]  # the primitive of jax.checkpoint
+
+
+def test_unroll_keeps_the_parameters_dtype():
+  loss = lambda w, d, i: 0.5 * jnp.sum((w - d[i]) ** 2)
+  w = training.unroll(loss, jnp.zeros(2, jnp.float32), jnp.ones((3, 2), jnp.float32), jnp.full((3,), 0.5),
+                      xs=jnp.arange(3))
+  assert w.dtype == jnp.float32
+  np.testing.assert_allclose(w, 0.875)
+
+
 def test_inner_solve_stops_at_tolerance():
   opt = optax.sgd(0.1)
-  res = bilevel.inner_solve(lambda w: 0.5 * jnp.sum(w**2), jnp.ones(3), opt.init(jnp.ones(3)), opt, max_steps=1000, tol=1e-3)
+  res = training.inner_solve(lambda w: 0.5 * jnp.sum(w**2), jnp.ones(3), opt.init(jnp.ones(3)), opt, max_steps=1000, tol=1e-3)
   # ||grad|| = sqrt(3) 0.9^k <= 1e-3 first at k = 71.
   assert int(res.num_steps) == 71 and res.grad_norm <= 1e-3
 
@@ -245,7 +295,7 @@ def test_implicit_hypergradient_matches_finite_differences_on_grbm(inner, weight
     return jax.lax.scan(body, flat, None, length=30)[0]
 
   opt = optax.adam(0.02)
-  warm = bilevel.inner_solve(lambda p: f(p, images), w0, opt.init(w0), opt, max_steps=5000).params
+  warm = training.inner_solve(lambda p: f(p, images), w0, opt.init(w0), opt, max_steps=5000).params
   w_star = newton_solve(ravel_pytree(warm)[0], images)
   assert optax.tree.norm(jax.grad(f)(unravel(w_star), images)) < 1e-12
   hessian = jax.hessian(lambda z: f(unravel(z), images))(w_star)
@@ -323,9 +373,9 @@ def test_vmap_over_tasks_equals_python_loop(head):
 
 SOLVER_OPTIONS = {
     "penalty": dict(mu=0.01, model_optimizer=optax.adam(3e-2)),
-    "value_function": dict(inner_steps=5, model_optimizer=optax.adam(3e-2)),
+    "value_function": dict(mu=1.0, inner_steps=5, model_optimizer=optax.adam(3e-2)),
     "implicit": dict(inner_steps=20, cg_steps=10, damping=0.1),
-    "unrolled": dict(unroll_steps=5, head_steps=10),
+    "unrolled": dict(unroll_steps=5, inner_lr=0.1, head_steps=10),
     # Learners live 20 outer steps: a 60-step run restarts each of them about three times.
     "pool": dict(pool_size=3, inner_steps=5, lifetime=100, inner_lr=3e-2, head_steps=10),
     # The pool with its other hypergradient: CG at each learner, warm-started adjoints.
@@ -367,10 +417,13 @@ def test_jit_equals_no_jit_and_no_recompilation(name):
 
   jitted = jax.jit(step)
   jit_state, jit_metrics = jitted(state, batch)
-  for a, b in zip(jax.tree.leaves((eager_state, eager_metrics)), jax.tree.leaves((jit_state, jit_metrics))):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  key_data = lambda a: jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+  chex.assert_trees_all_close(
+      jax.tree.map(key_data, (eager_state, eager_metrics)),
+      jax.tree.map(key_data, (jit_state, jit_metrics)),
+      rtol=1e-9,
+      atol=1e-12,
+  )
   for i in range(3):
     jit_state, _ = jitted(jit_state, bilevel.sample_batch(jax.random.key(2 + i), tasks, 16))
   assert len(traces) == 1
@@ -418,7 +471,7 @@ def test_unrolled_with_several_inits_averages_their_hypergradients():
 
   def outer_of(images, k):
     w0 = problem.init_params(k, jnp.float64)
-    w = bilevel.unroll(lambda p, d: problem.inner_loss(p, d, k_inner), w0, images, steps)
+    w = training.unroll(lambda p, d: problem.inner_loss(p, d, k_inner), w0, images, steps)
     return problem.outer_loss(w, (), batch)[0]
 
   per_init = [jax.value_and_grad(outer_of)(state.images, k) for k in jax.random.split(k_init, 3)]
@@ -467,7 +520,7 @@ def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inne
   learner = lambda i: jax.tree.map(lambda a: a[i], (state.params, state.extra.opt_state))
 
   def objective(d):
-    losses = [problem.outer_loss(bilevel.advance(inner, *learner(i), d, opt, 4)[0], (), batch)[0] for i in counted]
+    losses = [problem.outer_loss(training.advance(inner, *learner(i), d, opt, 4)[0], (), batch)[0] for i in counted]
     return sum(losses) / len(losses)
 
   value, expected = jax.value_and_grad(objective)(state.images)
@@ -475,9 +528,9 @@ def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inne
   np.testing.assert_allclose(state.images - new_state.images, expected, rtol=1e-8, atol=1e-14)
   assert float(metrics["outer_loss"]) == pytest.approx(float(value), rel=1e-10)
   for i in range(3):  # every learner (counted or not) continues its training on the old D
-    w, s = bilevel.advance(inner, *learner(i), state.images, opt, 4)
-    for a, b in zip(jax.tree.leaves((w, s)), jax.tree.leaves(jax.tree.map(lambda a: a[i], (new_state.params, new_state.extra.opt_state)))):
-      np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15)
+    w, s = training.advance(inner, *learner(i), state.images, opt, 4)
+    new_learner = jax.tree.map(lambda a: a[i], (new_state.params, new_state.extra.opt_state))
+    chex.assert_trees_all_close(new_learner, (w, s), rtol=1e-12, atol=1e-15)
   np.testing.assert_array_equal(new_state.extra.age, [4, 14, 24])
 
 
@@ -488,7 +541,7 @@ def test_pool_learners_restart_after_their_lifetime_and_stay_staggered():
   np.testing.assert_array_equal(state.extra.age, [0, 2, 4])  # staggered over the lifetime from the start
   step = jax.jit(lambda s: solver.step(problem, s, batch))
   opt = solver.learner_optimizer()
-  advance = jax.jit(lambda w, s, d, k: bilevel.advance(lambda p, d: problem.inner_loss(p, d, k), w, s, d, opt, 2)[0])
+  advance = jax.jit(lambda w, s, d, k: training.advance(lambda p, d: problem.inner_loss(p, d, k), w, s, d, opt, 2)[0])
   restarts = []
   for t in range(9):
     new_state, _ = step(state)
@@ -509,8 +562,7 @@ def test_pool_learners_restart_after_their_lifetime_and_stay_staggered():
       else:
         expected = continued
         assert int(new_state.extra.age[i]) == old_age[i] + solver.inner_steps
-      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+      chex.assert_trees_all_close(new, expected, rtol=1e-12, atol=1e-15)
     assert sorted(np.asarray(new_state.extra.age).tolist()) == [2, 4, 6]  # still staggered, evenly
     state = new_state
   # The oldest learner restarts at every step from the second on, each in turn.
@@ -521,8 +573,7 @@ def test_pool_current_params_is_the_oldest_learner():
   problem, images, batch = small_pool_problem(seed=2)
   solver = bilevel.Pool(pool_size=4, inner_steps=3, lifetime=100, head_steps=5)
   state = with_ages(solver.init(problem, jax.random.key(0), images), [30, 90, 10, 60])
-  for a, b in zip(jax.tree.leaves(solver.current_params(state)), jax.tree.leaves(jax.tree.map(lambda a: a[1], state.params))):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(solver.current_params(state), jax.tree.map(lambda a: a[1], state.params))
   assert any(float(jnp.abs(a[1] - a[3]).max()) > 0 for a in jax.tree.leaves(state.params))  # learners really differ
   new_state, metrics = solver.step(problem, state, batch)  # the metrics are the oldest learner's
   _, _, k_inner, _ = jax.random.split(state.key, 4)
@@ -602,6 +653,38 @@ def test_pool_option_errors():
 # ---------------------------------------------------------------------------
 # Options.
 # ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(bilevel.SOLVERS))
+def test_a_solver_name_and_an_instance_are_the_same_solver(name):
+  cls = bilevel.SOLVERS[name]
+  assert bilevel.get_solver(name) == cls() and bilevel.get_solver(cls()) == cls()
+  assert cls.default_steps == {"unrolled": 300, "pool": 500}.get(name, 600)
+  assert cls.default_head == ("ridge" if name in ("unrolled", "pool") else "softmax")
+
+
+def test_solver_defaults_are_distills():
+  geometric = bilevel.mu_schedule("geometric", 0.01, final=100.0, steps=2000)
+  assert bilevel.Penalty().mu == geometric and bilevel.ValueFunction().mu == geometric
+  unrolled = bilevel.Unrolled()
+  assert (unrolled.unroll_steps, unrolled.inner_optimizer, unrolled.inner_lr) == (200, "sgd", 0.02)
+
+
+def test_solver_recipes_are_what_a_distilled_set_ships():
+  state = lambda solver: solver.init(ToyProblem(), jax.random.key(0), jnp.zeros((1, 1)))
+  given = udd_jax.Recipe("sgd", 0.1, 50, 0.5)
+  for name in ("penalty", "value_function", "implicit"):
+    solver = bilevel.get_solver(name)
+    assert solver.recipe(state(solver), 0.05) == dataclasses.replace(udd_jax.STANDARD_RECIPE, init_scale=0.05)
+    assert solver.recipe(state(solver), 0.05, given) == given
+  # The unrolled solver ships its own unroll with the step sizes it learned, whatever was given.
+  by_name, by_instance = bilevel.get_solver("unrolled"), bilevel.Unrolled()
+  recipe = by_name.recipe(state(by_name), 0.05, given)
+  assert recipe == by_instance.recipe(state(by_instance), 0.05)
+  assert (recipe.inner_optimizer, recipe.inner_steps, recipe.init_scale) == ("sgd", 200, 0.05)
+  np.testing.assert_allclose(recipe.inner_lr, np.full(200, 0.02), rtol=1e-12)
+  pool = bilevel.get_solver("pool")
+  assert pool.recipe(state(pool), 0.05, given) == udd_jax.Recipe("adam", 3e-3, 4000, 0.05, until_converged=True)
 
 
 def test_solver_option_errors():

@@ -1,9 +1,9 @@
 """distill(), DistillResult, evaluate() and the experiment pipeline, on the embedded digits."""
 
-import importlib
 import json
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +12,12 @@ import pytest
 
 import udd_jax
 from udd_jax import evaluation, experiment
-from udd_jax.evaluation import protocol
+from udd_jax.data.clustering import kmeans
+from udd_jax.training import recipes
 
 
-distill_lib = importlib.import_module("udd_jax.distill")  # the module, not the function udd_jax.distill
+from udd_jax import driver as distill_lib
+from udd_jax.driver import build as build_lib
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,7 @@ def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
     assert str(f["library_version"]) == udd_jax.__version__
     assert str(f["preprocessing_method"]) == "none" and json.loads(str(f["config"]))["n_distill"] == 10
   loaded = udd_jax.load_distilled(path)
-  np.testing.assert_array_equal(loaded.images, result.images)
-  np.testing.assert_array_equal(loaded.params.W, result.params.W)
+  chex.assert_trees_all_equal((loaded.images, loaded.params), (result.images, result.params))
   assert loaded.config == result.config and loaded.history == result.history
   assert loaded.recipe == result.recipe
   np.testing.assert_array_equal(loaded.preprocessing.apply(x[:5]), result.preprocessing.apply(x[:5]))
@@ -83,7 +84,7 @@ def test_default_solver_is_the_pool_and_ships_the_standard_recipe(digits, tmp_pa
   assert result.params.W.shape == (64, 16)  # one learner (the oldest), not the stacked pool
   loaded = udd_jax.load_distilled(result.save(tmp_path / "d.npz"))
   assert loaded.recipe == udd_jax.STANDARD_RECIPE and loaded.config == result.config
-  np.testing.assert_array_equal(loaded.params.W, result.params.W)
+  chex.assert_trees_all_equal(loaded.params, result.params)
 
 
 def test_load_distilled_errors(digits, tmp_path):
@@ -120,8 +121,7 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path, options):
   straight = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "a", **options)
   udd_jax.distill(x, y, steps=10, workdir=tmp_path / "b", **options)
   resumed = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "b", **options)
-  np.testing.assert_array_equal(resumed.images, straight.images)
-  np.testing.assert_array_equal(resumed.params.W, straight.params.W)
+  chex.assert_trees_all_equal((resumed.images, resumed.params), (straight.images, straight.params))
   assert [h["step"] for h in resumed.history] == [5, 10, 15, 20]
   lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [5, 10, 15, 20]
@@ -163,7 +163,7 @@ def test_cosine_schedule_moves_the_images_less(digits):
   cosine = udd_jax.distill(x, y, lr_schedule="cosine", **args)
   assert cosine.config["options_given"]["lr_schedule"] == "cosine"
   # Both start from the same real images; Adam's steps on D shrink to zero under the cosine schedule.
-  start = distill_lib._initial_images("real", jax.random.split(jax.random.key(1), 3)[0], x.reshape(len(x), -1), 10)
+  start = build_lib.initial_images("real", jax.random.split(jax.random.key(1), 3)[0], x.reshape(len(x), -1), 10)
   travelled = [float(np.linalg.norm(r.images.reshape(10, -1) - start)) for r in (constant, cosine)]
   assert 0.0 < travelled[1] < 0.8 * travelled[0]
 
@@ -230,8 +230,8 @@ def test_divergence_stops_with_a_clear_message(digits, tmp_path, good_steps):
   assert kept.config["diverged_at_step"] == step
   assert np.all(np.isfinite(kept.images)) and all(np.all(np.isfinite(p)) for p in kept.params)
   with np.load(tmp_path / "checkpoint.npz") as f:
-    leaves = [f[k] for k in f.files if k.startswith("leaf_")]
-  assert all(np.all(np.isfinite(a)) for a in leaves if a.dtype.kind == "f")
+    leaves = [f[k] for k in f.files if k.startswith("state/")]
+  assert leaves and all(np.all(np.isfinite(a)) for a in leaves if a.dtype.kind == "f")
 
 
 # Evaluation.
@@ -263,14 +263,13 @@ def test_retrain_follows_the_recipe_exactly():
   images = jax.random.uniform(jax.random.key(0), (6, 5), jnp.float64)
   recipe = udd_jax.Recipe("sgd", (0.5, 0.25), 2, 0.3)
   key = jax.random.key(7)
-  params, loss, _ = protocol.retrain(images, recipe, key, learner=learner, n_hidden=3)
+  params, loss, _ = recipes.retrain(images, recipe, key, learner=learner, n_hidden=3)
   k_init, _ = jax.random.split(key)
   p = learner.init(k_init, 5, 3, init_scale=1.0, dtype=jnp.float64)
   p = p._replace(W=0.3 * p.W)
   for lr in (0.5, 0.25):
     p = jax.tree.map(lambda w, g: w - lr * g, p, jax.grad(udd_jax.ae_loss)(p, images))
-  for a, b in zip(params, p):
-    np.testing.assert_allclose(a, b, rtol=1e-12)
+  chex.assert_trees_all_close(params, p, rtol=1e-12)
   assert float(loss) == pytest.approx(float(udd_jax.ae_loss(p, images)))
 
 
@@ -280,19 +279,19 @@ def test_train_until_converged_stops_when_the_gradient_norm_stops_falling(monkey
   On a quadratic, plain gradient steps of size lr shrink the gradient norm by exactly
   (1 - lr) per step, so the stopping point is known in advance.
   """
-  monkeypatch.setattr(protocol, "CONVERGENCE_CHUNK", 10)
+  monkeypatch.setattr(recipes, "CONVERGENCE_CHUNK", 10)
   quadratic = udd_jax.get_inner_learner("ae")
   quadratic = type(quadratic)(name="quadratic", loss=lambda p, x, key: 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in p))
   images = jnp.zeros((6, 5), jnp.float64)
-  run = lambda lr, lo, hi: protocol.train_until_converged(images, jax.random.key(1), learner=quadratic, n_hidden=3, lr=lr,
+  run = lambda lr, lo, hi: recipes.train_until_converged(images, jax.random.key(1), learner=quadratic, n_hidden=3, lr=lr,
                                                           init_scale=0.01, adam=False, min_steps=lo, max_steps=hi)
   params, _, gnorm, steps = run(0.1, 20, 200)  # (1 - 0.1)^10 = 0.35 per chunk: falling until the cap
   assert int(steps) == 200
   k_init, _ = jax.random.split(jax.random.key(1))
   p0 = quadratic.init(k_init, 5, 3, init_scale=1.0, dtype=jnp.float64)
   p0 = p0._replace(W=0.01 * p0.W)
-  for a, b in zip(params, p0):  # exactly 200 plain steps: w_T = 1 + 0.9^200 (w_0 - 1)
-    np.testing.assert_allclose(a, 1.0 + 0.9**200 * (b - 1.0), rtol=1e-10)
+  # Exactly 200 plain steps: w_T = 1 + 0.9^200 (w_0 - 1).
+  chex.assert_trees_all_close(params, jax.tree.map(lambda w0: 1.0 + 0.9**200 * (w0 - 1.0), p0), rtol=1e-10)
   _, _, _, steps = run(1e-3, 20, 200)  # (1 - 1e-3)^10 = 0.99 per chunk: not a 5% drop, stops at the minimum
   assert int(steps) == 20
   _, _, _, steps = run(0.004, 20, 200)  # 0.96 per chunk: falls by 4%, stops at the minimum too
@@ -347,7 +346,7 @@ def test_kmeans_recovers_separated_clusters():
   rng = np.random.default_rng(0)
   centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
   x = jnp.asarray(np.concatenate([c + 0.1 * rng.normal(size=(50, 2)) for c in centres]))
-  found = np.asarray(protocol.kmeans(jax.random.key(0), x, 3))
+  found = np.asarray(kmeans(jax.random.key(0), x, 3))
   assert np.abs(np.sort(found, axis=0) - np.sort(centres, axis=0)).max() < 0.1
 
 
@@ -401,3 +400,74 @@ def test_parse_options():
   assert experiment.parse_transfer("K=256,inner=score_matching") == {"n_hidden": 256, "inner": "score_matching"}
   with pytest.raises(ValueError, match="transfer option 'lr' unknown"):
     experiment.parse_transfer("lr=3")
+
+
+# What a new user tried (issue 15): each gets a clear error or works.
+
+
+@pytest.mark.parametrize("scale", [np.uint8, np.float32], ids=["uint8", "float"])
+def test_raw_pixels_are_refused_clearly(digits, scale):
+  (x, y), _ = digits
+  raw = np.round(x * 255).astype(scale)
+  with pytest.raises(ValueError, match=r"x \(task 0\) holds values in \[0, 255\] \(raw .* pixels\?\).*Divide by 255"):
+    udd_jax.distill(raw, y, steps=5, **FAST)
+  # With a preprocessing that rescales them, raw pixels are fine.
+  assert np.isfinite(udd_jax.distill(raw, y, steps=5, preprocessing="standardize", **FAST).images).all()
+
+
+def test_one_class_is_refused_clearly(digits):
+  (x, y), _ = digits
+  with pytest.raises(ValueError, match=r"y \(task 0\) holds one class only \(label 3\)"):
+    udd_jax.distill(x, np.full(len(x), 3), steps=5, **FAST)
+
+
+def test_workdir_that_is_a_file_is_refused_clearly(digits, tmp_path):
+  (x, y), _ = digits
+  (tmp_path / "f").write_text("")
+  with pytest.raises(ValueError, match="is an existing file, not a directory"):
+    udd_jax.distill(x, y, steps=5, workdir=tmp_path / "f", **FAST)
+
+
+def test_load_distilled_on_a_file_that_is_not_npz(tmp_path):
+  (tmp_path / "d.npz").write_text("not an archive")
+  with pytest.raises(ValueError, match=r"is not a distilled set: not an .npz \(zip\) archive") as info:
+    udd_jax.load_distilled(tmp_path / "d.npz")
+  assert "allow_pickle" not in str(info.value)
+
+
+def test_another_configuration_names_the_setting_that_differs(digits, tmp_path):
+  (x, y), _ = digits
+  udd_jax.distill(x, y, steps=5, workdir=tmp_path, **FAST)
+  with pytest.raises(ValueError, match=r"another configuration \(n_hidden: 16 -> 8\)"):
+    udd_jax.distill(x, y, steps=5, workdir=tmp_path, **(FAST | dict(n_hidden=8)))
+
+
+def test_unknown_option_lists_solver_and_problem_options(digits):
+  (x, y), _ = digits
+  with pytest.raises(TypeError, match=r"unknown option\(s\) \['bogus'\] for solver 'unrolled'; its options are .*"
+                                      r"'unroll_steps'.*the problem options are .*'image_lr'.*'init_scale'"):
+    udd_jax.distill(x, y, steps=5, bogus=1, **FAST)
+
+
+def test_a_key_runs_as_its_seed(digits):
+  (x, y), _ = digits
+  by_seed = udd_jax.distill(x, y, steps=5, seed=7, **FAST)
+  by_key = udd_jax.distill(x, y, steps=5, seed=jax.random.key(7), **FAST)
+  np.testing.assert_array_equal(by_key.images, by_seed.images)
+  assert by_key.config["seed"] == [0, 7]
+
+
+def test_checkpoint_is_keyed_by_pytree_paths(digits, tmp_path):
+  (x, y), _ = digits
+  udd_jax.distill(x, y, steps=5, workdir=tmp_path, **FAST)
+  with np.load(tmp_path / "checkpoint.npz") as f:
+    names = set(f.files)
+  assert {"state/step", "state/images", "state/params/W", "meta/history"} <= names
+
+
+def test_evaluate_takes_a_key_as_its_seed(digits):
+  (x, y), (xt, yt) = digits
+  short = udd_jax.Recipe("adam", 0.01, 20, 0.01)
+  run = lambda seed: udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, seeds=2, standard_recipe=short,
+                                      baselines=(), head_steps=50, seed=seed)
+  assert run(jax.random.key(3)).rows[0].accuracies == run(3).rows[0].accuracies

@@ -1,9 +1,11 @@
 """The maths of the inner learners: closed forms, autodiff, finite differences (float64)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import udd_jax
@@ -28,39 +30,55 @@ def max_rel_err(tree_a, tree_b):
   return max(float(e) for e in jax.tree.leaves(errs))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("sigma2", [1.0, 0.3])
-@pytest.mark.parametrize(
-    "loss, closed_form",
-    [
-        (udd_jax.ae_loss, udd_jax.ae_grad_closed_form),
-        (udd_jax.score_matching_loss, udd_jax.score_matching_grad_closed_form),
-    ],
-    ids=["ae", "score_matching"],
-)
-def test_closed_form_gradient_matches_autodiff(shape, sigma2, loss, closed_form):
-  params, x = random_problem(*shape)
-  auto = jax.grad(loss)(params, x, sigma2=sigma2)
-  manual = closed_form(params, x, sigma2=sigma2)
-  assert isinstance(manual, udd_jax.GRBMParams)
-  assert max_rel_err(manual, auto) < 1e-10
+CLOSED_FORMS = {  # name: (loss, its closed-form gradient, its closed-form penalty ||grad_w loss||^2)
+    "ae": (udd_jax.ae_loss, udd_jax.ae_grad_closed_form, udd_jax.ae_penalty_closed_form),
+    "score_matching": (
+        udd_jax.score_matching_loss,
+        udd_jax.score_matching_grad_closed_form,
+        udd_jax.score_matching_penalty_closed_form,
+    ),
+}
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize(
-    "loss, penalty",
-    [
-        (udd_jax.ae_loss, udd_jax.ae_penalty_closed_form),
-        (udd_jax.score_matching_loss, udd_jax.score_matching_penalty_closed_form),
-    ],
-    ids=["ae", "score_matching"],
-)
-def test_closed_form_penalty_matches_autodiff_penalty(shape, loss, penalty):
-  params, x = random_problem(*shape, seed=1)
-  manual = penalty(params, x, sigma2=0.5)
-  auto = udd_jax.gradient_penalty(loss, params, x, sigma2=0.5)
-  assert manual > 0
-  assert abs(manual - auto) / auto < 1e-10
+def named_cases(shapes, sigma2s):
+  return [
+      dict(testcase_name=f"{name}_n{n}_d{d}_k{k}_sigma2_{sigma2}", name=name, shape=(n, d, k), sigma2=sigma2)
+      for name in CLOSED_FORMS
+      for n, d, k in shapes
+      for sigma2 in sigma2s
+  ]
+
+
+class ClosedFormTest(chex.TestCase):
+  """The closed forms against autodiff, each computed jitted and not jitted (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*named_cases(SHAPES, [1.0, 0.3]))
+  def test_closed_form_gradient_matches_autodiff(self, name, shape, sigma2):
+    loss, closed_form, _ = CLOSED_FORMS[name]
+    params, x = random_problem(*shape)
+
+    @self.variant
+    def gradients(params, x, sigma2):
+      return jax.grad(loss)(params, x, sigma2=sigma2), closed_form(params, x, sigma2=sigma2)
+
+    auto, manual = gradients(params, x, sigma2)
+    assert isinstance(manual, udd_jax.GRBMParams)
+    assert max_rel_err(manual, auto) < 1e-10
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*named_cases(SHAPES[1:], [0.5]))
+  def test_closed_form_penalty_matches_autodiff_penalty(self, name, shape, sigma2):
+    loss, _, penalty = CLOSED_FORMS[name]
+    params, x = random_problem(*shape, seed=1)
+
+    @self.variant
+    def penalties(params, x, sigma2):
+      return penalty(params, x, sigma2=sigma2), udd_jax.gradient_penalty(loss, params, x, sigma2=sigma2)
+
+    manual, auto = penalties(params, x, sigma2)
+    assert manual > 0
+    assert abs(manual - auto) / auto < 1e-10
 
 
 def per_sample_column_gradient(params, x, transposed_jacobian):
@@ -200,8 +218,7 @@ def test_jit_matches_no_jit(fn):
   params, x = random_problem(8, 5, 3, seed=11)
   eager = fn(params, x)
   jitted = jax.jit(fn)(params, x)
-  for u, v in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-    np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-12, atol=1e-14)
 
 
 def test_init_params_recipe():

@@ -6,7 +6,6 @@ cache, so only the first one compiles; all calls have timeouts, so a hung child 
 the test instead of hanging it.
 """
 
-import importlib
 import json
 import os
 import pathlib
@@ -16,12 +15,14 @@ import sys
 import threading
 import time
 
+import chex
 import numpy as np
 import pytest
 
 import udd_jax
 
-distill_lib = importlib.import_module("udd_jax.distill")
+from udd_jax import io
+from udd_jax.driver import loop as loop_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 300
@@ -91,7 +92,7 @@ def wait_for_lines(proc: subprocess.Popen, workdir: pathlib.Path, n: int) -> Non
 
 def checkpoint_history(workdir: pathlib.Path) -> list[dict]:
   with np.load(workdir / "checkpoint.npz") as f:
-    return json.loads(str(f["history"]))
+    return json.loads(str(f["meta/history"]))
 
 
 def without_wall_time(history: list[dict]) -> list[dict]:
@@ -136,9 +137,7 @@ def test_interrupted_app_resumes_bit_for_bit(tmp_path, child_env, uninterrupted,
     assert json.loads(lines[-1])["step"] == stopped_at
   run_to_end(workdir, child_env)
   resumed = udd_jax.load_distilled(workdir / "distilled.npz")
-  np.testing.assert_array_equal(resumed.images, uninterrupted.images)
-  for a, b in zip(resumed.params, uninterrupted.params):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal((resumed.images, resumed.params), (uninterrupted.images, uninterrupted.params))
   assert without_wall_time(resumed.history) == without_wall_time(uninterrupted.history)
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == list(range(3, STEPS + 1, 3))
@@ -165,7 +164,7 @@ needs_main_thread = pytest.mark.skipif(threading.current_thread() is not threadi
 
 def test_an_interrupted_checkpoint_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
   path = tmp_path / "checkpoint.npz"
-  distill_lib._atomic_savez(path, {"a": np.arange(3)})
+  io.atomic_savez(path, {"a": np.arange(3)})
   real_savez = np.savez
 
   def killed_midway(f, **arrays):
@@ -175,7 +174,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_old_checkpoint(tmp_path, monk
 
   monkeypatch.setattr(np, "savez", killed_midway)
   with pytest.raises(KeyboardInterrupt):
-    distill_lib._atomic_savez(path, {"a": np.arange(5)})
+    io.atomic_savez(path, {"a": np.arange(5)})
   with np.load(path) as f:
     np.testing.assert_array_equal(f["a"], np.arange(3))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
@@ -184,7 +183,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_old_checkpoint(tmp_path, monk
 @needs_main_thread
 def test_stop_on_signal_defers_the_first_signal_and_restores_handlers():
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-  stop = distill_lib._StopOnSignal().install()
+  stop = loop_lib.StopOnSignal().install()
   try:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)  # let the interpreter run the handler
@@ -201,7 +200,7 @@ def test_stop_on_signal_defers_the_first_signal_and_restores_handlers():
 def test_stop_on_signal_installs_nothing_outside_the_main_thread():
   before = signal.getsignal(signal.SIGTERM)
   seen = []
-  thread = threading.Thread(target=lambda: seen.append(distill_lib._StopOnSignal().install()._previous))
+  thread = threading.Thread(target=lambda: seen.append(loop_lib.StopOnSignal().install().previous))
   thread.start()
   thread.join()
   assert seen == [{}] and signal.getsignal(signal.SIGTERM) is before

@@ -2,8 +2,8 @@
 
 The public surface is re-exported here; implementation modules live in the
 sub-packages ``udd_jax.inner`` (inner learners and their losses), ``udd_jax.heads``
-(task heads), ``udd_jax.bilevel`` (the problem and its solvers) and ``udd_jax.data``
-(loading and preprocessing).
+(task heads), ``udd_jax.training`` (unrolls and re-training recipes), ``udd_jax.bilevel``
+(the problem and its solvers) and ``udd_jax.data`` (loading, preprocessing, clustering).
 """
 
 from udd_jax.bilevel import Implicit as Implicit
@@ -23,12 +23,10 @@ from udd_jax.data import Preprocessing as Preprocessing
 from udd_jax.data import fit_preprocessing as fit_preprocessing
 from udd_jax.data import load_dataset as load_dataset
 from udd_jax.data import resize_images as resize_images
-from udd_jax.distill import DistillResult as DistillResult
-from udd_jax.distill import distill as distill
-from udd_jax.distill import load_distilled as load_distilled
+from udd_jax.driver import DistillResult as DistillResult
+from udd_jax.driver import distill as distill
+from udd_jax.driver import load_distilled as load_distilled
 from udd_jax.evaluation import EvaluationReport as EvaluationReport
-from udd_jax.evaluation import STANDARD_RECIPE as STANDARD_RECIPE
-from udd_jax.evaluation import Recipe as Recipe
 from udd_jax.evaluation import evaluate as evaluate
 from udd_jax.inner import INNER_LOSSES as INNER_LOSSES
 from udd_jax.inner import GRBMParams as GRBMParams
@@ -44,5 +42,7 @@ from udd_jax.inner import score as score
 from udd_jax.inner import score_matching_grad_closed_form as score_matching_grad_closed_form
 from udd_jax.inner import score_matching_loss as score_matching_loss
 from udd_jax.inner import score_matching_penalty_closed_form as score_matching_penalty_closed_form
+from udd_jax.training import STANDARD_RECIPE as STANDARD_RECIPE
+from udd_jax.training import Recipe as Recipe
 
-__version__ = "0.1.0"
+from udd_jax._version import __version__ as __version__

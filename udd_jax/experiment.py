@@ -1,4 +1,8 @@
-"""The library side of ``experiments/distill.py``: distil, evaluate, write figures and report."""
+"""The library side of the apps in ``experiments/``: distil, evaluate, write figures and report.
+
+:func:`run` is ``experiments/distill.py``; :func:`compare_solvers` and :func:`seed_table`
+are the apps of the same names. Each checks every argument before any data is loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,23 @@ import json
 import math
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from udd_jax import _validation, reporting
+from udd_jax import _validation, io, reporting
 from udd_jax.bilevel.solvers import SOLVERS
-from udd_jax.data.loading import load_dataset, resolve_data_dir
-from udd_jax.data.preprocessing import PREPROCESSING_METHODS
-from udd_jax.distill import DEFAULT_SOLVER, INITS, distill
-from udd_jax.evaluation.protocol import BASELINES, evaluate
+from udd_jax.data.loading import BUILTIN_DATASETS, load_dataset, resolve_data_dir  # noqa: F401 (the apps' choices)
+from udd_jax.data.preprocessing import PREPROCESSING_METHODS, resize_images
+from udd_jax.driver import DEFAULT_SOLVER, INITS, config_differences, distill
+from udd_jax.driver.arguments import LR_SCHEDULES, solver_and_options
+from udd_jax.evaluation import BASELINES, evaluate
 from udd_jax.inner import INNER_LOSSES
 
 JOINT_SOLVERS = ("penalty", "value_function")
+RUN_FILE = "run.json"  # written last by run(): the request and summary of a finished run
+# What a finished run may be asked again with (more steps, other logging or evaluation); else a new workdir.
+RESUMABLE_SETTINGS = ("steps", "max_seconds", "eval_every", "log_every", "checkpoint_every", "eval_seeds", "baselines",
+                      "transfer")
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -61,19 +68,37 @@ def parse_transfer(spec: str) -> dict[str, Any]:
   return out
 
 
+def default_steps(solver: str) -> int:
+  """The outer steps a solver runs when ``steps`` is not given (its class's ``default_steps``)."""
+  return SOLVERS[_validation.check_choice(solver, "solver", SOLVERS)].default_steps
+
+
+def check_options(solver: str, options: Mapping[str, Any], steps: int | None = None) -> None:
+  """Refuses, before any data is loaded, the options ``distill`` would refuse (the driver's own check).
+
+  An unknown name raises a TypeError listing the solver's options and the problem options.
+  """
+  if not isinstance(options, Mapping):
+    raise TypeError(f"options must be a dict of solver or problem options; got {type(options).__name__}.")
+  solver_and_options(solver, steps or default_steps(solver), dict(options))
+
+
 def check_run_args(
     *, dataset: Any, workdir: Any, n_distill: Any, n_hidden: Any, data_dir: Any = None, inner: Any = "ae",
     solver: Any = None, steps: Any = None, seed: Any = 0, batch_size: Any = 2048, init: Any = "real",
     preprocessing: Any = "none", eval_every: Any = 0, eval_seeds: Any = 1, log_every: Any = 10,
-    checkpoint_every: Any = 50, baselines: Sequence[str] = (),
-) -> None:
+    checkpoint_every: Any = 50, baselines: Sequence[str] = (), options: Mapping[str, Any] | None = None,
+) -> Any:
   """Checks :func:`run`'s arguments (the flags of ``experiments/distill.py``) before any data is loaded.
+
+  Returns:
+    The seed's JSON record (the int seed, or a key's data): ``seed`` may be an int or a PRNG key.
 
   Raises:
     ValueError / TypeError: naming the argument and the problem.
     FileNotFoundError: ``data_dir`` given but not an existing directory.
   """
-  if not isinstance(dataset, str) or not dataset.strip(","):
+  if not isinstance(dataset, str) or not dataset.replace(",", "").strip():
     raise ValueError(f"dataset must name a dataset, or several separated by commas; got {dataset!r}.")
   if not isinstance(workdir, (str, pathlib.Path)) or not str(workdir):
     raise ValueError(f"workdir must be a directory path; got {workdir!r}.")
@@ -84,7 +109,8 @@ def check_run_args(
     _validation.check_positive_int(value, name)
   if steps is not None:
     _validation.check_positive_int(steps, "steps")
-  for name, value in (("seed", seed), ("eval_every", eval_every), ("eval_seeds", eval_seeds)):
+  _, seed_record = _validation.as_key(seed, "seed")
+  for name, value in (("eval_every", eval_every), ("eval_seeds", eval_seeds)):
     _validation.check_non_negative_int(value, name)
   _validation.check_choice(solver or DEFAULT_SOLVER, "solver", SOLVERS)
   _validation.check_choice(inner, "inner loss", INNER_LOSSES)
@@ -92,14 +118,14 @@ def check_run_args(
   _validation.check_choice(preprocessing, "preprocessing", PREPROCESSING_METHODS)
   for b in baselines:
     _validation.check_choice(b, "baseline", BASELINES)
+  check_options(solver or DEFAULT_SOLVER, options or {}, steps)
   if data_dir is not None:
     resolve_data_dir(data_dir)
+  return seed_record
 
 
 def _load_tasks(names: Sequence[str], data_dir: str | None):
   """Loads each dataset; later ones are resized to the first one's image shape (USPS to 28x28)."""
-  from udd_jax.data.preprocessing import resize_images
-
   splits = [load_dataset(n, data_dir=data_dir) for n in names]
   shape = splits[0][0][0].shape[1:3]
   out = []
@@ -110,118 +136,145 @@ def _load_tasks(names: Sequence[str], data_dir: str | None):
   return out
 
 
+def _with_lr_schedule(options: Mapping[str, Any] | None, lr_schedule: str | None) -> dict[str, Any]:
+  options = dict(options or {})
+  if lr_schedule is not None:
+    if options.get("lr_schedule", lr_schedule) != lr_schedule:
+      raise ValueError(f"lr_schedule={lr_schedule!r} and the option lr_schedule={options['lr_schedule']!r} disagree.")
+    options["lr_schedule"] = _validation.check_choice(lr_schedule, "lr_schedule", LR_SCHEDULES)
+  return options
+
+
+def _as_json(value: Any) -> Any:
+  """``value`` after a JSON round trip, or None where it holds what JSON cannot (an optax transformation)."""
+  try:
+    return json.loads(json.dumps(value))
+  except TypeError:
+    return None
+
+
+def finished_run(workdir: str | pathlib.Path, request: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+  """The saved summary of the finished run in ``workdir`` and how ``request`` differs from it.
+
+  Returns ``(None, [])`` where no run finished there (no ``run.json`` or ``report.md``), or
+  where either request holds a value JSON cannot hold (e.g. an optax transformation given from
+  Python): such runs are compared by the driver only, as before.
+
+  Raises:
+    ValueError: ``request`` changes a setting outside :data:`RESUMABLE_SETTINGS` (naming each one).
+  """
+  path = pathlib.Path(workdir)
+  if not (path / RUN_FILE).is_file() or not (path / "report.md").is_file():
+    return None, []
+  saved, request = json.loads((path / RUN_FILE).read_text()), _as_json(request)
+  if saved["request"] is None or request is None:
+    return None, []
+  changed = config_differences(saved["request"], request, ignore=())
+  fixed = [line for line in changed if line.split(":")[0].split(".")[0] not in RESUMABLE_SETTINGS]
+  if fixed:
+    raise ValueError(f"{path} holds a finished run with another configuration ({'; '.join(fixed)}); use a new workdir "
+                     f"(a finished run may be asked again only with other {', '.join(RESUMABLE_SETTINGS)}).")
+  return saved["summary"], changed
+
+
+def _evaluate_tasks(result, names, splits, *, n_hidden, inner, seeds, baselines, transfers, joint):
+  """D on each task (every baseline on the first, only raw pixels and random W on the others), with transfer rows."""
+  report = None
+  for j, (name, (train, test)) in enumerate(zip(names, splits)):
+    part = evaluate(
+        result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, seeds=seeds,
+        preprocessing=result.preprocessing, joint_params=result.params if joint else None,
+        baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
+    )
+    for t in transfers:
+      k, loss = t.get("n_hidden", n_hidden), t.get("inner", inner)
+      other = evaluate(result.images, train, test, n_hidden=k, inner=loss, recipe=result.recipe, recipe_n_hidden=n_hidden,
+                       seeds=seeds, preprocessing=result.preprocessing, baselines=())
+      for row in other.rows:
+        row.name = f"transfer to K={k}, {loss}: {row.name}"
+        part.rows.append(row)
+    for row in part.rows if len(names) > 1 else ():
+      row.name = f"{name}: {row.name}"
+    if report is None:
+      report = part
+    else:
+      report.rows.extend(part.rows)
+  return report
+
+
 def run(
-    *,
-    dataset: str,
-    workdir: str,
-    n_distill: int,
-    n_hidden: int,
-    data_dir: str | None = None,
-    inner: str = "ae",
-    solver: str | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = 2048,
-    init: str = "real",
-    preprocessing: str = "none",
-    eval_every: int = 100,
-    eval_seeds: int = 5,
-    baselines: Sequence[str] = BASELINES,
-    transfer: Sequence[str] = (),
-    options: dict[str, Any] | None = None,
-    progress: bool = True,
-    log_every: int = 10,
-    checkpoint_every: int = 50,
+    *, dataset: str, workdir: str, n_distill: int, n_hidden: int, data_dir: str | None = None, inner: str = "ae",
+    solver: str | None = None, steps: int | None = None, seed: Any = 0, batch_size: int = 2048, init: str = "real",
+    preprocessing: str = "none", eval_every: int = 100, eval_seeds: int = 5, baselines: Sequence[str] = BASELINES,
+    transfer: Sequence[str] = (), options: dict[str, Any] | None = None, lr_schedule: str | None = None,
+    progress: bool = True, log_every: int = 10, checkpoint_every: int = 50, max_seconds: float | None = None,
+    rerun_evaluation: bool = False,
 ) -> dict[str, Any]:
   """Runs one distillation end to end and writes its artifacts into ``workdir``.
 
   ``dataset`` may name several datasets separated by commas: they become tasks sharing
   one D (resized to the first one's image size), and D is evaluated on each.
   ``eval_seeds=0`` skips the final evaluation (no ``evaluation.json``; the report has no table).
+  ``seed`` is an int or a PRNG key; ``lr_schedule`` is the option of that name.
 
   Files: ``config.json``, ``metrics.jsonl``, ``checkpoint.npz`` (resumable),
   ``distilled.npz`` (images, preprocessing, config with the inner recipe),
-  ``distilled.png``, ``filters.png``, ``curves.png``, ``evaluation.json`` and ``report.md``.
+  ``distilled.png``, ``filters.png``, ``curves.png``, ``evaluation.json``, ``report.md`` and,
+  last, ``run.json`` (the request and summary). Asked again with the same settings, a
+  finished run prints its saved report and recomputes nothing, unless ``rerun_evaluation``.
 
   Every argument is checked (:func:`check_run_args`) before any data is loaded.
 
   Returns:
     A summary dict (honest accuracy, joint accuracy, wall times, paths).
   """
-  check_run_args(
+  options = _with_lr_schedule(options, lr_schedule)
+  seed_record = check_run_args(
       dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir, inner=inner,
       solver=solver, steps=steps, seed=seed, batch_size=batch_size, init=init, preprocessing=preprocessing,
       eval_every=eval_every, eval_seeds=eval_seeds, log_every=log_every, checkpoint_every=checkpoint_every,
-      baselines=baselines,
+      baselines=baselines, options=options,
   )
   transfers = [parse_transfer(t) for t in transfer]
   names = [n.strip() for n in dataset.split(",") if n.strip()]
-  if not names:
-    raise ValueError("dataset is empty: give a name, or several separated by commas.")
-  splits = _load_tasks(names, data_dir)
   solver = solver or DEFAULT_SOLVER
+  request = dict(dataset=",".join(names), n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver,
+                 steps=steps or default_steps(solver), seed=seed_record, batch_size=batch_size, init=init,
+                 preprocessing=preprocessing, options=options, max_seconds=max_seconds, eval_every=eval_every,
+                 log_every=log_every, checkpoint_every=checkpoint_every, eval_seeds=eval_seeds,
+                 baselines=list(baselines), transfer=list(transfer))
   workdir_path = pathlib.Path(workdir)
+  saved, changed = finished_run(workdir_path, request)
+  if saved is not None and not changed and not rerun_evaluation:
+    print((workdir_path / "report.md").read_text() + f"\n{workdir_path} holds a finished run of this configuration: its "
+          "saved report is above, nothing was recomputed (--rerun_evaluation evaluates it again).")
+    return saved
+  if changed:
+    print(f"{workdir_path} holds a finished run; changed since: {'; '.join(changed)}. Resuming it.", flush=True)
+  splits = _load_tasks(names, data_dir)
   (x_train, y_train), (x_test, y_test) = splits[0]
   t0 = time.perf_counter()
   inputs = (x_train, y_train) if len(splits) == 1 else ([train for train, _ in splits], None)
   result = distill(
-      *inputs, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps,
-      seed=seed, workdir=workdir_path, batch_size=batch_size, init=init, preprocessing=preprocessing,
-      eval_every=eval_every, eval_data=(x_train, y_train, x_test, y_test) if eval_every else None,
-      progress=progress, log_every=log_every, checkpoint_every=checkpoint_every, **(options or {}),
+      *inputs, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps, seed=seed,
+      workdir=workdir_path, batch_size=batch_size, init=init, preprocessing=preprocessing, eval_every=eval_every,
+      eval_data=(x_train, y_train, x_test, y_test) if eval_every else None, progress=progress, log_every=log_every,
+      checkpoint_every=checkpoint_every, max_seconds=max_seconds, **options,
   )
-  distill_seconds = time.perf_counter() - t0
-  t1 = time.perf_counter()
-  report = None
-  for j, (name, (train, test)) in enumerate(zip(names, splits) if eval_seeds else ()):
-    part = evaluate(
-        result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe,
-        seeds=eval_seeds, preprocessing=result.preprocessing,
-        baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
-        joint_params=result.params if solver in JOINT_SOLVERS else None,
-    )
-    for t in transfers:
-      other = evaluate(
-          result.images, train, test, n_hidden=t.get("n_hidden", n_hidden), inner=t.get("inner", inner),
-          recipe=result.recipe, recipe_n_hidden=n_hidden, seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(),
-      )
-      for row in other.rows:
-        row.name = f"transfer to K={t.get('n_hidden', n_hidden)}, {t.get('inner', inner)}: {row.name}"
-        part.rows.append(row)
-    if len(names) > 1:
-      for row in part.rows:
-        row.name = f"{name}: {row.name}"
-    if report is None:
-      report = part
-    else:
-      report.rows.extend(part.rows)
-  eval_seconds = time.perf_counter() - t1
-
-  image_shape = result.images.shape[1:]
-  reporting.image_grid(result.images, workdir_path / "distilled.png", title=f"distilled set ({solver}, {dataset})")
-  if result.preprocessing.method == "none" and len(image_shape) == 2:
-    reporting.filter_grid(np.asarray(result.params.W), image_shape, workdir_path / "filters.png")
-  reporting.training_curves(result.history, workdir_path / "curves.png")
-  summary = dict(
-      dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
-      honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds, eval_seconds=eval_seconds, joint_accuracy=None,
-  )
-  if report is None:
-    table = "No final evaluation (eval_seeds=0)."
-  else:
-    table = str(report)
+  distill_seconds, t1 = time.perf_counter() - t0, time.perf_counter()
+  report = _evaluate_tasks(result, names, splits if eval_seeds else [], n_hidden=n_hidden, inner=inner,
+                           seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS)
+  summary = dict(dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
+                 honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds,
+                 eval_seconds=time.perf_counter() - t1, joint_accuracy=None)
+  if report is not None:
     honest = report.rows[0]  # D, converged learner with the standard recipe: the headline
     summary.update(honest_accuracy=honest.mean, honest_std=honest.std,
                    joint_accuracy=next((r.mean for r in report.rows if r.name.startswith("jointly")), None))
-    (workdir_path / "evaluation.json").write_text(json.dumps(report.to_dict() | dict(summary=summary), indent=1))
-  notes = [
-      f"distillation took {distill_seconds:.0f} s ({result.config['steps']} outer steps), evaluation {eval_seconds:.0f} s.",
-      "honest = learners re-trained from fresh random inits on D alone, with the standard recipe (to convergence) and "
-      "with D's own recipe; the probe is a converged multinomial logistic regression on the features of all training "
-      "images, raw (the headline) and standardised.",
-  ]
-  reporting.write_report(workdir_path / "report.md", title=f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}",
-                         config=result.config, table=table, notes=notes)
+  table = reporting.write_run_files(
+      workdir_path, result, report, summary, title=f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}",
+      image_title=f"distilled set ({solver}, {dataset})")
+  io.atomic_write_text(workdir_path / RUN_FILE, json.dumps(dict(request=_as_json(request), summary=summary), indent=1))
   print(table)
   honest_text = "no final evaluation" if report is None else f"honest accuracy {100 * honest.mean:.2f} +- {100 * honest.std:.2f}%"
   print(f"\n{honest_text} | distillation {distill_seconds:.0f} s | report: {workdir_path / 'report.md'}")
@@ -229,27 +282,17 @@ def run(
 
 
 def compare_solvers(
-    *,
-    dataset: str,
-    workdir: str,
-    n_distill: int,
-    n_hidden: int,
-    budget_seconds: float,
-    solvers: Sequence[str] = ("penalty", "value_function", "implicit", "unrolled", "pool"),
-    data_dir: str | None = None,
-    inner: str = "ae",
-    eval_seeds: int = 3,
-    seed: int = 0,
-    options: dict[str, dict[str, Any]] | None = None,
+    *, dataset: str, workdir: str, n_distill: int, n_hidden: int, budget_seconds: float,
+    solvers: Sequence[str] = ("penalty", "value_function", "implicit", "unrolled", "pool"), data_dir: str | None = None,
+    inner: str = "ae", eval_seeds: int = 3, seed: Any = 0, options: dict[str, dict[str, Any]] | None = None,
 ) -> str:
   """Every solver on the same wall-time budget: one table and one figure.
 
   Each solver distils for ``budget_seconds`` (probing its honest accuracy along the way),
-  then is evaluated with ``eval_seeds`` fresh learners. Writes ``comparison.md``,
-  ``comparison.png`` and ``comparison.json`` into ``workdir``; returns the table.
+  then is evaluated with ``eval_seeds`` fresh learners. ``seed`` is an int or a PRNG key.
+  Writes ``comparison.md``, ``comparison.png`` and ``comparison.json`` into ``workdir``;
+  returns the table.
   """
-  import matplotlib.pyplot as plt
-
   check_run_args(dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir,
                  inner=inner, seed=seed, eval_seeds=eval_seeds)
   _validation.check_positive_float(budget_seconds, "budget_seconds")
@@ -257,17 +300,14 @@ def compare_solvers(
     raise ValueError("solvers is empty; name at least one of " + ", ".join(sorted(SOLVERS)) + ".")
   for name in solvers:
     _validation.check_choice(name, "solver", SOLVERS)
+    check_options(name, (options or {}).get(name, {}))
   if eval_seeds == 0:
     raise ValueError("eval_seeds must be a positive integer for a comparison; got 0.")
 
   (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
   root = pathlib.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  lines = [
-      "| solver | outer steps | distillation (s) | converged learner, standard recipe (%) | D's recipe (%) | "
-      "solver's own w (%) | D's recipe |",
-      "|---|---|---|---|---|---|---|",
-  ]
+  lines = list(reporting.COMPARISON_HEADER)
   curves, rows = {}, []
   for name in solvers:
     result = distill(
@@ -279,28 +319,11 @@ def compare_solvers(
         result.images, (x_train, y_train), (x_test, y_test), n_hidden=n_hidden, inner=inner, recipe=result.recipe,
         seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(), joint_params=result.params,
     )
-    by_recipe = {r.recipe: r for r in report.rows if r.name == "distilled D"}
-    standard, own = by_recipe["standard"], by_recipe.get("D's recipe", by_recipe["standard"])
-    joint = next(r for r in report.rows if r.name.startswith("jointly"))
-    lines.append(
-        f"| {name} | {result.history[-1]['step']} | {result.history[-1]['wall_time']:.0f} | "
-        f"{100 * standard.mean:.2f} +- {100 * standard.std:.2f} | {100 * own.mean:.2f} +- {100 * own.std:.2f} | "
-        f"{100 * joint.mean:.2f} | {result.recipe.describe()} |"
-    )
+    lines.append(reporting.comparison_line(name, result, report))
     curves[name] = [(h["wall_time"], h["honest_accuracy"]) for h in result.history if "honest_accuracy" in h]
     rows.append(dict(solver=name, history=result.history, evaluation=report.to_dict()))
   table = "\n".join(lines)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, points in curves.items():
-    if points:
-      ax.plot(*zip(*points), marker="o", label=name)
-  ax.set_xlabel("wall time (s)")
-  ax.set_ylabel("converged learner on D (probe: 1 learner, 10k/10k)")
-  ax.set_title(f"{dataset}, |D| = {n_distill}, K = {n_hidden}, {inner}")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(root / "comparison.png", dpi=90)
-  plt.close(fig)
+  reporting.comparison_figure(curves, root / "comparison.png", title=f"{dataset}, |D| = {n_distill}, K = {n_hidden}, {inner}")
   (root / "comparison.md").write_text(table + "\n")
   (root / "comparison.json").write_text(json.dumps(rows))
   print(table)
@@ -308,27 +331,22 @@ def compare_solvers(
 
 
 def seed_table(
-    *,
-    dataset: str,
-    workdir: str,
-    n_distill: int,
-    n_hidden: int,
-    points: Sequence[int],
-    data_dir: str | None = None,
-    diversity: float = 0.1,
-    options: dict[str, Any] | None = None,
+    *, dataset: str, workdir: str, n_distill: int, n_hidden: int, points: Sequence[int], data_dir: str | None = None,
+    diversity: float = 0.1, options: dict[str, Any] | None = None,
 ) -> str:
   """The seed's table in form: penalty, penalty + diversity and OVR at a few points of training.
 
   Columns: the accuracy of the jointly learned w (the seed's figure), the honest accuracy
   (a fresh learner re-trained on D with the recipe) and ``||D - AE(D)||`` under the joint w.
   """
-  check_run_args(dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir)
+  check_run_args(dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir,
+                 solver="penalty", options=options)
   if not points:
     raise ValueError("points is empty; give the steps at which to report, e.g. 1,100,200.")
   for step in points:
     _validation.check_positive_int(step, "points")
   _validation.check_positive_float(diversity, "diversity", allow_zero=True)
+  check_options("value_function", options or {})
   (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
   root = pathlib.Path(workdir)
   variants = [("quadratic penalty", "penalty", {}), ("penalty + diversity", "penalty", dict(diversity=diversity)),
@@ -336,15 +354,13 @@ def seed_table(
   lines = ["| method | step | joint w accuracy (%) | honest accuracy (%) | mean \\|\\|D - AE(D)\\|\\| |", "|---|---|---|---|---|"]
   chunk = math.gcd(*points)  # every reporting point is then the end of a chunk
   for label, solver, extra in variants:
-    history = []
     for target in sorted(points):
       result = distill(
           x_train, y_train, n_distill=n_distill, n_hidden=n_hidden, solver=solver, steps=target, workdir=root / label.replace(" ", "_"),
           log_every=chunk, checkpoint_every=chunk, eval_every=10**9,
           eval_data=(x_train, y_train, x_test, y_test), progress=False, **(options or {}) | extra,
       )
-      history = result.history
-      last = history[-1]
+      last = result.history[-1]
       lines.append(f"| {label} | {last['step']} | {100 * last['current_w_accuracy']:.1f} | "
                    f"{100 * last['honest_accuracy']:.1f} | {last['d_minus_ae_d']:.3g} |")
   table = "\n".join(lines)

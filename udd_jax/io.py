@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from udd_jax._version import __version__
+
 __all__ = [
     "atomic_write",
     "atomic_write_text",
@@ -34,8 +36,6 @@ __all__ = [
 
 def library_version() -> str:
   """The installed udd_jax version, recorded in every artifact."""
-  from udd_jax import __version__
-
   return __version__
 
 

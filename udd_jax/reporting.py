@@ -72,6 +72,65 @@ def training_curves(history: list[dict[str, float]], path: str | pathlib.Path) -
   plt.close(fig)
 
 
+def comparison_figure(curves: dict[str, list[tuple[float, float]]], path: str | pathlib.Path, *, title: str) -> None:
+  """Honest accuracy (probe) against wall time, one line per solver."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, points in curves.items():
+    if points:
+      ax.plot(*zip(*points), marker="o", label=name)
+  ax.set_xlabel("wall time (s)")
+  ax.set_ylabel("converged learner on D (probe: 1 learner, 10k/10k)")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+COMPARISON_HEADER = (
+    "| solver | outer steps | distillation (s) | converged learner, standard recipe (%) | D's recipe (%) | "
+    "solver's own w (%) | D's recipe |",
+    "|---|---|---|---|---|---|---|",
+)
+
+
+def comparison_line(name: str, result: Any, report: Any) -> str:
+  """One solver's row of :data:`COMPARISON_HEADER`'s table, from its ``DistillResult`` and ``EvaluationReport``."""
+  by_recipe = {r.recipe: r for r in report.rows if r.name == "distilled D"}
+  standard, own = by_recipe["standard"], by_recipe.get("D's recipe", by_recipe["standard"])
+  joint = next(r for r in report.rows if r.name.startswith("jointly"))
+  return (f"| {name} | {result.history[-1]['step']} | {result.history[-1]['wall_time']:.0f} | "
+          f"{100 * standard.mean:.2f} +- {100 * standard.std:.2f} | {100 * own.mean:.2f} +- {100 * own.std:.2f} | "
+          f"{100 * joint.mean:.2f} | {result.recipe.describe()} |")
+
+
+def write_run_files(workdir: pathlib.Path, result: Any, report: Any, summary: dict[str, Any], *, title: str,
+                    image_title: str) -> str:
+  """Writes a run's figures, ``evaluation.json`` (when ``report`` is not None) and ``report.md``; returns the table.
+
+  ``result`` is the run's ``DistillResult``, ``report`` its ``EvaluationReport`` or None (no final evaluation).
+  """
+  image_grid(result.images, workdir / "distilled.png", title=image_title)
+  image_shape = result.images.shape[1:]
+  if result.preprocessing.method == "none" and len(image_shape) == 2:
+    filter_grid(np.asarray(result.params.W), image_shape, workdir / "filters.png")
+  training_curves(result.history, workdir / "curves.png")
+  if report is None:
+    table = "No final evaluation (eval_seeds=0)."
+  else:
+    table = str(report)
+    (workdir / "evaluation.json").write_text(json.dumps(report.to_dict() | dict(summary=summary), indent=1))
+  notes = [
+      f"distillation took {summary['distill_seconds']:.0f} s ({result.config['steps']} outer steps), evaluation "
+      f"{summary['eval_seconds']:.0f} s.",
+      "honest = learners re-trained from fresh random inits on D alone, with the standard recipe (to convergence) and "
+      "with D's own recipe; the probe is a converged multinomial logistic regression on the features of all training "
+      "images, raw (the headline) and standardised.",
+  ]
+  write_report(workdir / "report.md", title=title, config=result.config, table=table, notes=notes)
+  return table
+
+
 def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any], table: str, notes: Sequence[str] = ()) -> None:
   """Writes the markdown report of a run: settings, the evaluation table, figures, notes."""
   recipe = {k: config.get(k) for k in ("inner_optimizer", "inner_steps", "init_scale", "until_converged") if k in config}

@@ -1,4 +1,4 @@
-"""DD and the unrolled SGD it shares with MTT and GTN, on tiny settings (float64)."""
+"""DD, the unrolled SGD it shares with MTT and GTN (udd_jax.training.unroll) and the outer loop, on tiny settings (float64)."""
 
 import functools
 import logging
@@ -9,19 +9,11 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-import udd_jax
-from udd_jax.supervised import dd
+from udd_jax.supervised import base, dd, labelled
+from udd_jax.supervised.networks import cross_entropy, init_params, set_loss
 from udd_jax.supervised.networks import MLP, get_network
 from udd_jax.supervised.result import SupervisedResult
-
-
-@pytest.fixture(scope="module")
-def digits3():
-  """Three classes of the embedded 8x8 digits, standardised, as (n, 8, 8, 1)."""
-  (x, y), _ = udd_jax.load_dataset("digits")
-  keep = y < 3
-  x = x[keep][..., None]
-  return (x - x.mean()) / x.std(), y[keep]
+from udd_jax.training import unroll
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +22,7 @@ def tiny():
   net = MLP(n_classes=3, width=8)
   images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1), dtype=jnp.float64)
   labels = jnp.array([0, 0, 1, 1, 2, 2])
-  params0 = dd.init_params(net, jax.random.key(2), (8, 8, 1))
+  params0 = init_params(net, jax.random.key(2), (8, 8, 1))
   return net, params0, images, labels
 
 
@@ -39,7 +31,7 @@ def _hand_sgd(net, params, images, labels, step_sizes, batches):
   # A Python loop of hand-written SGD steps (jitted only to keep the test fast).
   for t in range(step_sizes.shape[0]):
     idx = np.arange(labels.shape[0]) if batches is None else batches[t]
-    grads = jax.grad(lambda p: dd.cross_entropy(net, p, images[idx], labels[idx]))(params)
+    grads = jax.grad(lambda p: cross_entropy(net, p, images[idx], labels[idx]))(params)
     params = jax.tree.map(lambda p, g: p - step_sizes[t] * g, params, grads)
   return params
 
@@ -50,13 +42,13 @@ def test_unroll_sgd_equals_a_python_loop_of_sgd_steps(tiny, with_batches):
   assert all(p.dtype == jnp.float64 for p in jax.tree.leaves(params0))
   step_sizes = jnp.array([0.3, 0.1, 0.5, 0.2])
   batches = jnp.array([[0, 2, 4], [1, 3, 5], [0, 1, 2], [3, 4, 5]]) if with_batches else None
-  got = dd.unroll_sgd(net, params0, images, labels, step_sizes, batches)
+  got = unroll(set_loss(net), params0, (images, labels), step_sizes, xs=batches)
   want = _hand_sgd(net, params0, images, labels, step_sizes, batches)
   for g, w, p in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(params0)):
     np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
     assert g.dtype == p.dtype
   # The steps did something: the loss on the set went down.
-  assert dd.cross_entropy(net, got, images, labels) < dd.cross_entropy(net, params0, images, labels) - 0.05
+  assert cross_entropy(net, got, images, labels) < cross_entropy(net, params0, images, labels) - 0.05
 
 
 def test_unroll_sgd_gradient_matches_finite_differences_and_remat_changes_nothing(tiny):
@@ -67,8 +59,8 @@ def test_unroll_sgd_gradient_matches_finite_differences_and_remat_changes_nothin
 
   @functools.partial(jax.jit, static_argnames="remat")
   def outer(images, step_sizes, remat=False):
-    params = dd.unroll_sgd(net, params0, images, labels, step_sizes, batches, remat=remat)
-    return dd.cross_entropy(net, params, x_real, y_real)
+    params = unroll(set_loss(net), params0, (images, labels), step_sizes, xs=batches, remat=remat)
+    return cross_entropy(net, params, x_real, y_real)
 
   step_sizes = jnp.array([0.4, 0.2, 0.3])
   check_grads(outer, (images, step_sizes), order=1, modes=("rev",), eps=1e-5, atol=1e-6, rtol=1e-6)
@@ -83,7 +75,7 @@ def test_step_batches_lays_out_the_paper_setting_and_uses_every_image():
   # ipc = steps = 10 (DD on MNIST): each step one image of each class, each image once per epoch.
   b = dd.step_batches(n_classes=3, ipc=10, steps=10)
   assert b.shape == (10, 3)
-  labels = dd.synthetic_labels(3, 10)
+  labels = labelled.synthetic_labels(3, 10)
   assert (labels[b] == np.arange(3)).all()
   assert sorted(b.ravel().tolist()) == list(range(30))
   # ipc = 1: the whole set at every step.
@@ -91,7 +83,7 @@ def test_step_batches_lays_out_the_paper_setting_and_uses_every_image():
   # steps does not divide ipc: equal batches, every image used at least once.
   b = dd.step_batches(n_classes=2, ipc=15, steps=10)
   assert b.shape == (10, 4) and set(b.ravel().tolist()) == set(range(30))
-  assert (dd.synthetic_labels(2, 15)[b] == [0, 0, 1, 1]).all()
+  assert (labelled.synthetic_labels(2, 15)[b] == [0, 0, 1, 1]).all()
 
 
 class _CompileCounter(logging.Handler):
@@ -153,7 +145,7 @@ def test_retrain_dd_follows_the_learned_recipe_and_beats_chance(dd_run, digits3)
   got = dd.retrain_dd(result, key)
   net = get_network("mlp", 3, width=16)
   batches = np.tile(dd.step_batches(3, 2, 2), (2, 1))
-  want = _hand_sgd(net, dd.init_params(net, key, (8, 8, 1)), jnp.asarray(result.images, jnp.float64),
+  want = _hand_sgd(net, init_params(net, key, (8, 8, 1)), jnp.asarray(result.images, jnp.float64),
                    jnp.asarray(result.labels), jnp.asarray(result.step_sizes, jnp.float64), batches)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
@@ -166,9 +158,9 @@ def test_outer_loop_stops_at_max_seconds_and_keeps_the_last_finite_state():
   def step(state, key):
     return state + 1, {"loss": np.inf if state == 3 else 1.0 / (3 - state)}
 
-  state, log = dd.run_outer_loop(step, 0, jax.random.key(0), iterations=100, max_seconds=1e-9, callback=None)
+  state, log = base.run_outer_loop(step, 0, jax.random.key(0), base.Budget(100, max_seconds=1e-9))
   assert (state, log.iterations, log.stopped, len(log.history)) == (1, 1, "max_seconds", 1)
-  state, log = dd.run_outer_loop(step, 0, jax.random.key(0), iterations=100, max_seconds=None, callback=None)
+  state, log = base.run_outer_loop(step, 0, jax.random.key(0), base.Budget(100))
   # State 3 has an infinite loss: the update that made it diverged, so the state before it is kept.
   assert (state, log.iterations, log.stopped) == (2, 2, "non_finite_loss")
   assert [h["loss"] for h in log.history] == [1 / 3, 1 / 2, 1.0]

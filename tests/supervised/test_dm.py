@@ -8,17 +8,14 @@ from jax.test_util import check_grads
 
 from udd_jax.supervised import dm, networks
 
+from .images import blob_images
+
 CENTERS = ((2, 2), (5, 5))  # one blob per class on an 8x8 image
 
 
 def blobs(n_per_class, seed, noise=0.3):
   """2 classes of 8x8 grey images: a Gaussian blob at a class-specific place, plus noise."""
-  rng = np.random.default_rng(seed)
-  grid = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1)
-  templates = np.stack([np.exp(-np.sum((grid - c) ** 2, -1) / 2.0) for c in CENTERS])
-  y = np.repeat(np.arange(2), n_per_class)
-  x = templates[y] + noise * rng.standard_normal((y.size, 8, 8))
-  return x[..., None], y.astype(np.int32)
+  return blob_images(CENTERS, n_per_class, seed, noise)
 
 
 MLP = networks.get_network("mlp", 2, width=6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import udd_jax
-from udd_jax.evaluation import protocol
+from udd_jax import evaluation as protocol
 from udd_jax.supervised import artifacts, compare, experiment
 
 FAST_EVAL = dict(eval_runs=1, eval_epochs=2)

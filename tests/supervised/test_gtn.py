@@ -5,17 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import udd_jax
-from udd_jax.supervised import dd, gtn
-from udd_jax.supervised.networks import get_network
-
-
-@pytest.fixture(scope="module")
-def digits3():
-  (x, y), _ = udd_jax.load_dataset("digits")
-  keep = y < 3
-  x = x[keep][..., None]
-  return (x - x.mean()) / x.std(), y[keep]
+from udd_jax.supervised import gtn
+from udd_jax.supervised.networks import get_network, init_params, set_loss
+from udd_jax.training import unroll
 
 
 def test_generator_maps_noise_and_label_to_images():
@@ -55,8 +47,8 @@ def test_distill_gtn_images_teach_a_fresh_learner(gtn_run, digits3):
   x, y = digits3
   accuracies = []
   for seed in range(3):
-    params = dd.unroll_sgd(net, dd.init_params(net, jax.random.key(100 + seed), (8, 8, 1)), jnp.asarray(r.images),
-                           jnp.asarray(r.labels), jnp.full((r.config["inner_steps"],), r.step_sizes[0]))
+    params = unroll(set_loss(net), init_params(net, jax.random.key(100 + seed), (8, 8, 1)),
+                    (jnp.asarray(r.images), jnp.asarray(r.labels)), jnp.full((r.config["inner_steps"],), r.step_sizes[0]))
     accuracies.append(float((net.apply({"params": params}, jnp.asarray(x)).argmax(-1) == y).mean()))
   assert min(accuracies) > 0.6, accuracies
 

@@ -10,19 +10,11 @@ import pytest
 from jax.test_util import check_grads
 
 import udd_jax
-from udd_jax.supervised import kip
+from udd_jax.supervised import base
 from udd_jax.supervised.kernels import get_kernel
-from udd_jax.supervised.kip import (
-    KipState,
-    centred_one_hot,
-    distill_kip,
-    kip_accuracy,
-    kip_init,
-    kip_loss,
-    kip_preprocessing,
-    kip_step,
-    krr_predict,
-)
+from udd_jax.supervised.kip import KipState, distill_kip, kip_accuracy, kip_init, kip_step
+from udd_jax.supervised.krr import centred_one_hot, kip_loss, krr_predict
+from udd_jax.supervised.zca import kip_preprocessing
 from udd_jax.supervised.result import SupervisedResult
 
 KERNEL_NAMES = ["fc", "conv"]
@@ -270,4 +262,4 @@ def test_bad_arguments_are_named():
     kip_accuracy(result, (x[:3], np.array([0, 1, 2])))
   with pytest.raises(ValueError, match="equal n_classes"):
     kip_loss(x[:2], jnp.ones((2, 2)), x, jnp.ones((6, 3)), kernel_fn=small_kernel("fc"))
-  assert kip.INITS == ("real", "noise")
+  assert base.INITS == ("real", "noise")

@@ -6,26 +6,23 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from udd_jax.supervised import augment, matching, networks
+from udd_jax.supervised import augment, dc, gradient_matching, labelled, networks
+
+from .images import blob_images
 
 CENTERS = ((2, 2), (5, 5))  # one blob per class on an 8x8 image
 
 
 def blobs(n_per_class, seed, noise=0.3):
   """2 classes of 8x8 grey images: a Gaussian blob at a class-specific place, plus noise."""
-  rng = np.random.default_rng(seed)
-  grid = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1)
-  templates = np.stack([np.exp(-np.sum((grid - c) ** 2, -1) / 2.0) for c in CENTERS])
-  y = np.repeat(np.arange(2), n_per_class)
-  x = templates[y] + noise * rng.standard_normal((y.size, 8, 8))
-  return x[..., None], y.astype(np.int32)
+  return blob_images(CENTERS, n_per_class, seed, noise)
 
 
 NET = networks.get_network("convnet", 2, width=4, depth=1)
 # distill_dc compiles one program per configuration (seconds on CPU): the runs share few.
 CONV = dict(network="convnet", width=4, depth=1, batch_real=8)
 TINY = dict(network="mlp", width=8, batch_real=8)
-distance = jax.jit(matching.match_distance, static_argnames="eps")
+distance = jax.jit(gradient_matching.match_distance, static_argnames="eps")
 
 
 def hand_distance(a, b, eps=1e-6):
@@ -78,9 +75,9 @@ def test_distance_gradients_are_right_and_finite_at_a_dead_channel():
 
 def test_distance_rejects_mismatched_gradients():
   with pytest.raises(ValueError, match="structure"):
-    matching.match_distance({"a": jnp.ones((2, 2))}, {"b": jnp.ones((2, 2))})
+    gradient_matching.match_distance({"a": jnp.ones((2, 2))}, {"b": jnp.ones((2, 2))})
   with pytest.raises(ValueError, match="shape"):
-    matching.match_distance({"a": jnp.ones((2, 2))}, {"a": jnp.ones((2, 3))})
+    gradient_matching.match_distance({"a": jnp.ones((2, 2))}, {"a": jnp.ones((2, 3))})
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +91,9 @@ def batches():
 def test_dc_loss_is_the_class_sum_of_distances(batches):
   real, params = batches
   syn = real[:, :2] + 0.5
-  grad = jax.jit(jax.grad(lambda p, x, c: matching.cross_entropy(NET, p, x, jnp.full(x.shape[0], c))))
+  grad = jax.jit(jax.grad(lambda p, x, c: networks.cross_entropy(NET, p, x, jnp.full(x.shape[0], c))))
   expect = sum(float(distance(grad(params, real[c], c), grad(params, syn[c], c))) for c in range(2))
-  np.testing.assert_allclose(jax.jit(matching.dc_loss, static_argnums=0)(NET, params, real, syn), expect, rtol=1e-9)
+  np.testing.assert_allclose(jax.jit(gradient_matching.dc_loss, static_argnums=0)(NET, params, real, syn), expect, rtol=1e-9)
 
 
 def test_dsa_loss_uses_one_transform_for_both_batches(batches):
@@ -107,9 +104,9 @@ def test_dsa_loss_uses_one_transform_for_both_batches(batches):
   def losses(keys, other_keys):
     aug = jax.vmap(lambda b, k: augment.dsa(b, k, strategy, mode="all"))
     return (
-        matching.dc_loss(NET, params, real, real, aug_keys=keys, dsa_strategy=strategy),
-        matching.dc_loss(NET, params, real, -real, aug_keys=keys, dsa_strategy=strategy),
-        matching.dc_loss(NET, params, aug(real, keys), aug(real, other_keys)),
+        gradient_matching.dc_loss(NET, params, real, real, aug_keys=keys, dsa_strategy=strategy),
+        gradient_matching.dc_loss(NET, params, real, -real, aug_keys=keys, dsa_strategy=strategy),
+        gradient_matching.dc_loss(NET, params, aug(real, keys), aug(real, other_keys)),
     )
 
   shared, other_images, independent = losses(jax.random.split(jax.random.key(3), 2), jax.random.split(jax.random.key(4), 2))
@@ -123,8 +120,8 @@ def test_dsa_loss_uses_one_transform_for_both_batches(batches):
 def test_class_batches_are_balanced_and_distinct():
   y = np.array([1, 0, 1, 1, 0, 1, 1, 1, 2])
   x = (y * 10 + np.arange(9))[:, None, None, None].astype(np.float64)  # value encodes (class, row)
-  data = matching.class_data(x, y, 3)
-  sample = jax.jit(matching.sample_class_batches, static_argnames="batch")
+  data = labelled.class_data(x, y, 3)
+  sample = jax.jit(labelled.sample_class_batches, static_argnames="batch")
   out = np.asarray(sample(data, jax.random.key(0), batch=4))[..., 0, 0, 0]
   assert out.shape == (3, 4)
   np.testing.assert_array_equal(out // 10, np.arange(3)[:, None] * np.ones((1, 4)))  # every row of its class
@@ -134,23 +131,23 @@ def test_class_batches_are_balanced_and_distinct():
 
 def test_dc_decreases_the_matching_loss_and_moves_the_images():
   x, y = blobs(20, seed=1)
-  res = matching.distill_dc(x, y, ipc=2, key=0, iterations=30, init="noise", lr_images=0.5, outer_loop=2, inner_loop=2, **CONV)
+  res = dc.distill_dc(x, y, ipc=2, key=0, iterations=30, init="noise", lr_images=0.5, outer_loop=2, inner_loop=2, **CONV)
   assert res.images.shape == (4, 8, 8, 1) and res.labels.tolist() == [0, 0, 1, 1]
   assert res.config["method"] == "dc" and res.config["iterations"] == 30 and len(res.history) == 30
   losses = np.array([h["loss"] for h in res.history])
   assert losses[-10:].mean() < 0.8 * losses[:5].mean()
   # Same seed, one iteration: the images keep moving after it.
-  first = matching.distill_dc(x, y, ipc=2, key=0, iterations=1, init="noise", lr_images=0.5, outer_loop=2, inner_loop=2, **CONV)
+  first = dc.distill_dc(x, y, ipc=2, key=0, iterations=1, init="noise", lr_images=0.5, outer_loop=2, inner_loop=2, **CONV)
   assert np.abs(res.images - first.images).max() > 0.1
 
 
 def test_same_seed_same_result_and_no_recompilation():
   x, y = blobs(20, seed=2)  # the shapes and options of the test above: its compilation is reused
-  runs = [matching.distill_dc(x, y, ipc=2, key=7, iterations=3, outer_loop=2, inner_loop=2, **CONV) for _ in range(2)]
+  runs = [dc.distill_dc(x, y, ipc=2, key=7, iterations=3, outer_loop=2, inner_loop=2, **CONV) for _ in range(2)]
   np.testing.assert_array_equal(runs[0].images, runs[1].images)
-  steps = (matching._fresh_params, matching._dc_match_step, matching._dc_train_step)
+  steps = (dc._fresh_params, dc._dc_match_step, dc._dc_train_step)
   sizes = [f._cache_size() for f in steps]
-  other = matching.distill_dc(x, y, ipc=2, key=8, iterations=4, outer_loop=2, inner_loop=2, lr_images=0.3, **CONV)
+  other = dc.distill_dc(x, y, ipc=2, key=8, iterations=4, outer_loop=2, inner_loop=2, lr_images=0.3, **CONV)
   assert [f._cache_size() for f in steps] == sizes
   assert not np.allclose(other.images, runs[0].images)
 
@@ -158,7 +155,7 @@ def test_same_seed_same_result_and_no_recompilation():
 def test_dsa_runs_and_records_its_options():
   x, y = blobs(10, seed=3)
   seen = []
-  res = matching.distill_dc(
+  res = dc.distill_dc(
       x, y, ipc=1, key=1, iterations=3, dsa=True, dsa_strategy="crop", callback=lambda i, r: seen.append(i), **TINY
   )
   assert res.config["method"] == "dsa" and res.config["dsa_strategy"] == "crop"
@@ -169,16 +166,16 @@ def test_dsa_runs_and_records_its_options():
 def test_bad_arguments_are_rejected():
   x, y = blobs(4, seed=0)
   with pytest.raises(ValueError, match="ipc"):
-    matching.distill_dc(x, y, ipc=0, key=0)
+    dc.distill_dc(x, y, ipc=0, key=0)
   with pytest.raises(ValueError, match="outer_loop"):
-    matching.distill_dc(x, y, ipc=3, key=0)
+    dc.distill_dc(x, y, ipc=3, key=0)
   with pytest.raises(ValueError, match="init"):
-    matching.distill_dc(x, y, ipc=1, key=0, init="zeros")
+    dc.distill_dc(x, y, ipc=1, key=0, init="zeros")
   with pytest.raises(ValueError, match="network"):
-    matching.distill_dc(x, y, ipc=1, key=0, network="resnet")
+    dc.distill_dc(x, y, ipc=1, key=0, network="resnet")
   with pytest.raises(ValueError, match="DSA strategy"):
-    matching.distill_dc(x, y, ipc=1, key=0, dsa=True, dsa_strategy="blur")
+    dc.distill_dc(x, y, ipc=1, key=0, dsa=True, dsa_strategy="blur")
   with pytest.raises(ValueError, match="non-finite"):
-    matching.distill_dc(np.where(x > 1, np.nan, x), y, ipc=1, key=0)
+    dc.distill_dc(np.where(x > 1, np.nan, x), y, ipc=1, key=0)
   with pytest.raises(ValueError, match="class 1 has 0"):
-    matching.distill_dc(x, np.where(y == 1, 2, y), ipc=1, key=0)
+    dc.distill_dc(x, np.where(y == 1, 2, y), ipc=1, key=0)

@@ -7,27 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import udd_jax
-from udd_jax.supervised import dd, mtt
-from udd_jax.supervised.networks import MLP
-
-
-@pytest.fixture(scope="module")
-def digits3():
-  (x, y), _ = udd_jax.load_dataset("digits")
-  keep = y < 3
-  x = x[keep][..., None]
-  return (x - x.mean()) / x.std(), y[keep]
+from udd_jax.supervised import experts as experts_lib
+from udd_jax.supervised import mtt
+from udd_jax.supervised.networks import MLP, init_params, set_loss
+from udd_jax.training import unroll
 
 
 def test_mtt_loss_is_zero_when_the_student_reproduces_the_expert_and_positive_otherwise():
   net = MLP(n_classes=3, width=8)
   images = jax.random.normal(jax.random.key(0), (6, 8, 8, 1), dtype=jnp.float64)
   labels = jnp.array([0, 0, 1, 1, 2, 2])
-  start = dd.init_params(net, jax.random.key(1), (8, 8, 1))
+  start = init_params(net, jax.random.key(1), (8, 8, 1))
   batches = jnp.array([[0, 2, 4], [1, 3, 5], [0, 1, 2], [3, 4, 5]])
   # The "expert" is the student's own unroll: the same steps on the same set.
-  target = dd.unroll_sgd(net, start, images, labels, jnp.full((4,), 0.3), batches)
+  target = unroll(set_loss(net), start, (images, labels), jnp.full((4,), 0.3), xs=batches)
   loss = jax.jit(lambda i, lr, t: mtt.mtt_loss(net, i, labels, lr, start, t, syn_steps=4, batches=batches))
   assert float(loss(images, 0.3, target)) == 0.0
   assert float(loss(images, 0.25, target)) > 1e-6
@@ -57,7 +50,7 @@ def experts(digits3, tmp_path_factory):
   x, y = digits3
   workdir = tmp_path_factory.mktemp("experts")
   calls = []
-  made = mtt.train_experts(x, y, n_experts=2, workdir=workdir, callback=lambda *a: calls.append(a), **EXPERT_ARGS)
+  made = experts_lib.train_experts(x, y, n_experts=2, workdir=workdir, callback=lambda *a: calls.append(a), **EXPERT_ARGS)
   return workdir, made, calls
 
 
@@ -67,7 +60,7 @@ def test_train_experts_writes_one_trajectory_per_expert(experts):
   assert [p.name for p in made.paths] == ["expert_0000.npz", "expert_0001.npz"]
   assert sorted(p.name for p in workdir.iterdir()) == ["expert_0000.npz", "expert_0001.npz", "experts.json"]
   assert [(e, ep) for e, ep, _ in calls] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-  manifest, trajectories = mtt.load_experts(workdir)
+  manifest, trajectories = experts_lib.load_experts(workdir)
   n_params = 64 * 8 + 8 + 8 * 8 + 8 + 8 * 3 + 3
   assert trajectories.shape == (2, 4, n_params) and manifest["n_params"] == n_params
   assert manifest["n_experts"] == 2 and manifest["epochs"] == 3 and manifest["network"] == "mlp"
@@ -85,16 +78,16 @@ def test_train_experts_resumes(experts, digits3, tmp_path):
   x, y = digits3
   before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()}
   calls = []
-  again = mtt.train_experts(x, y, n_experts=2, workdir=workdir, callback=lambda *a: calls.append(a), **EXPERT_ARGS)
+  again = experts_lib.train_experts(x, y, n_experts=2, workdir=workdir, callback=lambda *a: calls.append(a), **EXPERT_ARGS)
   assert again.trained == [] and calls == [] and again.paths == made.paths
   assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()} == before
   # An expert lost (an interrupted run) is trained again, identically; more experts can be asked for.
-  _, trajectories = mtt.load_experts(workdir)
+  _, trajectories = experts_lib.load_experts(workdir)
   made.paths[1].unlink()
-  more = mtt.train_experts(x, y, n_experts=3, workdir=workdir, **EXPERT_ARGS)
+  more = experts_lib.train_experts(x, y, n_experts=3, workdir=workdir, **EXPERT_ARGS)
   assert more.trained == [1, 2]
   assert made.paths[0].read_bytes() == before["expert_0000.npz"][0]
-  manifest, after = mtt.load_experts(workdir)
+  manifest, after = experts_lib.load_experts(workdir)
   assert manifest["n_experts"] == 3 and after.shape[0] == 3
   np.testing.assert_array_equal(after[:2], trajectories)
   assert more.paths[2] == workdir / "expert_0002.npz"
@@ -109,14 +102,14 @@ def test_train_experts_refuses_a_workdir_made_with_other_arguments(experts, digi
   workdir, _, _ = experts
   x, y = digits3
   with pytest.raises(ValueError, match=match):
-    mtt.train_experts(x, y, n_experts=2, workdir=workdir, **(EXPERT_ARGS | change))
+    experts_lib.train_experts(x, y, n_experts=2, workdir=workdir, **(EXPERT_ARGS | change))
 
 
 def test_train_experts_refuses_other_data(experts, digits3):
   workdir, _, _ = experts
   x, y = digits3
   with pytest.raises(ValueError, match="data_sha256"):
-    mtt.train_experts(x[::-1], y[::-1], n_experts=2, workdir=workdir, **EXPERT_ARGS)
+    experts_lib.train_experts(x[::-1], y[::-1], n_experts=2, workdir=workdir, **EXPERT_ARGS)
 
 
 @pytest.fixture(scope="module")

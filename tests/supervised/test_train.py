@@ -8,17 +8,15 @@ import pytest
 
 from udd_jax.supervised import networks, train
 
+from .images import blob_images
+
 CENTERS = ((2, 2), (2, 5), (5, 4))  # one blob per class on an 8x8 image
 
 
 def blobs(n_per_class, seed, noise=0.3):
   """3 classes of 8x8 grey images: a Gaussian blob at a class-specific place, plus noise."""
-  rng = np.random.default_rng(seed)
-  grid = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1)
-  templates = np.stack([np.exp(-np.sum((grid - c) ** 2, -1) / 2.0) for c in CENTERS])
-  y = np.repeat(np.arange(3), n_per_class)
-  x = templates[y] + noise * rng.standard_normal((y.size, 8, 8))
-  return x[..., None].astype(np.float64), y.astype(np.int32)
+  x, y = blob_images(CENTERS, n_per_class, seed, noise)
+  return x.astype(np.float64), y
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +208,14 @@ def test_lenet_rejects_images_too_small_for_its_poolings():
   with pytest.raises(ValueError, match="LeNet needs images of at least 12x12"):
     net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   assert net.init(jax.random.key(0), jnp.zeros((1, 12, 12, 1)))["params"]["classifier"]["kernel"].shape == (84, 10)
+
+
+def test_derived_key_keeps_int_seeds_and_folds_keys():
+  from udd_jax.supervised import base as base_lib
+
+  assert base_lib.derived_key(5, 1000) == 1005  # int seeds give the streams they always gave
+  key = jax.random.key(5)
+  derived = base_lib.derived_key(key, 1000)
+  assert jax.random.key_data(derived).tolist() == jax.random.key_data(jax.random.fold_in(key, 1000)).tolist()
+  with pytest.raises(TypeError, match="seed must be a PRNG key"):
+    base_lib.derived_key("5", 1000)

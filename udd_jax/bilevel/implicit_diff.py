@@ -106,17 +106,8 @@ def conjugate_gradient(
   return x, steps, negative, jnp.sqrt(rs / jnp.maximum(bb, 1e-30))
 
 
-def solve_adjoint(
-    f: Callable[[Any, Any], Scalar],
-    w: Any,
-    theta: Any,
-    v: Any,
-    *,
-    damping: float = 1e-3,
-    tol: float = 1e-5,
-    max_steps: int = 50,
-    init: Any = None,
-) -> tuple[Any, LinearSolveStats]:
+def solve_adjoint(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3, tol: float = 1e-5,
+                  max_steps: int = 50, init: Any = None) -> tuple[Any, LinearSolveStats]:
   """Solves ``(H_ww + damping I) u = v`` by conjugate gradients from ``init`` (zero if None).
 
   Returns ``u`` and diagnostics.
@@ -136,16 +127,8 @@ def mixed_vjp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, u: Any) -> An
   return jax.tree.map(jnp.negative, g_theta)
 
 
-def implicit_hypergradient(
-    f: Callable[[Any, Any], Scalar],
-    w: Any,
-    theta: Any,
-    v: Any,
-    *,
-    damping: float = 1e-3,
-    tol: float = 1e-5,
-    max_steps: int = 50,
-) -> tuple[Any, LinearSolveStats]:
+def implicit_hypergradient(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3,
+                           tol: float = 1e-5, max_steps: int = 50) -> tuple[Any, LinearSolveStats]:
   """``dL/dtheta`` through ``w*(theta)`` given the outer cotangent ``v = dL/dw`` at ``w = w*``.
 
   Args:

@@ -1,5 +1,6 @@
-"""Offline data loading and recorded, invertible preprocessing."""
+"""Offline data loading, recorded invertible preprocessing, and clustering of real data."""
 
+from udd_jax.data.clustering import kmeans as kmeans
 from udd_jax.data.loading import BUILTIN_DATASETS as BUILTIN_DATASETS
 from udd_jax.data.loading import DATA_DIR_ENV as DATA_DIR_ENV
 from udd_jax.data.loading import load_dataset as load_dataset

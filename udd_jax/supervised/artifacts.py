@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from udd_jax.distill import _atomic_savez, _library_version
+from udd_jax import io
 from udd_jax.supervised.result import SupervisedResult
 
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ def save_result(result: SupervisedResult, path: str | os.PathLike) -> pathlib.Pa
       raise TypeError(f"result.{name} is not JSON-serialisable: {e}") from None
   arrays = {
       "format_version": np.asarray(FORMAT_VERSION),
-      "library_version": np.asarray(_library_version()),
+      "library_version": np.asarray(io.library_version()),
       "images": np.asarray(result.images),
       "labels": np.asarray(result.labels),
       "config": np.asarray(texts["config"]),
@@ -73,7 +73,7 @@ def save_result(result: SupervisedResult, path: str | os.PathLike) -> pathlib.Pa
   if result.step_sizes is not None:
     arrays["step_sizes"] = np.asarray(result.step_sizes)
   path = pathlib.Path(path)
-  _atomic_savez(path, arrays)
+  io.atomic_savez(path, arrays)
   return path
 
 

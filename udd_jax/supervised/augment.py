@@ -36,7 +36,7 @@ Strategies: :data:`DSA_STRATEGY` (``"color_crop_cutout_flip_scale_rotate"``) is 
 default. Digits are not mirror-symmetric (a mirrored 2, 3 or 7 is no digit), so for MNIST,
 USPS and the other digit sets use :data:`DSA_STRATEGY_DIGITS`
 (``"color_crop_cutout_scale_rotate"``), the default of the distillation methods of this
-package (:func:`udd_jax.supervised.matching.distill_dc`,
+package (:func:`udd_jax.supervised.dc.distill_dc`,
 :func:`udd_jax.supervised.dm.distill_dm`).
 
 Examples:
@@ -328,10 +328,7 @@ def _apply_ops(x: jax.Array, params: DSAParams, ops: tuple[str, ...]) -> jax.Arr
 
 @functools.partial(jax.jit, static_argnames=("strategy", "mode"))
 def dsa(
-    x: Float[Array, "n H W C"],
-    key: PRNGKeyArray,
-    strategy: str = DSA_STRATEGY,
-    *,
+    x: Float[Array, "n H W C"], key: PRNGKeyArray, strategy: str = DSA_STRATEGY, *,
     mode: Literal["single", "all"] = "single",
 ) -> Float[Array, "n H W C"]:
   """Siamese DSA: one transform drawn from ``key``, applied to the whole batch.
@@ -352,10 +349,7 @@ def dsa(
 
 @functools.partial(jax.jit, static_argnames=("strategy", "mode"))
 def dsa_per_image(
-    x: Float[ArrayLike, "n H W C"],
-    key: PRNGKeyArray,
-    strategy: str = DSA_STRATEGY,
-    *,
+    x: Float[ArrayLike, "n H W C"], key: PRNGKeyArray, strategy: str = DSA_STRATEGY, *,
     mode: Literal["single", "all"] = "single",
 ) -> Float[Array, "n H W C"]:
   """DSA with an independent transform for every image (for training networks on a set).

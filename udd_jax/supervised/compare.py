@@ -28,8 +28,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from udd_jax import _validation
-from udd_jax.distill import load_distilled
-from udd_jax.evaluation import protocol
+from udd_jax.driver import load_distilled
+from udd_jax.evaluation import evaluate
+from udd_jax.training import STANDARD_RECIPE, Recipe
 from udd_jax.supervised import coresets
 from udd_jax.supervised.result import SupervisedResult
 
@@ -39,7 +40,7 @@ NEAREST_CHUNK = 256  # distilled images per distance block against the whole tra
 @jax.jit
 def _nearest_rows(queries: Array, train: Array) -> Array:
   sq_norms = jnp.sum(train * train, axis=1)
-  return jax.vmap(lambda q: jnp.argmin(coresets._sq_distances(train, q, sq_norms)))(queries)
+  return jax.vmap(lambda q: jnp.argmin(coresets.sq_distances(train, q, sq_norms)))(queries)
 
 
 def nearest_labels(
@@ -114,7 +115,7 @@ def feature_probe(
     *,
     n_hidden: int = 128,
     seeds: int = 3,
-    recipe: protocol.Recipe | dict[str, Any] | None = None,
+    recipe: Recipe | dict[str, Any] | None = None,
     n_train: int | None = 10_000,
 ) -> dict[str, Any]:
   """The unsupervised protocol on any set: tied AE trained on ``images``, logistic head on real features.
@@ -124,7 +125,7 @@ def feature_probe(
     train, test: real labelled ``(x, y)`` in the same space.
     n_hidden: hidden units K of the autoencoder.
     seeds: fresh autoencoder inits.
-    recipe: how the autoencoder trains on the set (default ``protocol.STANDARD_RECIPE``:
+    recipe: how the autoencoder trains on the set (default ``udd_jax.training.STANDARD_RECIPE``:
       Adam 3e-3, full batch until convergence).
     n_train: the head trains on the first ``n_train`` training images (None: all of them;
       the full protocol's head on 60k images costs minutes per set on a CPU).
@@ -137,9 +138,9 @@ def feature_probe(
     n_train = _validation.check_positive_int(n_train, "n_train")
     x_train, y_train = x_train[:n_train], y_train[:n_train]
   if isinstance(recipe, dict):
-    recipe = protocol.Recipe.from_config(recipe)
-  standard = protocol.STANDARD_RECIPE if recipe is None else recipe
-  report = protocol.evaluate(images, (x_train, y_train), test, n_hidden=n_hidden, inner="ae", standard_recipe=standard,
+    recipe = Recipe.from_config(recipe)
+  standard = STANDARD_RECIPE if recipe is None else recipe
+  report = evaluate(images, (x_train, y_train), test, n_hidden=n_hidden, inner="ae", standard_recipe=standard,
                              seeds=seeds, baselines=())
   row = report.rows[0]
   return dict(accuracies=row.accuracies, mean=row.mean, std=row.std, recipe=report.settings["recipes"]["standard"],

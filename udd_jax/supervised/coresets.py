@@ -26,12 +26,13 @@ import numpy as np
 from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray
 
 from udd_jax import _validation
-from udd_jax.supervised.train import _as_key
+from udd_jax.supervised.base import as_key
 
 CORESET_METHODS = ("random", "herding", "kcenter")
 
 
-def _sq_distances(features: jax.Array, point: jax.Array, sq_norms: jax.Array) -> jax.Array:
+def sq_distances(features: jax.Array, point: jax.Array, sq_norms: jax.Array) -> jax.Array:
+  """Squared Euclidean distances of the rows of ``features`` (squared norms ``sq_norms``) to ``point``."""
   return sq_norms - 2.0 * features @ point + jnp.dot(point, point)
 
 
@@ -44,7 +45,7 @@ def _herding(features: jax.Array, valid: jax.Array, *, ipc: int) -> jax.Array:
   def pick(t, state):
     chosen, total, order = state
     # The sample minimising ||(t + 1) * mean - (total + f_i)||: the new running mean is closest to the mean.
-    d = _sq_distances(features, (t + 1) * mean - total, sq_norms)
+    d = sq_distances(features, (t + 1) * mean - total, sq_norms)
     i = jnp.argmin(jnp.where(valid & ~chosen, d, jnp.inf))
     return chosen.at[i].set(True), total + features[i], order.at[t].set(i)
 
@@ -57,14 +58,14 @@ def _kcenter(features: jax.Array, valid: jax.Array, *, ipc: int) -> jax.Array:
   """k-center greedy order of one padded class ``(m, f)``: ``ipc`` row indices."""
   mean = jnp.sum(features * valid[:, None], axis=0) / jnp.sum(valid)
   sq_norms = jnp.sum(features**2, axis=1)
-  first = jnp.argmin(jnp.where(valid, _sq_distances(features, mean, sq_norms), jnp.inf))
+  first = jnp.argmin(jnp.where(valid, sq_distances(features, mean, sq_norms), jnp.inf))
   # Padding rows get distance -inf to every center, so they are never the farthest.
-  nearest = jnp.where(valid, _sq_distances(features, features[first], sq_norms), -jnp.inf)
+  nearest = jnp.where(valid, sq_distances(features, features[first], sq_norms), -jnp.inf)
 
   def pick(t, state):
     nearest, order = state
     i = jnp.argmax(nearest)
-    return jnp.minimum(nearest, _sq_distances(features, features[i], sq_norms)), order.at[t].set(i)
+    return jnp.minimum(nearest, sq_distances(features, features[i], sq_norms)), order.at[t].set(i)
 
   order = jnp.zeros(ipc, int).at[0].set(first)
   return jax.lax.fori_loop(1, ipc, pick, (nearest, order))[1]
@@ -111,7 +112,7 @@ def coreset(
   if method == "random":
     if key is None:
       raise ValueError('method="random" needs a key (a PRNG key or an integer seed).')
-    u = np.asarray(jax.random.uniform(_as_key(key), (x_arr.shape[0],)))
+    u = np.asarray(jax.random.uniform(as_key(key)[0], (x_arr.shape[0],)))
     # Sorting by (class, uniform score) and keeping the first ipc of each class draws a
     # uniformly random subset of every class in one vectorised pass.
     order = np.lexsort((u, y_arr))

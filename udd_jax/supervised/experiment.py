@@ -21,13 +21,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from udd_jax import _validation
+from udd_jax import _validation, io
 from udd_jax import reporting
 from udd_jax.data import load_dataset
-from udd_jax.supervised import artifacts, augment, compare, coresets, dd, dm, gtn, kip, matching, mtt, networks, train
+from udd_jax.supervised import artifacts, augment, base, compare, coresets, dd, kip, networks, train, zca
+from udd_jax.supervised.methods import DISTILLERS as REGISTRY
 from udd_jax.supervised.result import SupervisedResult
 
-DISTILLERS = ("dd", "dc", "dsa", "dm", "mtt", "kip", "gtn")
+DISTILLERS = tuple(REGISTRY)
 CORESETS = ("random", "herding", "kcenter")
 # An unsupervised distilled set (udd_jax.distill's distilled.npz, --opt source=...) labelled by
 # its nearest real training images: it enters the same evaluation table.
@@ -45,30 +46,19 @@ def _standardise(x_train: np.ndarray) -> tuple[Any, dict[str, Any]]:
 def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str, width: int, iterations: int | None,
             max_seconds: float | None, seed: int, workdir: pathlib.Path, options: dict[str, Any],
             preprocessing: dict[str, Any]) -> SupervisedResult:
-  common = dict(ipc=ipc, key=seed, max_seconds=max_seconds, callback=_progress(method))
+  entry = REGISTRY[method]
+  kwargs = dict(ipc=ipc, key=seed, max_seconds=max_seconds, callback=_progress(method))
   if iterations:
-    common["iterations"] = iterations
+    kwargs["iterations"] = iterations
   # The options may name another network to distil with than the one evaluated (DD's LeNet).
   net_options = dict(network=network, width=width) | {k: options.pop(k) for k in ("network", "width") if k in options}
-  if method in ("dc", "dsa"):
-    return matching.distill_dc(x, y, dsa=method == "dsa", preprocessing=preprocessing, **net_options, **common,
-                               **options)
-  if method == "dm":
-    return dm.distill_dm(x, y, preprocessing=preprocessing, **net_options, **common, **options)
-  if method == "dd":
-    return dd.distill_dd(x, y, **net_options, **common, **options)
-  if method == "gtn":
-    return gtn.distill_gtn(x, y, **common, **options)
-  if method == "kip":
-    return kip.distill_kip(x, y, **common, **options)
-  # mtt: experts first (resumable: the ones on disk are kept; expert_dir may be shared by
-  # runs on the same data), then the distillation.
-  expert_dir = pathlib.Path(options.pop("expert_dir", workdir / "experts"))
-  expert_options = {k[len("expert_"):]: options.pop(k) for k in list(options) if k.startswith("expert_")}
-  expert_options.setdefault("n_experts", 3)
-  expert_options.setdefault("epochs", 5)
-  mtt.train_experts(x, y, workdir=expert_dir, key=seed + 1, **net_options, **expert_options)
-  return mtt.distill_mtt(x, y, expert_dir=expert_dir, **common, **options)
+  if entry.network:
+    kwargs |= net_options
+  if entry.preprocessing:
+    kwargs["preprocessing"] = preprocessing
+  if entry.workdir:
+    kwargs["workdir"] = workdir
+  return entry.distill(x, y, **kwargs, **options)
 
 
 def _progress(method: str):
@@ -95,7 +85,7 @@ def _grid(result: SupervisedResult, path: pathlib.Path, title: str) -> None:
 
 
 def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: str = "convnet", width: int = 128,
-        iterations: int | None = None, max_seconds: float | None = None, seed: int = 0, workdir: str,
+        iterations: int | None = None, max_seconds: float | None = None, seed: int | jax.Array = 0, workdir: str,
         eval_runs: int = 5, eval_epochs: int = 300, eval_dsa: bool = True, cross_arch: tuple[str, ...] = (),
         options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Distils (or picks a coreset), evaluates and writes a workdir; returns the evaluation dict.
@@ -113,7 +103,8 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
       the ``cross_arch`` networks keep their default width.
     iterations: the method's outer iterations (None: its default).
     max_seconds: wall-time budget of the distillation (None: none).
-    seed: seed of the distillation; evaluation uses ``seed + 1000`` onwards.
+    seed: int seed or PRNG key of the distillation; evaluation uses ``seed + 1000`` onwards
+      (``fold_in(key, 1000)`` for a key).
     workdir: output directory.
     eval_runs: networks trained from scratch per evaluation row.
     eval_epochs: epochs of each (DC-BENCH schedule of ``train.evaluate_synset``).
@@ -129,6 +120,7 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
   width = _validation.check_positive_int(width, "width")
   eval_runs = _validation.check_non_negative_int(eval_runs, "eval_runs")
   eval_epochs = _validation.check_positive_int(eval_epochs, "eval_epochs")
+  base.as_key(seed, "seed")
   if iterations is not None:
     iterations = _validation.check_positive_int(iterations, "iterations")
   options = dict(options or {})
@@ -139,54 +131,16 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
   workdir_path.mkdir(parents=True, exist_ok=True)
 
   (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
-  if method == "kip":
-    kip_prep = kip.kip_preprocessing(x_train, zca_reg=options.pop("zca_reg", 0.1))
-    prepare = lambda x: np.asarray(kip_prep.apply(x), np.float32)[..., None]
-    prep_config = kip_prep.config()
-    options.setdefault("preprocessing", kip_prep)
-  else:
-    prepare, prep_config = _standardise(x_train)
+  prepare, prep_config = _preprocessing(method, x_train, options)
   z_train, z_test = prepare(x_train), prepare(x_test)
 
-  result_path = workdir_path / "result.npz"
-  if result_path.is_file():
-    result = artifacts.load_result(result_path)
-    print(f"{result_path} exists: evaluating it (delete it to distil again).", flush=True)
-  else:
-    t0 = time.perf_counter()
-    if method in CORESETS:
-      images, labels = coresets.coreset(z_train, y_train, ipc, method=method, key=seed)
-      result = SupervisedResult(images=images, labels=labels,
-                                config=dict(method=method, ipc=ipc, seed=seed, iterations=0,
-                                            seconds=time.perf_counter() - t0))
-    elif method == "udd":
-      result = compare.from_unsupervised(options.pop("source"), prepare, z_train, y_train, ipc=ipc)
-    else:
-      result = _distil(method, z_train, y_train, ipc=ipc, network=network, width=width, iterations=iterations,
-                       max_seconds=max_seconds, seed=seed, workdir=workdir_path, options=options,
-                       preprocessing=prep_config)
-    config = dict(result.config, dataset=dataset, preprocessing=prep_config, network=result.config.get("network", network))
-    result = SupervisedResult(result.images, result.labels, config, result.history, result.step_sizes)
-    artifacts.save_result(result, result_path)
+  result = _distilled_set(method, dataset, z_train, y_train, prepare, prep_config, ipc=ipc, network=network, width=width,
+                          iterations=iterations, max_seconds=max_seconds, seed=seed, workdir=workdir_path, options=options)
   _grid(result, workdir_path / "images.png", f"{method}, {dataset}, {ipc} per class")
 
-  rows = []
   test = (z_test, y_test)
-  # The DSA code drops flips for the MNIST family (a flipped digit is another symbol).
-  dsa_fn = functools.partial(augment.dsa, strategy=augment.DSA_STRATEGY_DIGITS)
-  n_classes = int(y_train.max()) + 1
-  for net in (network, *[n for n in cross_arch if n != network]):
-    module = networks.get_network(net, n_classes, **({"width": width} if net == network else {}))
-    for use_dsa in ((False, True) if eval_dsa else (False,)):
-      if not eval_runs:
-        break
-      t0 = time.perf_counter()
-      out = train.evaluate_synset(result.images, result.labels, test, key=seed + 1000, network=module, runs=eval_runs,
-                                  epochs=eval_epochs, augment=dsa_fn if use_dsa else None)
-      rows.append(dict(network=net, dsa=use_dsa, mean=float(out["mean"]), std=float(out["std"]),
-                       accuracies=[float(a) for a in out["accuracies"]], seconds=time.perf_counter() - t0))
-      print(f"evaluation {net}{' + DSA' if use_dsa else ''}: {100 * rows[-1]['mean']:.2f} +- "
-            f"{100 * rows[-1]['std']:.2f}% ({eval_runs} runs, {eval_epochs} epochs)", flush=True)
+  rows = _evaluation_rows(result, test, network=network, width=width, cross_arch=cross_arch, eval_dsa=eval_dsa,
+                          eval_runs=eval_runs, eval_epochs=eval_epochs, seed=seed, n_classes=int(y_train.max()) + 1)
   evaluation = dict(method=method, dataset=dataset, ipc=ipc, network=network, width=width, rows=rows, eval_runs=eval_runs, eval_epochs=eval_epochs,
                     iterations=result.config.get("iterations"), distill_seconds=result.config.get("seconds"))
   if method == "kip":
@@ -194,18 +148,72 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
     print(f"KIP kernel ridge regression accuracy: {100 * evaluation['krr_accuracy']:.2f}%", flush=True)
   if method == "dd" and eval_runs:
     evaluation["dd_recipe_accuracy"] = _dd_recipe_accuracy(result, test, seed, eval_runs)
-  (workdir_path / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+  io.atomic_write_text(workdir_path / "evaluation.json", json.dumps(evaluation, indent=1))
   _write_report(workdir_path / "report.md", result, evaluation)
   return evaluation
 
 
-def _dd_recipe_accuracy(result: SupervisedResult, test, seed: int, runs: int) -> list[float]:
+def _preprocessing(method: str, x_train: np.ndarray, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """The run's preprocessing (KIP's ZCA, else standardisation) and its record."""
+  if method != "kip":
+    return _standardise(x_train)
+  kip_prep = zca.kip_preprocessing(x_train, zca_reg=options.pop("zca_reg", 0.1))
+  options.setdefault("preprocessing", kip_prep)
+  return (lambda x: np.asarray(kip_prep.apply(x), np.float32)[..., None]), kip_prep.config()
+
+
+def _distilled_set(method, dataset, z_train, y_train, prepare, prep_config, *, ipc, network, width, iterations,
+                   max_seconds, seed, workdir, options) -> SupervisedResult:
+  """The workdir's ``result.npz`` if there is one; else the set distilled (or picked) now, saved there."""
+  result_path = workdir / "result.npz"
+  if result_path.is_file():
+    print(f"{result_path} exists: evaluating it (delete it to distil again).", flush=True)
+    return artifacts.load_result(result_path)
+  t0 = time.perf_counter()
+  if method in CORESETS:
+    images, labels = coresets.coreset(z_train, y_train, ipc, method=method, key=seed)
+    result = SupervisedResult(images=images, labels=labels,
+                              config=dict(method=method, ipc=ipc, seed=base.as_key(seed, "seed")[1], iterations=0,
+                                          seconds=time.perf_counter() - t0))
+  elif method == "udd":
+    result = compare.from_unsupervised(options.pop("source"), prepare, z_train, y_train, ipc=ipc)
+  else:
+    result = _distil(method, z_train, y_train, ipc=ipc, network=network, width=width, iterations=iterations,
+                     max_seconds=max_seconds, seed=seed, workdir=workdir, options=options, preprocessing=prep_config)
+  config = dict(result.config, dataset=dataset, preprocessing=prep_config, network=result.config.get("network", network))
+  result = SupervisedResult(result.images, result.labels, config, result.history, result.step_sizes)
+  artifacts.save_result(result, result_path)
+  return result
+
+
+def _evaluation_rows(result, test, *, network, width, cross_arch, eval_dsa, eval_runs, eval_epochs, seed,
+                     n_classes) -> list[dict[str, Any]]:
+  """One row per network and DSA setting: networks trained from scratch on the set, tested on ``test``."""
+  rows = []
+  # The DSA code drops flips for the MNIST family (a flipped digit is another symbol).
+  dsa_fn = functools.partial(augment.dsa, strategy=augment.DSA_STRATEGY_DIGITS)
+  for net in (network, *[n for n in cross_arch if n != network]):
+    module = networks.get_network(net, n_classes, **({"width": width} if net == network else {}))
+    for use_dsa in ((False, True) if eval_dsa else (False,)):
+      if not eval_runs:
+        break
+      t0 = time.perf_counter()
+      out = train.evaluate_synset(result.images, result.labels, test, key=base.derived_key(seed, 1000), network=module, runs=eval_runs,
+                                  epochs=eval_epochs, augment=dsa_fn if use_dsa else None)
+      rows.append(dict(network=net, dsa=use_dsa, mean=float(out["mean"]), std=float(out["std"]),
+                       accuracies=[float(a) for a in out["accuracies"]], seconds=time.perf_counter() - t0))
+      print(f"evaluation {net}{' + DSA' if use_dsa else ''}: {100 * rows[-1]['mean']:.2f} +- "
+            f"{100 * rows[-1]['std']:.2f}% ({eval_runs} runs, {eval_epochs} epochs)", flush=True)
+  return rows
+
+
+def _dd_recipe_accuracy(result: SupervisedResult, test, seed: Any, runs: int) -> list[float]:
   """DD is evaluated with its own learned recipe too: fresh inits trained by its unrolled steps."""
   cfg = result.config
-  net, _ = dd.network_config(cfg["network"], cfg["n_classes"], cfg["width"], cfg["depth"])
+  net = networks.get_network(cfg["network"], cfg["n_classes"], width=cfg["width"], depth=cfg["depth"])
   accs = []
   for r in range(runs):
-    params = dd.retrain_dd(result, jax.random.key(seed + 2000 + r))
+    params = dd.retrain_dd(result, base.as_key(base.derived_key(seed, 2000 + r))[0])
     accs.append(float(train.accuracy(net, jax.tree.map(lambda a: a[None], params), *test)[0]))
   print(f"DD with its learned recipe: {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f}%", flush=True)
   return accs

@@ -3,7 +3,7 @@
 A generator maps (noise, class label) to images. Its inputs are a learned curriculum:
 one noise vector per synthetic image, ``ipc`` per class. Each outer iteration trains
 fresh learners for ``inner_steps`` unrolled SGD steps on the generated images
-(:func:`~udd_jax.supervised.dd.unroll_sgd`); their cross-entropy on a real batch is the
+(:func:`udd_jax.training.unroll`); their cross-entropy on a real batch is the
 meta-loss, and Adam updates the generator, the curriculum and the learners' step size
 through the unrolled training. The distilled set is the generator's output for the
 learned curriculum.
@@ -12,7 +12,7 @@ learned curriculum.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import flax.linen as nn
 import jax
@@ -23,8 +23,12 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from udd_jax import _validation
-from udd_jax.supervised import dd
+from udd_jax.supervised import base
+from udd_jax.supervised.networks import cross_entropy, init_params, set_loss
 from udd_jax.supervised.result import SupervisedResult
+from udd_jax.training import unroll
+
+DEFAULTS = dict(iterations=300)
 
 
 class Generator(nn.Module):
@@ -60,45 +64,35 @@ def _make_gtn_step(generator, learner, optimizer, syn_labels, *, inner_steps, n_
     step_sizes = jnp.full((inner_steps,), jnp.exp(teacher["log_inner_lr"]))
 
     def one_learner(key):
-      params = dd.unroll_sgd(learner, dd.init_params(learner, key, image_shape), images, syn_labels, step_sizes)
-      return dd.cross_entropy(learner, params, x_real, y_real)
+      params = unroll(set_loss(learner), init_params(learner, key, image_shape), (images, syn_labels), step_sizes)
+      return cross_entropy(learner, params, x_real, y_real)
 
     return jax.vmap(one_learner)(init_keys).mean()
 
   @jax.jit
   def gtn_step(state, key, x, y):
-    k_init, k_real = jax.random.split(key)
-    idx = jax.random.choice(k_real, x.shape[0], (batch_real,), replace=False)
-    loss, grads = jax.value_and_grad(meta_loss)(state.teacher, jax.random.split(k_init, n_inits), x[idx], y[idx])
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.teacher)
-    metrics = {"loss": loss, "inner_lr": jnp.exp(state.teacher["log_inner_lr"])}
-    return _GTNState(optax.apply_updates(state.teacher, updates), opt_state), metrics
+    teacher, opt_state, loss = base.meta_step(meta_loss, state.teacher, state.opt_state, optimizer, key, x, y,
+                                              n_inits=n_inits, batch_real=batch_real)
+    return _GTNState(teacher, opt_state), {"loss": loss, "inner_lr": jnp.exp(state.teacher["log_inner_lr"])}
 
   return gtn_step
 
 
+def _initial_teacher(generator, syn_labels, k_gen, k_z, noise_dim, init_inner_lr, dtype) -> dict:
+  """The generator's init, the curriculum (one N(0, 1) noise vector per image) and the log step size."""
+  curriculum = jax.random.normal(k_z, (syn_labels.shape[0], noise_dim), dtype=dtype)
+  return {
+      "generator": generator.init(k_gen, curriculum, syn_labels)["params"],
+      "curriculum": curriculum,
+      "log_inner_lr": jnp.asarray(math.log(init_inner_lr), dtype=dtype),
+  }
+
+
 def distill_gtn(
-    x: Float[ArrayLike, "n H W C"],
-    y: Int[ArrayLike, " n"],
-    *,
-    ipc: int,
-    key: PRNGKeyArray | int,
-    learner: str = "mlp",
-    width: int = 128,
-    depth: int = 3,
-    inner_steps: int = 10,
-    n_inits: int = 1,
-    noise_dim: int = 32,
-    hidden: int = 128,
-    iterations: int = 300,
-    lr_generator: float = 1e-3,
-    lr_curriculum: float = 1e-3,
-    lr_inner_lr: float = 1e-2,
-    init_inner_lr: float = 0.02,
-    batch_real: int = 256,
-    n_classes: int | None = None,
-    max_seconds: float | None = None,
-    callback: dd.Callback | None = None,
+    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int,
+    learner: str = "mlp", inner_steps: int = 10, n_inits: int = 1, noise_dim: int = 32, hidden: int = 128,
+    lr_generator: float = 1e-3, lr_curriculum: float = 1e-3, lr_inner_lr: float = 1e-2, init_inner_lr: float = 0.02,
+    batch_real: int = 256, **common: Unpack[base.CommonOptions],
 ) -> SupervisedResult:
   """Generative Teaching Network: a generator and its input curriculum meta-learned to teach.
 
@@ -116,73 +110,51 @@ def distill_gtn(
     key: PRNG key or int seed.
     learner: the learners' network: ``"mlp"`` (the smallest setting, cheap on a CPU),
       ``"lenet"`` or ``"convnet"``.
-    width: ConvNet channels / MLP hidden units of the learner.
-    depth: ConvNet blocks of the learner.
     inner_steps: unrolled SGD steps per learner.
     n_inits: fresh learners per iteration.
     noise_dim: dimension of each curriculum noise vector.
     hidden: the generator's hidden units.
-    iterations: outer (meta) iterations.
     lr_generator: Adam step size on the generator's parameters.
     lr_curriculum: Adam step size on the curriculum.
     lr_inner_lr: Adam step size on the learners' log step size.
     init_inner_lr: the learners' initial step size.
     batch_real: real images per iteration (at most ``n``).
-    n_classes: number of classes; ``max(y) + 1`` when None.
-    max_seconds: stop after this many seconds (checked between iterations).
-    callback: called as ``callback(iteration, record)`` after every iteration.
+    **common: the options of :func:`udd_jax.supervised.base.setup` but ``network``
+      (``width`` and ``depth`` of the learner, ``iterations``, ``n_classes``,
+      ``max_seconds``, ``callback``); GTN's default: ``iterations=300``.
 
   Returns:
     A :class:`SupervisedResult`: the generated images and their labels, the learned
     step size in ``step_sizes`` (shape ``(1,)``; ``config["inner_steps"]`` steps), the
     meta-loss per iteration in ``history``.
   """
-  data = dd.prepare_data(x, y, n_classes=n_classes)
-  ipc = _validation.check_positive_int(ipc, "ipc")
-  key, seed = dd.as_key(key)
-  inner_steps = _validation.check_positive_int(inner_steps, "inner_steps")
-  n_inits = _validation.check_positive_int(n_inits, "n_inits")
-  noise_dim = _validation.check_positive_int(noise_dim, "noise_dim")
-  hidden = _validation.check_positive_int(hidden, "hidden")
-  lr_generator = _validation.check_positive_float(lr_generator, "lr_generator", allow_zero=True)
-  lr_curriculum = _validation.check_positive_float(lr_curriculum, "lr_curriculum", allow_zero=True)
-  lr_inner_lr = _validation.check_positive_float(lr_inner_lr, "lr_inner_lr", allow_zero=True)
+  s = base.setup(x, y, ipc=ipc, key=key, network=learner, **(DEFAULTS | common))
+  inner_steps, n_inits, noise_dim, hidden = (_validation.check_positive_int(v, name) for v, name in (
+      (inner_steps, "inner_steps"), (n_inits, "n_inits"), (noise_dim, "noise_dim"), (hidden, "hidden")))
+  lr_generator, lr_curriculum, lr_inner_lr = (_validation.check_positive_float(v, name, allow_zero=True) for v, name in (
+      (lr_generator, "lr_generator"), (lr_curriculum, "lr_curriculum"), (lr_inner_lr, "lr_inner_lr")))
   init_inner_lr = _validation.check_positive_float(init_inner_lr, "init_inner_lr")
-  batch_real = min(_validation.check_positive_int(batch_real, "batch_real"), data.images.shape[0])
-  iterations, max_seconds = dd.check_budget(iterations, max_seconds, callback)
-  learner_net, learner_record = dd.network_config(learner, data.n_classes, width, depth)
+  batch_real = min(_validation.check_positive_int(batch_real, "batch_real"), s.data.images.shape[0])
 
-  image_shape = tuple(data.images.shape[1:])
-  syn_labels = jnp.asarray(dd.synthetic_labels(data.n_classes, ipc))
-  generator = Generator(data.n_classes, image_shape, hidden)
-  key, k_gen, k_z = jax.random.split(key, 3)
-  curriculum = jax.random.normal(k_z, (syn_labels.shape[0], noise_dim), dtype=data.images.dtype)
-  teacher = {
-      "generator": generator.init(k_gen, curriculum, syn_labels)["params"],
-      "curriculum": curriculum,
-      "log_inner_lr": jnp.asarray(math.log(init_inner_lr), dtype=data.images.dtype),
-  }
+  syn_labels = jnp.asarray(s.labels())
+  generator = Generator(s.data.n_classes, s.image_shape, hidden)
+  key, k_gen, k_z = jax.random.split(s.key, 3)
+  teacher = _initial_teacher(generator, syn_labels, k_gen, k_z, noise_dim, init_inner_lr, s.dtype)
   optimizer = optax.partition(
       {"generator": optax.adam(lr_generator), "curriculum": optax.adam(lr_curriculum), "log_inner_lr": optax.adam(lr_inner_lr)},
-      {"generator": jax.tree.map(lambda _: "generator", teacher["generator"]), "curriculum": "curriculum", "log_inner_lr": "log_inner_lr"},
-  )
+      {"generator": jax.tree.map(lambda _: "generator", teacher["generator"]), "curriculum": "curriculum",
+       "log_inner_lr": "log_inner_lr"})
   gtn_step = _make_gtn_step(
-      generator, learner_net, optimizer, syn_labels, inner_steps=inner_steps, n_inits=n_inits,
-      batch_real=batch_real, image_shape=image_shape,
+      generator, s.network, optimizer, syn_labels, inner_steps=inner_steps, n_inits=n_inits,
+      batch_real=batch_real, image_shape=s.image_shape,
   )
-  state, log = dd.run_outer_loop(
-      lambda s, k: gtn_step(s, k, data.images, data.labels), _GTNState(teacher, optimizer.init(teacher)), key,
-      iterations=iterations, max_seconds=max_seconds, callback=callback,
-  )
+  state, log = s.run(lambda st, k: gtn_step(st, k, s.data.images, s.data.labels), _GTNState(teacher, optimizer.init(teacher)), key)
   images = generator.apply({"params": state.teacher["generator"]}, state.teacher["curriculum"], syn_labels)
-  config = {
-      "method": "gtn", "ipc": ipc, **learner_record, "n_classes": data.n_classes,
-      "image_shape": list(image_shape), "inner_steps": inner_steps, "n_inits": n_inits, "noise_dim": noise_dim,
-      "hidden": hidden, "lr_generator": lr_generator, "lr_curriculum": lr_curriculum, "lr_inner_lr": lr_inner_lr,
-      "init_inner_lr": init_inner_lr, "batch_real": batch_real, "iterations": log.iterations,
-      "max_iterations": iterations, "max_seconds": max_seconds, "stopped": log.stopped, "seconds": log.seconds,
-      "preprocessing": "none", "seed": seed,
-  }
+  config = s.config(
+      "gtn", log, inner_steps=inner_steps, n_inits=n_inits, noise_dim=noise_dim, hidden=hidden, lr_generator=lr_generator,
+      lr_curriculum=lr_curriculum, lr_inner_lr=lr_inner_lr, init_inner_lr=init_inner_lr, batch_real=batch_real,
+      preprocessing="none",
+  )
   return SupervisedResult(
       images=np.asarray(images, dtype=np.float32),
       labels=np.asarray(syn_labels),

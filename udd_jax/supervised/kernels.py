@@ -153,14 +153,8 @@ def _fc(x1: jax.Array, x2: jax.Array, *, depth: int, kind: str, w_var: float, b_
 
 
 def fc_kernel(
-    x1: Float[ArrayLike, "n1 ..."],
-    x2: Float[ArrayLike, "n2 ..."],
-    *,
-    depth: int = 1,
-    kind: str = "ntk",
-    w_var: float = 2.0,
-    b_var: float = 0.01,
-    block_size: int | None = None,
+    x1: Float[ArrayLike, "n1 ..."], x2: Float[ArrayLike, "n2 ..."], *, depth: int = 1, kind: str = "ntk",
+    w_var: float = 2.0, b_var: float = 0.01, block_size: int | None = None,
 ) -> Float[Array, "n1 n2"]:
   """Infinite-width kernel of a fully connected ReLU network on flattened inputs.
 
@@ -240,15 +234,8 @@ def _conv(x1: jax.Array, x2: jax.Array, *, depth: int, kind: str, filter_size: i
 
 
 def conv_kernel(
-    x1: Float[ArrayLike, "n1 H W C"],
-    x2: Float[ArrayLike, "n2 H W C"],
-    *,
-    depth: int = 3,
-    kind: str = "ntk",
-    filter_size: int = 3,
-    w_var: float = 2.0,
-    b_var: float = 0.01,
-    block_size: int | None = None,
+    x1: Float[ArrayLike, "n1 H W C"], x2: Float[ArrayLike, "n2 H W C"], *, depth: int = 3, kind: str = "ntk",
+    filter_size: int = 3, w_var: float = 2.0, b_var: float = 0.01, block_size: int | None = None,
 ) -> Float[Array, "n1 n2"]:
   """Infinite-width kernel of a ReLU ConvNet with a flatten ("vectorised") readout.
 

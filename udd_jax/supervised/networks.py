@@ -18,9 +18,13 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from udd_jax import _validation
 
@@ -28,7 +32,14 @@ NETWORKS = ("convnet", "mlp", "lenet")
 LENET_MIN_SIZE = 12
 
 
-class ConvNet(nn.Module):
+class _Classifier(nn.Module):
+  """A network whose logits are a ``classifier`` layer on its ``embed`` features."""
+
+  def __call__(self, x: Float[Array, "n H W C"]) -> Float[Array, "n classes"]:
+    return self.classifier(self.embed(x))
+
+
+class ConvNet(_Classifier):
   """The ConvNet of DC/DSA/DM/MTT: ``depth`` blocks of [3x3 conv (``width`` channels),
   instance norm, ReLU, 2x2 average pooling], then one linear layer."""
 
@@ -47,11 +58,8 @@ class ConvNet(nn.Module):
       x = nn.avg_pool(nn.relu(norm(conv(x))), (2, 2), strides=(2, 2))
     return x.reshape(x.shape[0], -1)
 
-  def __call__(self, x: Float[Array, "n H W C"]) -> Float[Array, "n classes"]:
-    return self.classifier(self.embed(x))
 
-
-class MLP(nn.Module):
+class MLP(_Classifier):
   """Two hidden layers of ``width`` ReLU units on the flattened image."""
 
   n_classes: int
@@ -67,11 +75,8 @@ class MLP(nn.Module):
       x = nn.relu(layer(x))
     return x
 
-  def __call__(self, x: Float[Array, "n H W C"]) -> Float[Array, "n classes"]:
-    return self.classifier(self.embed(x))
 
-
-class LeNet(nn.Module):
+class LeNet(_Classifier):
   """LeNet-5 as in DC's code: conv 6@5x5 (padding 2 on 28x28 inputs), ReLU, max pool,
   conv 16@5x5, ReLU, max pool, dense 120, ReLU, dense 84, ReLU, dense n_classes."""
 
@@ -94,9 +99,6 @@ class LeNet(nn.Module):
       x = nn.relu(layer(x))
     return x
 
-  def __call__(self, x: Float[Array, "n H W C"]) -> Float[Array, "n classes"]:
-    return self.classifier(self.embed(x))
-
 
 def get_network(name: str, n_classes: int, *, width: int = 128, depth: int = 3) -> nn.Module:
   """The network called ``name`` (``"convnet"``, ``"mlp"``, ``"lenet"``) with ``n_classes`` outputs.
@@ -118,3 +120,50 @@ def as_images(x: Float[Array, "n ..."]) -> Float[Array, "n H W C"]:
   """``(n, H, W)`` grey images (as ``udd_jax.load_dataset`` returns them) to ``(n, H, W, 1)``."""
   x = jnp.asarray(x)
   return x[..., None] if x.ndim == 3 else x
+
+
+def init_params(network: nn.Module, key: PRNGKeyArray, image_shape: tuple[int, ...]) -> PyTree:
+  """Fresh parameters of ``network`` for images of ``image_shape`` (in JAX's default float dtype).
+
+  The params depend only on the key and the input shape, never on input values, so the
+  outer gradient never flows through an init.
+  """
+  params = network.init(key, jnp.zeros((1, *image_shape)))["params"]
+  return jax.tree.map(lambda p: p.astype(jnp.result_type(float)), params)
+
+
+def cross_entropy(
+    network: nn.Module,
+    params: PyTree,
+    images: Float[Array, "n H W C"],
+    labels: Int[Array, " n"],
+) -> Scalar:
+  """Mean softmax cross-entropy of ``network`` with ``params`` on a labelled batch."""
+  logits = network.apply({"params": params}, images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def set_loss(network: nn.Module) -> Callable[..., Scalar]:
+  """``loss(params, (images, labels)[, idx])``: the cross-entropy on a set, or on its rows ``idx``.
+
+  The loss DD, MTT and GTN train their networks with through
+  :func:`udd_jax.training.unroll` (``theta`` the set, ``xs`` the mini-batch indices).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from udd_jax.training import unroll
+    >>> net = MLP(n_classes=2, width=4)
+    >>> x, y = jnp.ones((4, 3, 3, 1)), jnp.array([0, 1, 0, 1])
+    >>> p0 = net.init(jax.random.key(0), x)["params"]
+    >>> p = unroll(set_loss(net), p0, (x, y), jnp.full((5,), 0.1), xs=jnp.array([[0, 1]] * 5))
+    >>> bool(cross_entropy(net, p, x, y) < cross_entropy(net, p0, x, y))
+    True
+  """
+
+  def loss(params: PyTree, data: tuple[Array, Array], idx: Array | None = None) -> Scalar:
+    images, labels = data
+    if idx is not None:
+      images, labels = images[idx], labels[idx]
+    return cross_entropy(network, params, images, labels)
+
+  return loss

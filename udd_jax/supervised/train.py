@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
 from udd_jax import _validation
+from udd_jax.supervised.base import as_key, as_keys
 from udd_jax.supervised.networks import NETWORKS, get_network
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
@@ -155,16 +155,6 @@ def _count_correct(params, x, y, valid, *, network):
   return jnp.sum((jnp.argmax(network.apply({"params": params}, x), -1) == y) & valid)
 
 
-def _as_key(key: Any, name: str = "key") -> jax.Array:
-  if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-    return jax.random.key(int(key))
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape[-1:] == (2,):
-    return jax.random.wrap_key_data(jnp.asarray(key))
-  raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)) or an integer seed; got {type(key).__name__}.")
-
-
 def _check_images(images: Any, name: str = "images") -> np.ndarray:
   arr = _validation.check_array(images, name, floating=True)
   if arr.ndim != 4:
@@ -229,19 +219,35 @@ def _hyper_arrays(hyper: dict[str, float], dtype: Any) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
 
 
+class TrainOptions(TypedDict, total=False):
+  """The options of :func:`train_network` and :func:`train_networks`."""
+
+  epochs: int
+  lr: float
+  momentum: float
+  weight_decay: float
+  batch_size: int
+  augment: Augment | None
+  n_classes: int | None
+
+
+def _prepare(network, images, labels, *, epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, augment=None,
+             n_classes=None):
+  """Checks a training run's arguments: the device arrays, the traced hyperparameters and the static options."""
+  images = _check_images(images)
+  labels = _check_targets(labels, images.shape[0])
+  module = _resolve_network(network, labels, n_classes)
+  hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
+  static = dict(network=module, epochs=epochs, batch_size=batch_size, augment=augment)
+  return jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype), static
+
+
 def train_network(
     network: str | nn.Module,
     images: Float[ArrayLike, "n H W C"],
     labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
     key: PRNGKeyArray | int,
-    *,
-    epochs: int = 300,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 256,
-    augment: Augment | None = None,
-    n_classes: int | None = None,
+    **options: Unpack[TrainOptions],
 ) -> PyTree:
   """Trains a fresh init of ``network`` from scratch on ``(images, labels)`` with the DC evaluation schedule.
 
@@ -252,14 +258,15 @@ def train_network(
     labels: integer class labels ``(n,)`` (softmax cross-entropy) or float target vectors
       ``(n, C)`` (mean squared error on the logits).
     key: PRNG key (or integer seed) of the init, the shuffling and the augmentation.
-    epochs: passes over the set; the learning rate drops to ``0.1 * lr`` at ``epochs // 2``.
-    lr: initial learning rate.
-    momentum: SGD momentum.
-    weight_decay: L2 coefficient.
-    batch_size: mini-batch size; the whole set is one batch when it is smaller.
-    augment: optional pure function ``(x, key) -> x`` applied to every mini-batch (e.g.
+    **options: the training options (defaults in parentheses):
+      epochs: passes over the set (300); the learning rate drops to ``0.1 * lr`` at ``epochs // 2``.
+      lr: initial learning rate (0.01).
+      momentum: SGD momentum (0.9).
+      weight_decay: L2 coefficient (5e-4).
+      batch_size: mini-batch size (256); the whole set is one batch when it is smaller.
+      augment: optional pure function ``(x, key) -> x`` applied to every mini-batch (e.g.
       DSA with a fixed strategy).
-    n_classes: outputs of a network given by name (default: the largest label + 1).
+      n_classes: outputs of a network given by name (default: the largest label + 1).
 
   Returns:
     The trained flax parameters.
@@ -272,14 +279,8 @@ def train_network(
     >>> jnp.argmax(logits, -1).tolist()
     [0, 0, 1, 1]
   """
-  images = _check_images(images)
-  labels = _check_targets(labels, images.shape[0])
-  module = _resolve_network(network, labels, n_classes)
-  hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
-  return _train_one(
-      _as_key(key), jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype),
-      network=module, epochs=epochs, batch_size=batch_size, augment=augment,
-  )
+  params = train_networks(network, images, labels, as_key(key)[0][None], **options)
+  return jax.tree.map(lambda a: a[0], params)
 
 
 def train_networks(
@@ -287,14 +288,7 @@ def train_networks(
     images: Float[ArrayLike, "n H W C"],
     labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
     keys: PRNGKeyArray,
-    *,
-    epochs: int = 300,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 256,
-    augment: Augment | None = None,
-    n_classes: int | None = None,
+    **options: Unpack[TrainOptions],
 ) -> PyTree:
   """:func:`train_network` for every key of ``keys`` (shape ``(runs,)``), one after the other with one compiled step.
 
@@ -303,16 +297,11 @@ def train_networks(
   Returns:
     The trained parameters, every leaf stacked over the runs (leading axis ``runs``).
   """
-  images = _check_images(images)
-  labels = _check_targets(labels, images.shape[0])
-  module = _resolve_network(network, labels, n_classes)
-  hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
-  keys = _as_key(keys, "keys")
+  images, labels, hyper, static = _prepare(network, images, labels, **options)
+  keys = as_keys(keys)
   if keys.ndim != 1:
     raise ValueError(f"keys must be a 1-d array of PRNG keys (runs,); got shape {keys.shape}.")
-  images, labels, hyper = jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype)
-  runs = [_train_one(k, images, labels, hyper, network=module, epochs=epochs, batch_size=batch_size, augment=augment)
-          for k in keys]
+  runs = [_train_one(k, images, labels, hyper, **static) for k in keys]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *runs)
 
 
@@ -388,7 +377,7 @@ def evaluate_synset(
     raise ValueError(f"test x has images of shape {x_test.shape[1:]} but images are {images.shape[1:]}.")
   runs = _validation.check_positive_int(runs, "runs")
   module = _resolve_network(network, labels, n_classes, extra_max_label=int(y_test.max()))
-  keys = jax.random.split(_as_key(key), runs)
+  keys = jax.random.split(as_key(key)[0], runs)
   params = train_networks(
       module, images, labels, keys, epochs=epochs, lr=lr, momentum=momentum,
       weight_decay=weight_decay, batch_size=batch_size, augment=augment,

@@ -1,4 +1,4 @@
-"""Inner loops: a warm-started optax solve (not differentiated) and a differentiable unroll."""
+"""Inner training loops: a warm-started optax solve (not differentiated) and differentiable unrolls."""
 
 from __future__ import annotations
 
@@ -71,47 +71,71 @@ def inner_solve(
 
 
 def unroll(
-    loss_fn: Callable[[Any, Any], Scalar],
+    loss_fn: Callable[..., Scalar],
     params: Any,
     theta: Any,
     step_sizes: Array,
     *,
     transform: optax.GradientTransformation = optax.identity(),
     truncate: int | None = None,
+    xs: Any = None,
+    remat: bool = False,
 ) -> Any:
   """Differentiable inner training: ``len(step_sizes)`` steps of ``transform`` with a step size each.
 
-  ``p_{t+1} = p_t - step_sizes[t] * transform(grad_p loss_fn(p_t, theta))``, a
+  ``p_{t+1} = p_t - step_sizes[t] * transform(grad_p loss_fn(p_t, theta[, xs[t]]))``, a
   ``lax.scan`` that JAX differentiates with respect to ``theta`` and
   ``step_sizes`` (as in the original dataset distillation, which learns them).
 
   Args:
-    loss_fn: ``loss_fn(params, theta) -> scalar``.
+    loss_fn: ``loss_fn(params, theta) -> scalar``, or ``loss_fn(params, theta, x_t)``
+      when ``xs`` is given.
     params: initial parameters.
     theta: what the outer problem differentiates (the distilled images).
     step_sizes: shape (T,), one step size per inner step.
     transform: an optax transformation without learning rate, e.g.
       ``optax.identity()`` (gradient descent) or ``optax.scale_by_adam()``.
     truncate: if set, backpropagate only through the last ``truncate`` steps.
+    xs: optional per-step data, a pytree whose leaves have leading axis T (e.g. the
+      (T, b) mini-batch indices of each step); step t passes ``xs[t]`` to ``loss_fn``
+      as its third argument.
+    remat: recompute each step's intermediates in the backward pass
+      (``jax.checkpoint``) instead of storing them: memory of one step instead of T.
 
   Returns:
-    The parameters after T steps.
+    The parameters after T steps, with the dtypes of ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> loss = lambda w, target, i: 0.5 * (w - target[i]) ** 2
+    >>> float(unroll(loss, 0.0, jnp.array([1.0, 3.0]), jnp.full(2, 0.5), xs=jnp.array([0, 1])))
+    1.75
   """
   n_steps = step_sizes.shape[0]
   grad_fn = jax.grad(loss_fn)
 
-  def step(carry, lr):
+  def step(carry, inputs):
     p, s = carry
-    updates, s = transform.update(grad_fn(p, theta), s, p)
-    p = jax.tree.map(lambda w, u: w - lr * u, p, updates)
+    if xs is None:
+      lr, grads = inputs, grad_fn(p, theta)
+    else:
+      lr, x = inputs
+      grads = grad_fn(p, theta, x)
+    updates, s = transform.update(grads, s, p)
+    # The cast keeps the parameters' dtypes when the step sizes have a wider one.
+    p = jax.tree.map(lambda w, u: (w - lr * u).astype(jnp.asarray(w).dtype), p, updates)
     return (p, s), None
 
+  if remat:
+    step = jax.checkpoint(step)
+  # Without per-step data the scan runs over the step sizes alone, as it always did.
+  per_step = step_sizes if xs is None else (step_sizes, xs)
   carry = (params, transform.init(params))
   cut = 0 if truncate is None else max(n_steps - truncate, 0)
   if cut:
-    carry, _ = jax.lax.scan(step, carry, step_sizes[:cut])
+    carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[:cut], per_step))
     carry = jax.lax.stop_gradient(carry)
-  carry, _ = jax.lax.scan(step, carry, step_sizes[cut:])
+  carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[cut:], per_step))
   return carry[0]
 
 

@@ -1,0 +1,3 @@
+"""The library version, recorded in every artifact."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""Implicit differentiation: w*(D) from a warm-started inner solve, dL/dD by the implicit function theorem."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+from udd_jax import _validation
+from udd_jax.bilevel import implicit_diff
+from udd_jax.bilevel.problem import TaskBatch
+from udd_jax.bilevel.solvers.base import (
+    Metrics,
+    Problem,
+    SolverBase,
+    SolverState,
+    apply_updates,
+    fit_heads,
+    init_common,
+    diversity,
+)
+from udd_jax.training.unroll import inner_solve
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit(SolverBase):
+  """Implicit differentiation: dL/dD = -(d^2 L_in / dD dw) (H_ww + damping I)^-1 grad_w L.
+
+  Each step: a warm-started inner solve (``inner_optimizer`` until the gradient
+  norm is below ``inner_tol`` or ``inner_steps``), ``head_steps`` updates of the
+  heads at w* (so they enter at their optimum, Danskin), then CG for the adjoint
+  ``u``, started from the previous step's ``u`` when ``warm_start_adjoint`` (D, w*
+  and the heads move little per step, so ``u`` does too, and a few CG iterations
+  refine it: amortised implicit differentiation, as Arbel & Mairal 2022's AmIGO).
+
+  State: ``extra`` is ``(inner optimiser state, adjoint u)``; ``opt_state`` is ``(images, heads)``.
+
+  Examples:
+    >>> from udd_jax.bilevel.solvers import get_solver
+    >>> Implicit(cg_steps=3) == get_solver("implicit", cg_steps=3)  # a name and an instance run the same thing
+    True
+  """
+
+  # Few inner and CG iterations per step, both warm-started, and damping 0.1: the budget per
+  # step measured best on a fixed wall time (docs/RESULTS.md, "Implicit solver: budget per step").
+  inner_steps: int = 5
+  inner_tol: float = 1e-4
+  inner_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  damping: float = 0.1
+  cg_tol: float = 1e-5
+  cg_steps: int = 5
+  warm_start_adjoint: bool = True
+  head_steps: int = 5
+  head_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  name = "implicit"
+
+  def __post_init__(self):
+    super().__post_init__()
+    _validation.check_positive_int(self.inner_steps, "inner_steps")
+    _validation.check_positive_float(self.inner_tol, "inner_tol", allow_zero=True)
+    _validation.check_positive_float(self.damping, "damping", allow_zero=True)
+    _validation.check_positive_int(self.cg_steps, "cg_steps")
+    _validation.check_positive_int(self.head_steps, "head_steps")
+
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> SolverState:
+    params, heads, key = init_common(problem, key, images)
+    opt_state = (self.image_optimizer.init(images), self.head_optimizer.init(heads))
+    extra = (self.inner_optimizer.init(params), optax.tree.zeros_like(params))
+    return SolverState(jnp.asarray(0), images, params, heads, extra, opt_state, key)
+
+  def step(self, problem: Problem, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+    key, k_inner = jax.random.split(state.key)
+    inner = lambda p, images: problem.inner_loss(p, images, k_inner)
+    s_inner, u_prev = state.extra
+    solved = inner_solve(
+        lambda p: inner(p, state.images),
+        state.params,
+        s_inner,
+        self.inner_optimizer,
+        max_steps=self.inner_steps,
+        tol=self.inner_tol,
+    )
+    s_images, s_heads = state.opt_state
+    heads, s_heads, _ = fit_heads(problem, state.heads, s_heads, self.head_optimizer, solved.params, batch, self.head_steps)
+    outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(solved.params)
+    u, cg = implicit_diff.solve_adjoint(
+        inner, solved.params, state.images, v, damping=self.damping, tol=self.cg_tol, max_steps=self.cg_steps,
+        init=u_prev if self.warm_start_adjoint else None,
+    )
+    g_images = implicit_diff.mixed_vjp(inner, solved.params, state.images, u)
+    if self.diversity:
+      g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
+    images, s_images = apply_updates(self.image_optimizer, g_images, s_images, state.images)
+    metrics = {
+        "outer_loss": outer,
+        "inner_value": inner(solved.params, state.images),
+        "inner_grad_norm": solved.grad_norm,
+        "inner_steps": solved.num_steps,
+        "cg_steps": cg.num_steps,
+        "cg_residual": cg.residual,
+        "cg_negative_curvature": cg.negative_curvature,
+        "image_grad_norm": optax.tree.norm(g_images),
+    }
+    extra = (solved.opt_state, u)
+    new_state = SolverState(state.step + 1, images, solved.params, heads, extra, (s_images, s_heads), key)
+    return new_state, metrics

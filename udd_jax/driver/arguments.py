@@ -1,0 +1,174 @@
+"""``distill``'s arguments checked and normalised before anything is compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optax
+
+from udd_jax import _validation
+from udd_jax.bilevel import solvers as solvers_lib
+from udd_jax.data.preprocessing import PREPROCESSING_METHODS
+from udd_jax.training.recipes import Recipe
+
+DEFAULT_SOLVER = "pool"
+INITS = ("real", "kmeans", "random")
+# Options of distill() itself; everything else in **options goes to the solver.
+PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
+SHORTHAND_OPTIONS = ("image_lr", "model_lr", "lr_schedule")
+DEFAULT_IMAGE_LR = 1e-2  # every solver's default Adam step size on D
+LR_SCHEDULES = ("constant", "cosine")  # of the image_lr / model_lr shorthands
+# Non-negative inputs above this are taken for raw pixel values (0-255) that the learner,
+# which expects inputs of order one, cannot train on.
+RAW_PIXEL_MAX = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything ``distill`` was asked to do, checked: what building and running the run need."""
+
+  tasks: list[tuple[np.ndarray, np.ndarray]]
+  n_distill: int
+  n_hidden: int
+  inner: str
+  solver: Any
+  steps: int
+  key: Any
+  seed: Any  # the key's JSON record: the int seed, or the key's data
+  batch_size: int
+  init: str
+  preprocessing: str
+  recipe: Recipe | None
+  log_every: int
+  checkpoint_every: int
+  eval_every: int
+  eval_data: tuple[Any, Any, Any, Any] | None
+  progress: bool
+  callback: Callable[[int, dict[str, float]], None] | None
+  max_seconds: float | None
+  eval_every_seconds: float | None
+  problem_options: dict[str, Any]
+  options_given: dict[str, Any]
+
+  @property
+  def init_scale(self) -> float:
+    return self.problem_options["init_scale"]
+
+
+def tasks_from_inputs(x: Any, y: Any, preprocessing: str = "none") -> list[tuple[np.ndarray, np.ndarray]]:
+  """Normalises the three ways of giving tasks into a list of checked float32 (x, y) pairs."""
+  if y is None:
+    if not isinstance(x, (list, tuple)) or not x:
+      raise ValueError("y is None: x must then be a non-empty list of (x, y) pairs, one per dataset.")
+    pairs = list(x)
+  elif isinstance(y, (list, tuple)):
+    if not y:
+      raise ValueError("y is an empty list: give at least one label array.")
+    pairs = [(x, yj) for yj in y]
+  else:
+    pairs = [(x, y)]
+  tasks = []
+  for j, pair in enumerate(pairs):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+      raise ValueError(f"task {j} must be an (x, y) pair.")
+    xj = _validation.check_array(pair[0], f"x (task {j})", min_ndim=2)
+    yj = _validation.check_labels(pair[1], f"y (task {j})", n=xj.shape[0])
+    if tasks and xj.shape[1:] != tasks[0][0].shape[1:]:
+      raise ValueError(f"x (task {j}) has inputs of shape {xj.shape[1:]}, task 0 has {tasks[0][0].shape[1:]}: resize them first.")
+    classes = np.unique(yj)
+    if classes.size < 2:
+      raise ValueError(f"y (task {j}) holds one class only (label {int(classes[0])}): a task needs at least two classes.")
+    if preprocessing == "none" and xj.size and xj.min() >= 0 and xj.max() > RAW_PIXEL_MAX:
+      raise ValueError(
+          f"x (task {j}) holds values in [{xj.min():g}, {xj.max():g}] (raw {xj.dtype} pixels?); the learner expects inputs "
+          "of order one and would train on nothing. Divide by 255 (load_dataset returns [0, 1]) or pass "
+          "preprocessing='standardize'.")
+    tasks.append((xj.astype(np.float32) if xj.dtype != np.float32 else xj, yj))
+  return tasks
+
+
+def _check_eval_data(eval_data: Any, image_shape: tuple[int, ...]) -> None:
+  if not isinstance(eval_data, (tuple, list)) or len(eval_data) != 4:
+    raise TypeError("eval_data must be a tuple (x_train, y_train, x_test, y_test).")
+  for split, pair in (("eval_data train", eval_data[:2]), ("eval_data test", eval_data[2:])):
+    xe, _ = _validation.check_labelled(tuple(pair), split)
+    if xe.shape[1:] != image_shape:
+      raise ValueError(f"{split} x has inputs of shape {xe.shape[1:]}, x has {image_shape}.")
+
+
+def _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback) -> None:
+  if n_distill > tasks[0][0].shape[0] and init != "random":
+    raise ValueError(f"n_distill={n_distill} exceeds the {tasks[0][0].shape[0]} real inputs to initialise from.")
+  for name, value in (("max_seconds", max_seconds), ("eval_every_seconds", eval_every_seconds)):
+    if value is not None:
+      _validation.check_positive_float(value, name)
+  if (eval_every or eval_every_seconds) and eval_data is None:
+    raise ValueError("eval_every > 0 needs eval_data = (x_train, y_train, x_test, y_test).")
+  if eval_data is not None:
+    _check_eval_data(eval_data, tasks[0][0].shape[1:])
+  if recipe is not None and not isinstance(recipe, (Recipe, dict)):
+    raise TypeError(f"recipe must be a Recipe or its config dict; got {type(recipe).__name__}.")
+  if callback is not None and not callable(callback):
+    raise TypeError(f"callback must be callable as callback(step, metrics); got {type(callback).__name__}.")
+
+
+def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """Splits ``distill``'s ``**options`` into the solver (built) and the problem options.
+
+  Raises:
+    TypeError: an option that is neither the solver's nor a problem option; the message
+      lists both kinds.
+  """
+  options = dict(options)
+  cls = type(solver) if not isinstance(solver, str) else solvers_lib.SOLVERS[solver]
+  valid_solver = sorted(f.name for f in dataclasses.fields(cls))
+  unknown = sorted(set(options) - set(valid_solver) - set(PROBLEM_OPTIONS) - set(SHORTHAND_OPTIONS))
+  if unknown:
+    raise TypeError(f"unknown option(s) {unknown} for solver {cls.name!r}; its options are {valid_solver}, and the "
+                     f"problem options are {sorted(PROBLEM_OPTIONS + SHORTHAND_OPTIONS)}.")
+  lr_schedule = _validation.check_choice(options.pop("lr_schedule", "constant"), "lr_schedule", LR_SCHEDULES)
+  if lr_schedule != "constant" and "image_optimizer" not in options:
+    options.setdefault("image_lr", DEFAULT_IMAGE_LR)
+  for name in ("image_lr", "model_lr"):
+    if name in options:  # shorthands for Adam with this learning rate (usable from the command line)
+      lr = _validation.check_positive_float(options.pop(name), name)
+      if lr_schedule == "cosine":
+        lr = optax.cosine_decay_schedule(lr, decay_steps=steps)
+      options[name.replace("_lr", "_optimizer")] = optax.adam(lr)
+  problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options}
+  problem_options.setdefault("head", cls.default_head)
+  problem_options.setdefault("init_scale", 0.01)
+  return solvers_lib.get_solver(solver, **options), problem_options
+
+
+def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str, solver: Any, steps: int | None,
+                    seed: Any, batch_size: int, init: str, preprocessing: str, recipe: Any, log_every: int,
+                    checkpoint_every: int, eval_every: int, eval_data: Any, progress: bool, callback: Any,
+                    max_seconds: float | None, eval_every_seconds: float | None, options: dict[str, Any]) -> Settings:
+  """Checks every argument of ``distill`` (same names); raises ValueError / TypeError naming the problem."""
+  _validation.check_choice(preprocessing, "preprocessing", PREPROCESSING_METHODS)
+  tasks = tasks_from_inputs(x, y, preprocessing)
+  n_distill = _validation.check_positive_int(n_distill, "n_distill")
+  n_hidden = _validation.check_positive_int(n_hidden, "n_hidden")
+  if steps is not None:
+    steps = _validation.check_positive_int(steps, "steps")
+  batch_size = _validation.check_positive_int(batch_size, "batch_size")
+  log_every = _validation.check_positive_int(log_every, "log_every")
+  checkpoint_every = _validation.check_positive_int(checkpoint_every, "checkpoint_every")
+  _validation.check_choice(init, "init", INITS)
+  solver_name = _validation.check_choice(solver if isinstance(solver, str) else solver.name, "solver", solvers_lib.SOLVERS)
+  steps = steps if steps is not None else solvers_lib.SOLVERS[solver_name].default_steps
+  key, seed_record = _validation.as_key(seed, "seed")
+  eval_every = _validation.check_non_negative_int(eval_every, "eval_every")
+  _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback)
+  solver_obj, problem_options = solver_and_options(solver, steps, options)
+  return Settings(
+      tasks=tasks, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver_obj, steps=steps, key=key,
+      seed=seed_record, batch_size=batch_size, init=init, preprocessing=preprocessing,
+      recipe=Recipe.from_config(recipe) if isinstance(recipe, dict) else recipe, log_every=log_every,
+      checkpoint_every=checkpoint_every, eval_every=eval_every, eval_data=eval_data, progress=progress,
+      callback=callback, max_seconds=max_seconds, eval_every_seconds=eval_every_seconds,
+      problem_options=problem_options, options_given=dict(options))

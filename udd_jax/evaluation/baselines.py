@@ -1,0 +1,183 @@
+"""What a distilled set is compared with: the probe every row shares, and the baseline rows.
+
+Every accuracy comes from the same probe (:class:`Probe`): converged multinomial logistic
+heads on the features of every real training image, raw and standardised. The baselines
+are raw pixels, a random untrained learner, random real subsets and k-means centroids of
+the size of D (re-trained like D), a learner trained on all the data, and a supervised
+network of the same width (the ceiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from udd_jax.data.clustering import kmeans
+from udd_jax.evaluation import logistic
+from udd_jax.evaluation.report import Row
+from udd_jax.inner import learners
+
+BASELINES = ("raw_pixels", "random_w", "random_subset", "kmeans", "full_data", "supervised")
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes", "standardize", "max_steps"))
+def probe_accuracies(feats_train, y_train, feats_test, y_test, l2, *, n_classes, standardize, max_steps) -> Array:
+  """Accuracies of converged logistic heads, vmapped over a leading seed axis of the features."""
+
+  def one(ftr, fte):
+    head = logistic.fit_logistic(ftr, y_train, n_classes, l2=l2, standardize=standardize, max_steps=max_steps)
+    return logistic.accuracy(head, fte, y_test)
+
+  return jax.vmap(one)(feats_train, feats_test)
+
+
+@dataclasses.dataclass
+class Probe:
+  """The probe of every row: logistic heads on the features of the real training set, tested on the test set.
+
+  Attributes:
+    learner: the inner learner whose features are probed.
+    z_train, y_train, z_test, y_test: real data in the learner's input space.
+    n_classes: number of classes.
+    head_l2: L2 of the logistic head.
+    head_steps: L-BFGS iteration budget of each head.
+    features: the learner's features, jitted and vmapped over a leading seed axis of the params.
+  """
+
+  learner: learners.InnerLearner
+  z_train: Float[Array, "n d"]
+  y_train: Array
+  z_test: Float[Array, "m d"]
+  y_test: Array
+  n_classes: int
+  head_l2: float
+  head_steps: int
+  features: Callable[[Any, Array], Array] = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    self.features = jax.jit(jax.vmap(self.learner.features, in_axes=(0, None)))
+
+  def __call__(self, params: Any = None, raw: tuple[Array, Array] | None = None) -> tuple[list[float], list[float]]:
+    """Raw-feature and standardised-feature accuracies of the learners ``params`` (or of inputs ``raw``).
+
+    ``params`` are stacked over seeds; ``raw`` is ``(train, test)`` inputs with a leading axis of 1.
+    """
+    f_train, f_test = (self.features(params, self.z_train), self.features(params, self.z_test)) if raw is None else raw
+    out = [np.asarray(probe_accuracies(f_train, self.y_train, f_test, self.y_test, self.head_l2, n_classes=self.n_classes,
+                                       standardize=std, max_steps=self.head_steps)).tolist() for std in (False, True)]
+    return out[0], out[1]
+
+
+def train_on_full_data(
+    key: PRNGKeyArray, x: Array, *, learner: learners.InnerLearner, n_hidden: int, init_scale: float,
+    steps: int = 3000, batch_size: int = 256, lr: float = 1e-3,
+) -> Any:
+  """The inner learner trained on the whole training set with minibatch Adam (an upper reference)."""
+  k_init, k_run = jax.random.split(key)
+  params = learner.init(k_init, x.shape[1], n_hidden, init_scale=init_scale, dtype=x.dtype)
+  opt = optax.adam(lr)
+
+  def body(carry, k):
+    p, s = carry
+    k_batch, k_loss = jax.random.split(k)
+    batch = x[jax.random.randint(k_batch, (batch_size,), 0, x.shape[0])]
+    updates, s = opt.update(jax.grad(learner.loss)(p, batch, k_loss), s, p)
+    return (optax.apply_updates(p, updates), s), None
+
+  (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(k_run, steps))
+  return params
+
+
+def train_supervised(
+    key: PRNGKeyArray, x: Array, y: Array, x_test: Array, y_test: Array, *, n_hidden: int, n_classes: int,
+    steps: int = 12000, batch_size: int = 128, lr: float = 1e-3,
+) -> float:
+  """A one-hidden-layer sigmoid network with ``n_hidden`` units trained end to end: the ceiling."""
+  k_w1, k_w2, k_run = jax.random.split(key, 3)
+  d = x.shape[1]
+  params = (
+      jax.random.normal(k_w1, (d, n_hidden), x.dtype) / math.sqrt(d), jnp.zeros(n_hidden, x.dtype),
+      jax.random.normal(k_w2, (n_hidden, n_classes), x.dtype) / math.sqrt(n_hidden), jnp.zeros(n_classes, x.dtype),
+  )
+  logits = lambda p, a: jax.nn.sigmoid(a @ p[0] + p[1]) @ p[2] + p[3]
+  loss = lambda p, a, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits(p, a), b))
+  opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+  def body(carry, k):
+    p, s = carry
+    idx = jax.random.randint(k, (batch_size,), 0, x.shape[0])
+    updates, s = opt.update(jax.grad(loss)(p, x[idx], y[idx]), s, p)
+    return (optax.apply_updates(p, updates), s), None
+
+  (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(k_run, steps))
+  return float(jnp.mean(jnp.argmax(logits(params, x_test), 1) == y_test))
+
+
+LearnerRows = Callable[[str, Array], list[Row]]
+
+
+def baseline_rows(
+    baselines: Sequence[str],
+    probe: Probe,
+    learner_rows: LearnerRows,
+    keys: PRNGKeyArray,
+    *,
+    n: int,
+    n_hidden: int,
+    init_scale: float,
+) -> list[Row]:
+  """The rows of ``baselines``, in the order of :data:`BASELINES`.
+
+  Args:
+    baselines: which baselines to compute.
+    probe: the probe of every row.
+    learner_rows: ``learner_rows(name, sets)`` re-trains learners on ``sets`` (S, n, d)
+      as D's rows are, and gives their rows (random subsets and k-means centroids).
+    keys: one key per seed (the evaluation's).
+    n: size of D (of the subsets and the number of centroids).
+    n_hidden: the learner's number of hidden units.
+    init_scale: scale of the random untrained learner and of the full-data learner's init.
+  """
+  rows: list[Row] = []
+  z_train = probe.z_train
+  if "raw_pixels" in baselines:
+    raw_accs, std_accs = probe(raw=(z_train[None], probe.z_test[None]))
+    rows.append(Row("raw pixels", raw_accs, accuracies_standardized=std_accs))
+  if "random_w" in baselines:
+    init = lambda k: probe.learner.init(k, z_train.shape[1], n_hidden, init_scale=init_scale, dtype=z_train.dtype)
+    raw_accs, std_accs = probe(jax.vmap(init)(keys))
+    rows.append(Row("random untrained W", raw_accs, note=f"init {init_scale} N(0, 1)", accuracies_standardized=std_accs))
+  if "random_subset" in baselines:
+    subsets = jax.vmap(lambda k: z_train[jax.random.choice(k, z_train.shape[0], (n,), replace=False)])(
+        jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    )
+    rows += learner_rows(f"random real subset of {n}", subsets)
+  if "kmeans" in baselines:
+    centres = jax.jit(jax.vmap(lambda k: kmeans(k, z_train, n)))(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
+    rows += learner_rows(f"k-means centroids ({n})", centres)
+  return rows + _trained_rows(baselines, probe, keys, n_hidden=n_hidden, init_scale=init_scale)
+
+
+def _trained_rows(baselines: Sequence[str], probe: Probe, keys: PRNGKeyArray, *, n_hidden: int, init_scale: float) -> list[Row]:
+  """The references trained on all the real data: the learner (``full_data``) and a supervised network."""
+  rows: list[Row] = []
+  if "full_data" in baselines:
+    params = jax.jit(lambda k: train_on_full_data(k, probe.z_train, learner=probe.learner, n_hidden=n_hidden,
+                                                   init_scale=init_scale))(jax.random.fold_in(keys[0], 3))
+    raw_accs, std_accs = probe(jax.tree.map(lambda a: a[None], params))
+    rows.append(Row("learner trained on all training data", raw_accs, note="3000 Adam steps, batch 256",
+                    accuracies_standardized=std_accs))
+  if "supervised" in baselines:
+    acc = train_supervised(jax.random.fold_in(keys[0], 4), probe.z_train, probe.y_train, probe.z_test, probe.y_test,
+                           n_hidden=n_hidden, n_classes=probe.n_classes)
+    rows.append(Row(f"supervised network, K={n_hidden} (ceiling)", [acc], note="end to end, 12000 Adam steps"))
+  return rows

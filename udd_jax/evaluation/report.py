@@ -1,0 +1,86 @@
+"""The table an evaluation prints: one :class:`Row` per learner or baseline, in an :class:`EvaluationReport`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from udd_jax.training.recipes import Recipe
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of an evaluation table.
+
+  ``accuracies`` are the headline probe's (logistic head on the raw features),
+  ``accuracies_standardized`` the same head on standardised features; ``recipe`` says
+  which recipe trained the learner (``"standard"``, ``"D's recipe"``, or ``""`` when no
+  learner was trained on a set).
+  """
+
+  name: str
+  accuracies: list[float]
+  inner_loss: float | None = None
+  grad_norm: float | None = None
+  note: str = ""
+  accuracies_standardized: list[float] | None = None
+  recipe: str = ""
+  steps: float | None = None
+
+  @property
+  def mean(self) -> float:
+    """Mean accuracy; NaN for a row whose learner diverged (no accuracies)."""
+    return float(np.mean(self.accuracies)) if self.accuracies else float("nan")
+
+  @property
+  def std(self) -> float:
+    return float(np.std(self.accuracies)) if len(self.accuracies) > 1 else 0.0
+
+
+def _format_accuracy(accs: list[float] | None) -> str:
+  if accs is None:
+    return ""
+  if not accs:
+    return "diverged"
+  return f"{100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f}" if len(accs) > 1 else f"{100 * np.mean(accs):.2f}"
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+  """Test accuracies of a distilled set and its baselines; prints as a markdown table."""
+
+  rows: list[Row]
+  settings: dict[str, Any]
+
+  def __getitem__(self, name: str) -> Row:
+    for row in self.rows:
+      if row.name == name:
+        return row
+    raise KeyError(f"no row {name!r}; rows are {[r.name for r in self.rows]}")
+
+  def to_markdown(self) -> str:
+    lines = [
+        "| features from | learner recipe | test accuracy, raw features (%) | standardised features (%) | seeds "
+        "| inner steps | final inner loss | inner grad norm | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in self.rows:
+      loss = "" if r.inner_loss is None else f"{r.inner_loss:.4g}"
+      gnorm = "" if r.grad_norm is None else f"{r.grad_norm:.2g}"
+      steps = "" if r.steps is None else f"{r.steps:.0f}"
+      std_text = "diverged" if not r.accuracies and r.recipe else _format_accuracy(r.accuracies_standardized)
+      lines.append(f"| {r.name} | {r.recipe} | {_format_accuracy(r.accuracies)} | {std_text} "
+                   f"| {len(r.accuracies)} | {steps} | {loss} | {gnorm} | {r.note} |")
+    return "\n".join(lines)
+
+  def recipes_markdown(self) -> str:
+    """Which recipe is which: the settings of the standard recipe and of D's own."""
+    return "\n".join(f"- {name}: {Recipe.from_config(cfg).describe()}" for name, cfg in self.settings["recipes"].items())
+
+  def __str__(self) -> str:
+    return self.to_markdown() + "\n\n" + self.recipes_markdown()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(settings=self.settings, rows=[dataclasses.asdict(r) | dict(mean=r.mean, std=r.std) for r in self.rows])

@@ -1,0 +1,85 @@
+"""The image update that DC, DSA and DM share: class batches, Siamese augmentation keys, one SGD step.
+
+Each of these methods, once per round, draws a batch of real images of every class (and,
+for DSA, one augmentation key per class, shared by the real and the synthetic images of
+that class), computes a matching loss summed over classes, and takes one step of SGD with
+momentum 0.5 on the images (``torch.optim.SGD([image_syn], lr, momentum=0.5)`` in their code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray, Scalar
+
+from udd_jax import _validation
+from udd_jax.supervised import augment as augment_lib
+from udd_jax.supervised.base import INITS
+from udd_jax.supervised.labelled import ClassData, sample_class_batches
+
+IMAGE_MOMENTUM = 0.5
+
+
+def image_optimizer(lr: float | Array) -> optax.GradientTransformation:
+  """SGD with momentum :data:`IMAGE_MOMENTUM` on the images."""
+  return optax.sgd(lr, momentum=IMAGE_MOMENTUM)
+
+
+def check_options(
+    *, init: Any, lr_images: Any, batch_real: Any, dsa: Any, dsa_strategy: Any, preprocessing: Any
+) -> tuple[float, int]:
+  """Checks the options DC, DSA and DM share; returns ``(lr_images, batch_real)``."""
+  _validation.check_choice(init, "init", INITS)
+  lr_images = _validation.check_positive_float(lr_images, "lr_images")
+  batch_real = _validation.check_positive_int(batch_real, "batch_real")
+  augment_lib.parse_strategy(dsa_strategy)
+  if preprocessing is not None and not isinstance(preprocessing, dict):
+    raise TypeError(f"preprocessing must be a JSON-serialisable dict or None; got {type(preprocessing).__name__}.")
+  if not isinstance(dsa, bool):
+    raise TypeError(f"dsa must be a bool; got {type(dsa).__name__}.")
+  return lr_images, batch_real
+
+
+def real_batches(
+    data: ClassData, k_real: PRNGKeyArray, k_aug: PRNGKeyArray, batch_real: int, dsa_strategy: str | None
+) -> tuple[Array, dict[str, Any]]:
+  """``batch_real`` real images of every class, and the loss's augmentation options (none without DSA)."""
+  real = sample_class_batches(data, k_real, batch_real)
+  if dsa_strategy is None:
+    return real, {}
+  return real, dict(aug_keys=jax.random.split(k_aug, data.starts.shape[0]), dsa_strategy=dsa_strategy)
+
+
+def image_step(
+    loss_fn: Callable[[Array], Scalar], images: Array, opt_state: optax.OptState, lr_images: Array
+) -> tuple[Array, optax.OptState, Scalar]:
+  """One step of :func:`image_optimizer` on ``loss_fn(images)``; returns the images, state and loss."""
+  loss, grads = jax.value_and_grad(loss_fn)(images)
+  updates, opt_state = image_optimizer(lr_images).update(grads, opt_state, images)
+  return optax.apply_updates(images, updates), opt_state, loss
+
+
+def sum_over_classes(
+    one_class: Callable[[Array, Array, Array], Scalar], real: Float[Array, "classes b H W C"],
+    syn: Float[Array, "classes ipc H W C"], aug_keys: PRNGKeyArray | None, dsa_strategy: str,
+) -> Scalar:
+  """``sum_c one_class(real_c, syn_c, c)``, classes ``vmap``-ped: DC's and DM's losses.
+
+  With ``aug_keys`` (one per class) both batches of class ``c`` first get the same DSA
+  transform, drawn from ``aug_keys[c]`` (Siamese augmentation).
+  """
+
+  def augmented(real_c, syn_c, key, label):
+    if key is not None:
+      real_c = augment_lib.dsa(real_c, key, dsa_strategy)
+      syn_c = augment_lib.dsa(syn_c, key, dsa_strategy)
+    return one_class(real_c, syn_c, label)
+
+  labels = jnp.arange(real.shape[0])
+  if aug_keys is None:
+    return jnp.sum(jax.vmap(lambda r, s, c: augmented(r, s, None, c))(real, syn, labels))
+  return jnp.sum(jax.vmap(augmented)(real, syn, aug_keys, labels))
