@@ -40,7 +40,8 @@ flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints (rounded
 flags.DEFINE_float("max_seconds", None, "Stop the distillation after this much wall time, even before --steps.")
 app_flags.define_enum_list("baselines", experiment.BASELINES, experiment.BASELINES,
                            "Baselines of the final evaluation (--baselines= for none).")
-flags.DEFINE_list("transfer", [], "Cross-learner transfer rows, e.g. K=256,inner=score_matching.")
+flags.DEFINE_list("transfer", [], "Cross-learner transfer rows, one per item: K=256,inner=score_matching gives two rows "
+                  "(K = 256; score matching); join the parts of one row with ;, e.g. 'K=256;inner=score_matching'.")
 flags.DEFINE_multi_string("opt", [], "Solver or problem option key=value")
 flags.DEFINE_bool("rerun_evaluation", False, "Evaluate a finished run again instead of printing its saved report.")
 
