@@ -471,3 +471,13 @@ def test_evaluate_takes_a_key_as_its_seed(digits):
   run = lambda seed: udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, seeds=2, standard_recipe=short,
                                       baselines=(), head_steps=50, seed=seed)
   assert run(jax.random.key(3)).rows[0].accuracies == run(3).rows[0].accuracies
+
+
+def test_clip_images_keeps_d_within_the_real_range(digits):
+  (x, y), _ = digits
+  free = udd_jax.distill(x, y, steps=20, **(FAST | dict(image_lr=0.1)))
+  assert free.images.min() < 0.0 or free.images.max() > 1.0  # without it, D leaves [0, 1] at this step size
+  clipped = udd_jax.distill(x, y, steps=20, clip_images=True, **(FAST | dict(image_lr=0.1)))
+  assert clipped.images.min() >= 0.0 and clipped.images.max() <= 1.0 and clipped.config["clip_images"] is True
+  with pytest.raises(TypeError, match="clip_images must be True or False"):
+    udd_jax.distill(x, y, steps=5, clip_images="yes", **FAST)

@@ -56,7 +56,8 @@ def distill(x: Any, y: Any = None, *, n_distill: int, n_hidden: int, inner: str 
     eval_every_seconds: also probe (needs ``eval_data``) each time this much more wall time has passed.
     **options: ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale`` for the
       problem; ``image_lr`` / ``model_lr`` as shorthands for Adam with that step size, and
-      ``lr_schedule`` (``"constant"`` or ``"cosine"`` to zero over ``steps``); anything else
+      ``lr_schedule`` (``"constant"`` or ``"cosine"`` to zero over ``steps``); ``clip_images=True``
+      projects D onto the real inputs' value range after every step; anything else
       is an option of the solver (e.g. ``mu``, ``unroll_steps``).
 
   Returns:

@@ -18,7 +18,7 @@ DEFAULT_SOLVER = "pool"
 INITS = ("real", "kmeans", "random")
 # Options of distill() itself; everything else in **options goes to the solver.
 PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
-SHORTHAND_OPTIONS = ("image_lr", "model_lr", "lr_schedule")
+SHORTHAND_OPTIONS = ("image_lr", "model_lr", "lr_schedule", "clip_images")
 DEFAULT_IMAGE_LR = 1e-2  # every solver's default Adam step size on D
 LR_SCHEDULES = ("constant", "cosine")  # of the image_lr / model_lr shorthands
 # Non-negative inputs above this are taken for raw pixel values (0-255) that the learner,
@@ -52,6 +52,7 @@ class Settings:
   eval_every_seconds: float | None
   problem_options: dict[str, Any]
   options_given: dict[str, Any]
+  clip_images: bool = False
 
   @property
   def init_scale(self) -> float:
@@ -88,6 +89,12 @@ def tasks_from_inputs(x: Any, y: Any, preprocessing: str = "none") -> list[tuple
           "preprocessing='standardize'.")
     tasks.append((xj.astype(np.float32) if xj.dtype != np.float32 else xj, yj))
   return tasks
+
+
+def _check_bool(value: Any, name: str) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False; got {value!r}.")
+  return bool(value)
 
 
 def _check_eval_data(eval_data: Any, image_shape: tuple[int, ...]) -> None:
@@ -129,6 +136,7 @@ def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tupl
   if unknown:
     raise TypeError(f"unknown option(s) {unknown} for solver {cls.name!r}; its options are {valid_solver}, and the "
                      f"problem options are {sorted(PROBLEM_OPTIONS + SHORTHAND_OPTIONS)}.")
+  options.pop("clip_images", None)  # the driver's own (check_arguments)
   lr_schedule = _validation.check_choice(options.pop("lr_schedule", "constant"), "lr_schedule", LR_SCHEDULES)
   if lr_schedule != "constant" and "image_optimizer" not in options:
     options.setdefault("image_lr", DEFAULT_IMAGE_LR)
@@ -164,6 +172,7 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   key, seed_record = _validation.as_key(seed, "seed")
   eval_every = _validation.check_non_negative_int(eval_every, "eval_every")
   _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback)
+  clip_images = _check_bool(options.get("clip_images", False), "clip_images")
   solver_obj, problem_options = solver_and_options(solver, steps, options)
   return Settings(
       tasks=tasks, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver_obj, steps=steps, key=key,
@@ -171,4 +180,4 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
       recipe=Recipe.from_config(recipe) if isinstance(recipe, dict) else recipe, log_every=log_every,
       checkpoint_every=checkpoint_every, eval_every=eval_every, eval_data=eval_data, progress=progress,
       callback=callback, max_seconds=max_seconds, eval_every_seconds=eval_every_seconds,
-      problem_options=problem_options, options_given=dict(options))
+      problem_options=problem_options, options_given=dict(options), clip_images=clip_images)

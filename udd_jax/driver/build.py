@@ -79,17 +79,24 @@ def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> 
       image_shape=list(image_shape), problem_options=dict(s.problem_options),
       solver_options={f.name: jsonable(getattr(solver, f.name)) for f in dataclasses.fields(solver)},
       options_given={k: jsonable(v) for k, v in s.options_given.items()},
-  )
+  ) | ({"clip_images": True} if s.clip_images else {})
 
 
-def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Array):
-  """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags."""
+def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Array, image_range: tuple[float, float]):
+  """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags.
+
+  With ``clip_images``, D is projected onto ``image_range`` (the real inputs' range) after every
+  step: projected steps that keep the distilled pixels within the values real pixels take.
+  """
   solver, sigma2 = s.solver, s.problem_options.get("sigma2", 1.0)
 
   def chunk(state, start):
     def body(st, i):
       batch = problem_lib.sample_batch(jax.random.fold_in(k_batches, i), device_tasks, s.batch_size)
-      return solver.step(problem, st, batch)
+      st, metrics = solver.step(problem, st, batch)
+      if s.clip_images:
+        st = st._replace(images=jnp.clip(st.images, *image_range))
+      return st, metrics
 
     state, per_step = jax.lax.scan(body, state, start + jnp.arange(s.log_every))
     metrics = jax.tree.map(jnp.mean, per_step)
@@ -117,6 +124,7 @@ def build(s: Settings) -> Run:
   k_init_images, k_state, k_batches = jax.random.split(s.key, 3)
   images0 = initial_images(s.init, k_init_images, z_tasks[0][0], s.n_distill)
   state = s.solver.init(problem, k_state, images0)
+  image_range = (float(min(zj.min() for zj, _ in z_tasks)), float(max(zj.max() for zj, _ in z_tasks)))
   device_tasks = tuple((jnp.asarray(zj), jnp.asarray(yj)) for zj, yj in z_tasks)
   return Run(settings=s, problem=problem, prep=prep, n_classes=n_classes, config=_config(s, n_classes, image_shape),
-             state=state, run_chunk=_chunk_fn(s, problem, device_tasks, k_batches))
+             state=state, run_chunk=_chunk_fn(s, problem, device_tasks, k_batches, image_range))
