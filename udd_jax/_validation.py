@@ -177,6 +177,13 @@ def check_static_data(params: Any, x: Any, name: str = "x", *, sigma2: Any = 1.0
     raise TypeError(f"{name} must be a floating array (convert images with x.astype(float) / 255); got dtype {x.dtype}.")
 
 
+def check_bool(value: Any, name: str) -> bool:
+  """Returns ``value`` as a bool if it is one (numpy bools included), else raises a TypeError."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}.")
+  return bool(value)
+
+
 def as_key(key: Any, name: str = "key") -> tuple[Any, Any]:
   """A typed PRNG key from an integer seed or a key (JAX convention), and its JSON record.
 

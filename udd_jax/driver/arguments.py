@@ -91,12 +91,6 @@ def tasks_from_inputs(x: Any, y: Any, preprocessing: str = "none") -> list[tuple
   return tasks
 
 
-def _check_bool(value: Any, name: str) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be True or False; got {value!r}.")
-  return bool(value)
-
-
 def _check_eval_data(eval_data: Any, image_shape: tuple[int, ...]) -> None:
   if not isinstance(eval_data, (tuple, list)) or len(eval_data) != 4:
     raise TypeError("eval_data must be a tuple (x_train, y_train, x_test, y_test).")
@@ -172,7 +166,7 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   key, seed_record = _validation.as_key(seed, "seed")
   eval_every = _validation.check_non_negative_int(eval_every, "eval_every")
   _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback)
-  clip_images = _check_bool(options.get("clip_images", False), "clip_images")
+  clip_images = _validation.check_bool(options.get("clip_images", False), "clip_images")
   solver_obj, problem_options = solver_and_options(solver, steps, options)
   return Settings(
       tasks=tasks, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver_obj, steps=steps, key=key,

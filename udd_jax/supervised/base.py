@@ -69,12 +69,6 @@ def key_data(key: PRNGKeyArray) -> list[int]:
   return np.asarray(jax.random.key_data(key)).ravel().tolist()
 
 
-def check_bool(value: Any, name: str) -> bool:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool; got {type(value).__name__}.")
-  return value
-
-
 def meta_step(
     loss_fn: Callable[..., Array], params: Any, opt_state: optax.OptState, optimizer: optax.GradientTransformation,
     key: PRNGKeyArray, x: Array, y: Array, *, n_inits: int, batch_real: int,

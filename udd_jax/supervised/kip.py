@@ -188,7 +188,7 @@ def distill_kip(
   budget = base.Budget.check(iterations, max_seconds, callback)
   lr, reg = _validation.check_positive_float(lr, "lr"), _validation.check_positive_float(reg, "reg", allow_zero=True)
   init = _validation.check_choice(init, "init", base.INITS)
-  log_every, _ = _validation.check_positive_int(log_every, "log_every"), base.check_bool(learn_labels, "learn_labels")
+  log_every, _ = _validation.check_positive_int(log_every, "log_every"), _validation.check_bool(learn_labels, "learn_labels")
   record_prep = _preprocessing_record(preprocessing)
   x_np, y_np, n_classes = _check_data(x, y, ipc, init)
   kernel_fn, kernel_options = _kernel(kernel, block_size, depth=depth, kind=kind, w_var=w_var, b_var=b_var,
