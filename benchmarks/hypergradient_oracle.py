@@ -54,9 +54,9 @@ def main():
   for name in ("penalty", "value_function"):
     for mu in (1.0, 10.0, 100.0, 1000.0):
       lr = 0.5 / (1.0 + 2.0 * mu)
-      options = dict(mu=mu, image_optimizer=optax.sgd(lr), model_optimizer=optax.sgd(lr))
+      options = dict(mu=mu, image_optimizer="sgd", image_lr=lr, model_optimizer="sgd", model_lr=lr)
       if name == "value_function":
-        options.update(inner_steps=1, inner_optimizer=optax.sgd(1.0))
+        options.update(inner_steps=1, inner_optimizer="sgd", inner_lr=1.0)
       state, _ = run_solver(bilevel.get_solver(name, **options), ToyProblem(), jnp.zeros((1, 1)), 200000)
       err = float(np.linalg.norm(np.asarray(state.params) + 1.0))
       print(f"| {name} | {mu:g} | {err:.3e} | {2 * np.sqrt(2) / (1 + mu):.3e} |")

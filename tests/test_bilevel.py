@@ -92,7 +92,7 @@ def test_implicit_warm_started_adjoint_solves_the_same_systems():
   cold, cold_m = _implicit_run(problem, tasks, x, 4, warm_start_adjoint=False, cg_tol=1e-10, cg_steps=500)
   warm, warm_m = _implicit_run(problem, tasks, x, 4, warm_start_adjoint=True, cg_tol=1e-10, cg_steps=500)
   np.testing.assert_allclose(warm.images, cold.images, rtol=1e-7, atol=1e-10)
-  chex.assert_trees_all_close(warm.extra[1], cold.extra[1], rtol=1e-6, atol=1e-9)  # the stored adjoints
+  chex.assert_trees_all_close(warm.adjoint, cold.adjoint, rtol=1e-6, atol=1e-9)  # the stored adjoints
   assert int(warm_m[0]["cg_steps"]) == int(cold_m[0]["cg_steps"])  # the first warm start is from zero
 
 
@@ -241,9 +241,9 @@ def test_penalty_and_value_function_converge_to_bilevel_solution(solver_name):
   errors = []
   for mu in (1.0, 10.0, 100.0):
     lr = 0.5 / (1.0 + 2.0 * mu)
-    options = dict(mu=mu, image_optimizer=optax.sgd(lr), model_optimizer=optax.sgd(lr))
+    options = dict(mu=mu, image_optimizer="sgd", image_lr=lr, model_optimizer="sgd", model_lr=lr)
     if solver_name == "value_function":
-      options.update(inner_steps=1, inner_optimizer=optax.sgd(1.0))  # exact inner minimum in one step
+      options.update(inner_steps=1, inner_optimizer="sgd", inner_lr=1.0)  # exact inner minimum in one step
     state, _ = run_solver(bilevel.get_solver(solver_name, **options), ToyProblem(), jnp.zeros((1, 1)), 20000)
     theta, w = float(state.images[0, 0]), np.asarray(state.params)
     np.testing.assert_allclose(theta, -1.0, atol=1e-8)
@@ -254,7 +254,7 @@ def test_penalty_and_value_function_converge_to_bilevel_solution(solver_name):
 
 def test_geometric_mu_schedule_drives_the_gap_to_zero():
   schedule = bilevel.mu_schedule("geometric", 1.0, final=1e4, steps=20000)
-  solver = bilevel.Penalty(mu=schedule, image_optimizer=optax.adam(1e-2), model_optimizer=optax.adam(1e-2))
+  solver = bilevel.Penalty(mu=schedule, image_lr=1e-2, model_lr=1e-2)
   state, metrics = run_solver(solver, ToyProblem(), jnp.zeros((1, 1)), 30000)
   assert abs(float(state.images[0, 0]) + 1.0) < 1e-2
   np.testing.assert_allclose(state.params, [-1.0, -1.0], atol=1e-2)
@@ -372,8 +372,8 @@ def test_vmap_over_tasks_equals_python_loop(head):
 # ---------------------------------------------------------------------------
 
 SOLVER_OPTIONS = {
-    "penalty": dict(mu=0.01, model_optimizer=optax.adam(3e-2)),
-    "value_function": dict(mu=1.0, inner_steps=5, model_optimizer=optax.adam(3e-2)),
+    "penalty": dict(mu=0.01, model_lr=3e-2),
+    "value_function": dict(mu=1.0, inner_steps=5, model_lr=3e-2),
     "implicit": dict(inner_steps=20, cg_steps=10, damping=0.1),
     "unrolled": dict(unroll_steps=5, inner_lr=0.1, head_steps=10),
     # Learners live 20 outer steps: a 60-step run restarts each of them about three times.
@@ -459,7 +459,7 @@ def test_unrolled_with_several_inits_averages_their_hypergradients():
   x, tasks, n_classes = digits_tasks(1)
   problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1, head="ridge")
   solver = bilevel.Unrolled(
-      unroll_steps=4, n_inits=3, learn_step_size=False, image_optimizer=optax.sgd(1.0), inner_lr=0.05
+      unroll_steps=4, n_inits=3, learn_step_size=False, image_optimizer="sgd", image_lr=1.0, inner_lr=0.05
   )
   state = solver.init(problem, jax.random.key(0), x[:10])
   batch = bilevel.sample_batch(jax.random.key(1), tasks, 32)
@@ -479,7 +479,7 @@ def test_unrolled_with_several_inits_averages_their_hypergradients():
   assert np.abs(grads[0] - grads[1]).max() > 1e-6  # the inits really differ
   np.testing.assert_allclose(state.images - new_state.images, grads.mean(0), rtol=1e-9, atol=1e-12)
   assert float(metrics["outer_loss"]) == pytest.approx(np.mean([float(v) for v, _ in per_init]), rel=1e-12)
-  np.testing.assert_array_equal(new_state.extra, state.extra)  # step sizes stay fixed
+  np.testing.assert_array_equal(new_state.log_step_sizes, state.log_step_sizes)  # step sizes stay fixed
 
 
 # ---------------------------------------------------------------------------
@@ -498,7 +498,7 @@ def small_pool_problem(seed=0, n_images=6, n_visible=5, n_hidden=3, n_classes=3)
 
 
 def with_ages(state, ages):
-  return state._replace(extra=state.extra._replace(age=jnp.asarray(ages, state.extra.age.dtype)))
+  return state._replace(age=jnp.asarray(ages, state.age.dtype))
 
 
 @pytest.mark.parametrize("inner_optimizer, min_age", [("adam", 0), ("sgd", 0), ("adam", 8)])
@@ -506,7 +506,7 @@ def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inne
   """One step's image gradient is grad_D of mean_i L(advance(L_in, w_i, s_i, D, opt, m)) over the counted learners."""
   problem, images, batch = small_pool_problem()
   solver = bilevel.Pool(pool_size=3, inner_steps=4, lifetime=1000, inner_optimizer=inner_optimizer, inner_lr=0.05,
-                        min_age=min_age, image_optimizer=optax.sgd(1.0))
+                        min_age=min_age, image_optimizer="sgd", image_lr=1.0)
   state = solver.init(problem, jax.random.key(0), images)
   step = jax.jit(lambda s: solver.step(problem, s, batch))
   state = step(step(state)[0])[0]  # two steps first: learners with moments of their own, D moved
@@ -516,8 +516,8 @@ def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inne
 
   _, _, k_inner, _ = jax.random.split(state.key, 4)
   inner = lambda p, d: problem.inner_loss(p, d, k_inner)
-  opt = solver.learner_optimizer()
-  learner = lambda i: jax.tree.map(lambda a: a[i], (state.params, state.extra.opt_state))
+  opt = solver.learner_transform()
+  learner = lambda i: jax.tree.map(lambda a: a[i], (state.params, state.opt_state))
 
   def objective(d):
     losses = [problem.outer_loss(training.advance(inner, *learner(i), d, opt, 4)[0], (), batch)[0] for i in counted]
@@ -529,51 +529,51 @@ def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inne
   assert float(metrics["outer_loss"]) == pytest.approx(float(value), rel=1e-10)
   for i in range(3):  # every learner (counted or not) continues its training on the old D
     w, s = training.advance(inner, *learner(i), state.images, opt, 4)
-    new_learner = jax.tree.map(lambda a: a[i], (new_state.params, new_state.extra.opt_state))
+    new_learner = jax.tree.map(lambda a: a[i], (new_state.params, new_state.opt_state))
     chex.assert_trees_all_close(new_learner, (w, s), rtol=1e-12, atol=1e-15)
-  np.testing.assert_array_equal(new_state.extra.age, [4, 14, 24])
+  np.testing.assert_array_equal(new_state.age, [4, 14, 24])
 
 
 def test_pool_learners_restart_after_their_lifetime_and_stay_staggered():
   problem, images, batch = small_pool_problem(seed=1)
   solver = bilevel.Pool(pool_size=3, inner_steps=2, lifetime=6, inner_lr=0.05, head_steps=5)
   state = solver.init(problem, jax.random.key(0), images)
-  np.testing.assert_array_equal(state.extra.age, [0, 2, 4])  # staggered over the lifetime from the start
+  np.testing.assert_array_equal(state.age, [0, 2, 4])  # staggered over the lifetime from the start
   step = jax.jit(lambda s: solver.step(problem, s, batch))
-  opt = solver.learner_optimizer()
+  opt = solver.learner_transform()
   advance = jax.jit(lambda w, s, d, k: training.advance(lambda p, d: problem.inner_loss(p, d, k), w, s, d, opt, 2)[0])
   restarts = []
   for t in range(9):
     new_state, _ = step(state)
     k_fresh, k_inner = jax.random.split(state.key, 4)[1:3]
     fresh = jax.vmap(lambda k: problem.init_params(k, jnp.float64))(jax.random.split(k_fresh, 3))
-    old_age = np.asarray(state.extra.age)
+    old_age = np.asarray(state.age)
     restarted = [i for i in range(3) if old_age[i] >= solver.lifetime]
     restarts.append(restarted)
     for i in range(3):
       new = jax.tree.map(lambda a: a[i], new_state.params)
-      continued = advance(jax.tree.map(lambda a: a[i], state.params), jax.tree.map(lambda a: a[i], state.extra.opt_state),
+      continued = advance(jax.tree.map(lambda a: a[i], state.params), jax.tree.map(lambda a: a[i], state.opt_state),
                           state.images, k_inner)
       if i in restarted:  # a fresh init (its moments reset too), trained inner_steps on D
         w0 = jax.tree.map(lambda a: a[i], fresh)
         expected = advance(w0, opt.init(w0), state.images, k_inner)
-        assert int(new_state.extra.age[i]) == solver.inner_steps
+        assert int(new_state.age[i]) == solver.inner_steps
         assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(continued))) > 1e-3
       else:
         expected = continued
-        assert int(new_state.extra.age[i]) == old_age[i] + solver.inner_steps
+        assert int(new_state.age[i]) == old_age[i] + solver.inner_steps
       chex.assert_trees_all_close(new, expected, rtol=1e-12, atol=1e-15)
-    assert sorted(np.asarray(new_state.extra.age).tolist()) == [2, 4, 6]  # still staggered, evenly
+    assert sorted(np.asarray(new_state.age).tolist()) == [2, 4, 6]  # still staggered, evenly
     state = new_state
   # The oldest learner restarts at every step from the second on, each in turn.
   assert restarts == [[], [2], [1], [0], [2], [1], [0], [2], [1]]
 
 
-def test_pool_current_params_is_the_oldest_learner():
+def test_pool_learner_params_is_the_oldest_learner():
   problem, images, batch = small_pool_problem(seed=2)
   solver = bilevel.Pool(pool_size=4, inner_steps=3, lifetime=100, head_steps=5)
   state = with_ages(solver.init(problem, jax.random.key(0), images), [30, 90, 10, 60])
-  chex.assert_trees_all_equal(solver.current_params(state), jax.tree.map(lambda a: a[1], state.params))
+  chex.assert_trees_all_equal(solver.learner_params(state), jax.tree.map(lambda a: a[1], state.params))
   assert any(float(jnp.abs(a[1] - a[3]).max()) > 0 for a in jax.tree.leaves(state.params))  # learners really differ
   new_state, metrics = solver.step(problem, state, batch)  # the metrics are the oldest learner's
   _, _, k_inner, _ = jax.random.split(state.key, 4)
@@ -581,7 +581,7 @@ def test_pool_current_params_is_the_oldest_learner():
   assert float(metrics["inner_value"]) == pytest.approx(float(problem.inner_loss(oldest, state.images, k_inner)), rel=1e-12)
   # Another solver reports its one learner.
   single = bilevel.Implicit().init(problem, jax.random.key(0), images)
-  assert bilevel.Implicit().current_params(single) is single.params
+  assert bilevel.Implicit().learner_params(single) is single.params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,13 +619,13 @@ def test_pool_implicit_hypergradient_at_a_converged_learner_matches_oracle():
   M = D.T @ D + LAM * jnp.eye(4)
   lr = float(1.0 / jnp.linalg.eigvalsh(M).max())  # plain gradient steps at w* stay at w*
   solver = bilevel.Pool(pool_size=2, inner_steps=3, lifetime=1000, inner_optimizer="sgd", inner_lr=lr,
-                        hypergradient="implicit", damping=0.0, cg_steps=50, cg_tol=1e-14, image_optimizer=optax.sgd(1.0))
+                        hypergradient="implicit", damping=0.0, cg_steps=50, cg_tol=1e-14, image_optimizer="sgd", image_lr=1.0)
   batch = bilevel.TaskBatch(jnp.zeros((1, 3, 4)), jnp.zeros((1, 3), jnp.int32))
   state = solver.init(problem, jax.random.key(0), D)
   new_state, metrics = jax.jit(lambda s: solver.step(problem, s, batch))(state)
   np.testing.assert_allclose(D - new_state.images, expected, rtol=1e-8, atol=1e-12)
   u = jnp.linalg.solve(M, B.T @ (B @ w_star - c))  # the adjoint, kept per learner for the next warm start
-  np.testing.assert_allclose(new_state.extra.adjoint, jnp.stack([u, u]), rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(new_state.adjoint, jnp.stack([u, u]), rtol=1e-8, atol=1e-12)
   assert float(metrics["cg_residual"]) < 1e-12 and float(metrics["cg_negative_curvature"]) == 0.0
   # Warm-started at the right adjoint, the next step's CG has nothing left to do.
   _, again = jax.jit(lambda s: solver.step(problem, s, batch))(new_state._replace(images=D))
@@ -732,7 +732,7 @@ def test_tasks_from_different_datasets(real_data_dir):
     tasks.append((jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y[:2000])))
   assert tasks[2][0].shape == (2000, 784)
   problem = bilevel.make_problem(n_visible=784, n_hidden=16, n_classes=[10, 10, 10], init_scale=0.1)
-  solver = bilevel.get_solver("penalty", mu=0.01, model_optimizer=optax.adam(3e-2))
+  solver = bilevel.get_solver("penalty", mu=0.01, model_lr=3e-2)
   state = solver.init(problem, jax.random.key(0), tasks[0][0][:10])
   step = jax.jit(solver.step, static_argnums=0)
   losses = []

@@ -1,5 +1,6 @@
 """distill(), DistillResult, evaluate() and the experiment pipeline, on the embedded digits."""
 
+import dataclasses
 import json
 import re
 
@@ -161,7 +162,7 @@ def test_cosine_schedule_moves_the_images_less(digits):
   args = dict(FAST, log_every=1, checkpoint_every=1, steps=8, seed=1)
   constant = udd_jax.distill(x, y, **args)
   cosine = udd_jax.distill(x, y, lr_schedule="cosine", **args)
-  assert cosine.config["options_given"]["lr_schedule"] == "cosine"
+  assert cosine.config["solver_options"]["lr_schedule"] == "cosine" and cosine.config["solver_options"]["decay_steps"] == 8
   # Both start from the same real images; Adam's steps on D shrink to zero under the cosine schedule.
   start = build_lib.initial_images("real", jax.random.split(jax.random.key(1), 3)[0], x.reshape(len(x), -1), 10)
   travelled = [float(np.linalg.norm(r.images.reshape(10, -1) - start)) for r in (constant, cosine)]
@@ -208,15 +209,22 @@ def test_distill_bad_data(digits):
     udd_jax.distill(x, -np.ones(len(x), int), n_distill=5, n_hidden=4)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExplodingPenalty(udd_jax.Penalty):
+  """The penalty solver whose step size on D jumps from 1e-2 to 1e30 after ``good_steps`` steps."""
+
+  good_steps: int = 7
+
+  def image_transform(self, paired=False):
+    return optax.sgd(lambda count: jnp.where(count < self.good_steps, 1e-2, 1e30))
+
+
 @pytest.mark.parametrize("good_steps", [7, 0])
 def test_divergence_stops_with_a_clear_message(digits, tmp_path, good_steps):
   """A sane step size for ``good_steps`` steps, then 1e30: the run stops, the last good state stays on disk."""
   (x, y), _ = digits
-  import optax
-
-  lr = lambda count: jnp.where(count < good_steps, 1e-2, 1e30)
   with pytest.raises(FloatingPointError) as info:
-    udd_jax.distill(x, y, steps=20, workdir=tmp_path, solver="penalty", image_optimizer=optax.sgd(lr), **{
+    udd_jax.distill(x, y, steps=20, workdir=tmp_path, solver=ExplodingPenalty(good_steps=good_steps), **{
         k: v for k, v in FAST.items() if k not in UNROLLED_ONLY})
   message = str(info.value)
   step = int(re.search(r"diverged at step (\d+): non-finite", message).group(1))
@@ -445,7 +453,7 @@ def test_another_configuration_names_the_setting_that_differs(digits, tmp_path):
 def test_unknown_option_lists_solver_and_problem_options(digits):
   (x, y), _ = digits
   with pytest.raises(TypeError, match=r"unknown option\(s\) \['bogus'\] for solver 'unrolled'; its options are .*"
-                                      r"'unroll_steps'.*the problem options are .*'image_lr'.*'init_scale'"):
+                                      r"'image_lr'.*'unroll_steps'.*the problem options are .*'init_scale'"):
     udd_jax.distill(x, y, steps=5, bogus=1, **FAST)
 
 

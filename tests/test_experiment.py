@@ -99,7 +99,7 @@ def test_app_refuses_an_unknown_opt_before_loading_data(tmp_path):
   proc = run_app("distill", f"--workdir={tmp_path / 'run'}", "--opt=bogus=1", cwd=tmp_path)
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1 and last.startswith("TypeError: unknown option(s) ['bogus'] for solver 'pool'"), proc.stderr
-  assert "'cg_steps'" in last and "the problem options are ['clip_images', 'head', 'head_l2', 'image_lr'" in last
+  assert "'cg_steps'" in last and "the problem options are ['clip_images', 'head', 'head_l2', 'init_scale'" in last
   assert not (tmp_path / "run").exists()
 
 

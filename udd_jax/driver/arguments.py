@@ -7,20 +7,18 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import optax
 
 from udd_jax import _validation
 from udd_jax.bilevel import solvers as solvers_lib
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS
+from udd_jax.training.optimizers import LR_SCHEDULES as LR_SCHEDULES
 from udd_jax.training.recipes import Recipe
 
 DEFAULT_SOLVER = "pool"
 INITS = ("real", "kmeans", "random")
-# Options of distill() itself; everything else in **options goes to the solver.
+# Options of the problem and of the driver; everything else in **options goes to the solver.
 PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
-SHORTHAND_OPTIONS = ("image_lr", "model_lr", "lr_schedule", "clip_images")
-DEFAULT_IMAGE_LR = 1e-2  # every solver's default Adam step size on D
-LR_SCHEDULES = ("constant", "cosine")  # of the image_lr / model_lr shorthands
+DRIVER_OPTIONS = ("clip_images",)
 # Non-negative inputs above this are taken for raw pixel values (0-255) that the learner,
 # which expects inputs of order one, cannot train on.
 RAW_PIXEL_MAX = 2.0
@@ -51,7 +49,6 @@ class Settings:
   max_seconds: float | None
   eval_every_seconds: float | None
   problem_options: dict[str, Any]
-  options_given: dict[str, Any]
   clip_images: bool = False
 
   @property
@@ -119,6 +116,8 @@ def _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_secon
 def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   """Splits ``distill``'s ``**options`` into the solver (built) and the problem options.
 
+  A cosine ``lr_schedule`` decays over the run's ``steps`` unless ``decay_steps`` is given.
+
   Raises:
     TypeError: an option that is neither the solver's nor a problem option; the message
       lists both kinds.
@@ -126,24 +125,19 @@ def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tupl
   options = dict(options)
   cls = type(solver) if not isinstance(solver, str) else solvers_lib.SOLVERS[solver]
   valid_solver = sorted(f.name for f in dataclasses.fields(cls))
-  unknown = sorted(set(options) - set(valid_solver) - set(PROBLEM_OPTIONS) - set(SHORTHAND_OPTIONS))
+  unknown = sorted(set(options) - set(valid_solver) - set(PROBLEM_OPTIONS) - set(DRIVER_OPTIONS))
   if unknown:
     raise TypeError(f"unknown option(s) {unknown} for solver {cls.name!r}; its options are {valid_solver}, and the "
-                     f"problem options are {sorted(PROBLEM_OPTIONS + SHORTHAND_OPTIONS)}.")
-  options.pop("clip_images", None)  # the driver's own (check_arguments)
-  lr_schedule = _validation.check_choice(options.pop("lr_schedule", "constant"), "lr_schedule", LR_SCHEDULES)
-  if lr_schedule != "constant" and "image_optimizer" not in options:
-    options.setdefault("image_lr", DEFAULT_IMAGE_LR)
-  for name in ("image_lr", "model_lr"):
-    if name in options:  # shorthands for Adam with this learning rate (usable from the command line)
-      lr = _validation.check_positive_float(options.pop(name), name)
-      if lr_schedule == "cosine":
-        lr = optax.cosine_decay_schedule(lr, decay_steps=steps)
-      options[name.replace("_lr", "_optimizer")] = optax.adam(lr)
+                     f"problem options are {sorted(PROBLEM_OPTIONS + DRIVER_OPTIONS)}.")
+  for name in DRIVER_OPTIONS:
+    options.pop(name, None)  # the driver's own (check_arguments)
   problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options}
   problem_options.setdefault("head", cls.default_head)
   problem_options.setdefault("init_scale", 0.01)
-  return solvers_lib.get_solver(solver, **options), problem_options
+  built = solvers_lib.get_solver(solver, **options)
+  if built.lr_schedule != "constant" and built.decay_steps is None:
+    built = dataclasses.replace(built, decay_steps=steps)
+  return built, problem_options
 
 
 def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str, solver: Any, steps: int | None,
@@ -174,4 +168,4 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
       recipe=Recipe.from_config(recipe) if isinstance(recipe, dict) else recipe, log_every=log_every,
       checkpoint_every=checkpoint_every, eval_every=eval_every, eval_data=eval_data, progress=progress,
       callback=callback, max_seconds=max_seconds, eval_every_seconds=eval_every_seconds,
-      problem_options=problem_options, options_given=dict(options), clip_images=clip_images)
+      problem_options=problem_options, clip_images=clip_images)

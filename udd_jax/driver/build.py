@@ -36,7 +36,7 @@ class Run:
     config = dict(self.config) | s.solver.recipe(state, s.init_scale, s.recipe).to_config()
     return DistillResult(
         images=self.prep.invert(np.asarray(state.images)),
-        params=jax.tree.map(np.asarray, s.solver.current_params(state)),
+        params=jax.tree.map(np.asarray, s.solver.learner_params(state)),
         history=history,
         config=config,
         preprocessing=self.prep,
@@ -52,61 +52,33 @@ def initial_images(init: str, key: jax.Array, z: np.ndarray, n: int) -> jnp.ndar
   return jax.random.uniform(key, (n, z.shape[1]), jnp.float32, z.min(), z.max())
 
 
-def jsonable(value: Any) -> Any:
-  """Settings as JSON; an optax transformation cannot be introspected and is named only."""
-  if isinstance(value, (int, float, str, bool)) or value is None:
-    return value
-  if isinstance(value, (list, tuple)) and not hasattr(value, "update"):
-    return [jsonable(v) for v in value]
-  if dataclasses.is_dataclass(value):
-    return dataclasses.asdict(value)
-  if hasattr(value, "init") and hasattr(value, "update"):
-    return "optax transformation (see options_given)"
-  return getattr(value, "__name__", type(value).__name__)
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """True when every floating leaf of ``tree`` is finite (traceable)."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
-
-
 def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> dict[str, Any]:
   solver = s.solver
   return dict(
       solver=solver.name, inner=s.inner, n_distill=s.n_distill, n_hidden=s.n_hidden, steps=s.steps, seed=s.seed,
       batch_size=s.batch_size, init=s.init, preprocessing=s.preprocessing, n_classes=n_classes,
-      image_shape=list(image_shape), problem_options=dict(s.problem_options),
-      solver_options={f.name: jsonable(getattr(solver, f.name)) for f in dataclasses.fields(solver)},
-      options_given={k: jsonable(v) for k, v in s.options_given.items()},
+      image_shape=list(image_shape), problem_options=dict(s.problem_options), solver_options=solver.to_config(),
   ) | ({"clip_images": True} if s.clip_images else {})
 
 
-def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Array, image_range: tuple[float, float]):
-  """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags.
-
-  With ``clip_images``, D is projected onto ``image_range`` (the real inputs' range) after every
-  step: projected steps that keep the distilled pixels within the values real pixels take.
-  """
+def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Array):
+  """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags."""
   solver, sigma2 = s.solver, s.problem_options.get("sigma2", 1.0)
 
   def chunk(state, start):
     def body(st, i):
       batch = problem_lib.sample_batch(jax.random.fold_in(k_batches, i), device_tasks, s.batch_size)
-      st, metrics = solver.step(problem, st, batch)
-      if s.clip_images:
-        st = st._replace(images=jnp.clip(st.images, *image_range))
-      return st, metrics
+      return solver.step(problem, st, batch)
 
     state, per_step = jax.lax.scan(body, state, start + jnp.arange(s.log_every))
     metrics = jax.tree.map(jnp.mean, per_step)
     # The seed's "||X - AE(X)||" column: mean reconstruction residual of D under the current w.
-    residual = score(solver.current_params(state), state.images, sigma2=sigma2)
+    residual = score(solver.learner_params(state), state.images, sigma2=sigma2)
     metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
     # Per step and per part of the state, so that a divergence names its first step and quantity.
     finite = dict(
         steps={k: jnp.isfinite(v) for k, v in per_step.items()},
-        state={f: all_finite(getattr(state, f)) for f in ("images", "params", "heads", "extra", "opt_state")},
+        state=solver.finite(state),
     )
     return state, metrics, finite
 
@@ -121,10 +93,13 @@ def build(s: Settings) -> Run:
   n_classes = [int(yj.max()) + 1 for _, yj in s.tasks]
   problem = problem_lib.make_problem(n_visible=prep.dim, n_hidden=s.n_hidden, n_classes=n_classes, inner=s.inner,
                                      **s.problem_options)
+  if s.clip_images:
+    # Projected steps that keep the distilled pixels within the values real pixels take.
+    image_range = (float(min(zj.min() for zj, _ in z_tasks)), float(max(zj.max() for zj, _ in z_tasks)))
+    s = dataclasses.replace(s, solver=dataclasses.replace(s.solver, image_bounds=image_range))
   k_init_images, k_state, k_batches = jax.random.split(s.key, 3)
   images0 = initial_images(s.init, k_init_images, z_tasks[0][0], s.n_distill)
   state = s.solver.init(problem, k_state, images0)
-  image_range = (float(min(zj.min() for zj, _ in z_tasks)), float(max(zj.max() for zj, _ in z_tasks)))
   device_tasks = tuple((jnp.asarray(zj), jnp.asarray(yj)) for zj, yj in z_tasks)
   return Run(settings=s, problem=problem, prep=prep, n_classes=n_classes, config=_config(s, n_classes, image_shape),
-             state=state, run_chunk=_chunk_fn(s, problem, device_tasks, k_batches, image_range))
+             state=state, run_chunk=_chunk_fn(s, problem, device_tasks, k_batches))

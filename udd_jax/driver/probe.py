@@ -69,7 +69,7 @@ def make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, s
     """Honest accuracy (fresh learners on D: standard recipe, and D's own) and that of the solver's current w."""
     own = solver.recipe(state, init_scale, recipe)
     out = dict(honest_accuracy=float(probe(state.images, standard)),
-               current_w_accuracy=float(accuracy_of(solver.current_params(state))))
+               current_w_accuracy=float(accuracy_of(solver.learner_params(state))))
     if own != standard:
       out["recipe_accuracy"] = float(probe(state.images, own))
     return out

@@ -6,7 +6,12 @@ Every solver has the same interface::
     state, metrics = solver.step(problem, state, batch)   # pure; jit it once
 
 and owns its defaults: its fields, ``default_steps``, ``default_head`` and ``recipe()``
-(the recipe a distilled set ships).
+(the recipe a distilled set ships). Each solver has a state type of its own (a
+NamedTuple: :class:`PenaltyState`, :class:`ValueFunctionState`, :class:`ImplicitState`,
+:class:`UnrolledState`, :class:`PoolState`); the driver reads only what every one of them
+has (:class:`SolverState`: ``step``, ``images``, ``key``) and asks the solver for the rest
+(``learner_params``, ``finite``, ``recipe``). Every option is a plain value, so
+``get_solver(**solver.to_config())`` rebuilds the solver.
 
 * :class:`Penalty`: jointly over (D, w, heads), task losses + (mu/2)||grad_w L_in(w; D)||^2.
 * :class:`ValueFunction`: the optimal value reformulation, task losses +
@@ -50,16 +55,24 @@ from udd_jax.bilevel.solvers.base import Metrics as Metrics
 from udd_jax.bilevel.solvers.base import Problem as Problem
 from udd_jax.bilevel.solvers.base import SolverBase as SolverBase
 from udd_jax.bilevel.solvers.base import SolverState as SolverState
+from udd_jax.bilevel.solvers.base import add_diversity as add_diversity
 from udd_jax.bilevel.solvers.base import diversity as diversity
+from udd_jax.bilevel.solvers.base import project_onto_box as project_onto_box
 from udd_jax.bilevel.solvers.implicit import Implicit as Implicit
+from udd_jax.bilevel.solvers.implicit import ImplicitState as ImplicitState
 from udd_jax.bilevel.solvers.joint import MuSchedule as MuSchedule
 from udd_jax.bilevel.solvers.joint import Penalty as Penalty
+from udd_jax.bilevel.solvers.joint import PenaltyState as PenaltyState
 from udd_jax.bilevel.solvers.joint import ValueFunction as ValueFunction
+from udd_jax.bilevel.solvers.joint import ValueFunctionState as ValueFunctionState
 from udd_jax.bilevel.solvers.joint import mu_schedule as mu_schedule
 from udd_jax.bilevel.solvers.pool import HYPERGRADIENTS as HYPERGRADIENTS
+from udd_jax.bilevel.solvers.pool import ImplicitAtLearner as ImplicitAtLearner
 from udd_jax.bilevel.solvers.pool import Pool as Pool
 from udd_jax.bilevel.solvers.pool import PoolState as PoolState
+from udd_jax.bilevel.solvers.pool import Truncated as Truncated
 from udd_jax.bilevel.solvers.unrolled import Unrolled as Unrolled
+from udd_jax.bilevel.solvers.unrolled import UnrolledState as UnrolledState
 
 SOLVERS = {"penalty": Penalty, "value_function": ValueFunction, "implicit": Implicit, "unrolled": Unrolled, "pool": Pool}
 Solver = Penalty | ValueFunction | Implicit | Unrolled | Pool
@@ -69,12 +82,16 @@ def get_solver(name: str | Solver, **options: Any) -> Solver:
   """Builds a solver by name (``penalty``, ``value_function``, ``implicit``, ``unrolled``, ``pool``) with options.
 
   A name and an instance with the same options are the same solver: ``get_solver("unrolled")
-  == Unrolled()``. Unknown options raise a ``TypeError`` that lists the valid ones.
+  == Unrolled()``, and a solver's record rebuilds it: ``get_solver(**solver.to_config()) ==
+  solver``. Unknown options raise a ``TypeError`` that lists the valid ones.
 
   Examples:
     >>> get_solver("implicit", cg_steps=20).cg_steps
     20
     >>> get_solver("unrolled") == Unrolled()
+    True
+    >>> solver = get_solver("penalty", mu=mu_schedule("linear", 0.1, final=1.0, steps=5), image_lr=0.05)
+    >>> get_solver(**solver.to_config()) == solver
     True
   """
   if isinstance(name, tuple(SOLVERS.values())):

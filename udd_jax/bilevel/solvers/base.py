@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray, Scalar
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from udd_jax import _validation
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
 from udd_jax.heads import linear as heads_lib
+from udd_jax.training import optimizers
 from udd_jax.training.recipes import STANDARD_RECIPE, Recipe
 
 Metrics = dict[str, Array]
@@ -49,77 +50,130 @@ class Problem(Protocol):
     """Boolean (T, C_max): which padded classes exist for each task."""
     ...
 
-  def inner_loss(self, params: Any, images: Float[Array, "N d"], key: PRNGKeyArray) -> Scalar:
+  def inner_loss(self, params: PyTree, images: Float[Array, "N d"], key: PRNGKeyArray) -> Scalar:
     """The unsupervised fit of ``params`` on ``images``."""
     ...
 
-  def outer_loss(self, params: Any, heads: Any, batch: TaskBatch) -> tuple[Scalar, Float[Array, " T"]]:
+  def outer_loss(self, params: PyTree, heads: PyTree, batch: TaskBatch) -> tuple[Scalar, Float[Array, " T"]]:
     """The task losses: their sum and one per task."""
     ...
 
-  def features(self, params: Any, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
+  def features(self, params: PyTree, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
     """The learner's features of ``x``."""
     ...
 
-  def init_params(self, key: PRNGKeyArray, dtype: Any = ...) -> Any:
+  def init_params(self, key: PRNGKeyArray, dtype: Any = ...) -> PyTree:
     """A fresh random init of the inner learner."""
     ...
 
-  def init_heads(self, key: PRNGKeyArray, dtype: Any = ...) -> Any:
+  def init_heads(self, key: PRNGKeyArray, dtype: Any = ...) -> PyTree:
     """Fresh task-head parameters, stacked over tasks."""
     ...
 
 
-class SolverState(NamedTuple):
-  """The whole state of a distillation run; a pytree, so it checkpoints as arrays.
+class SolverState(Protocol):
+  """What the driver reads from every solver's state: each solver's state is a NamedTuple of its own with these fields.
+
+  Every field of a solver's state is an array or a pytree of arrays (a checkpoint
+  writes it leaf by leaf, and a sharding can give each field its own layout).
 
   Attributes:
     step: number of outer steps taken.
     images: the distilled set D, (N, d).
-    params: inner parameters: the jointly learned w (penalty, OVR), the warm-started
-      inner solution w*(D) (implicit) or the last unrolled w_T (unrolled).
-    heads: task-head parameters stacked over tasks (``()`` for ridge heads).
-    extra: solver-specific state (see each solver).
-    opt_state: optax states, a tuple (see each solver).
     key: PRNG key for the next step.
   """
 
   step: Array
   images: Float[Array, "N d"]
-  params: Any
-  heads: Any
-  extra: Any
-  opt_state: tuple[Any, ...]
   key: PRNGKeyArray
 
+  def _asdict(self) -> dict[str, PyTree]:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
 class SolverBase:
   """What the driver asks of every solver beyond ``init`` and ``step``, and the fields all share.
 
-  A solver owns its defaults: its dataclass fields, and these class attributes.
+  A solver owns its defaults: its dataclass fields, and these class attributes. Every
+  field is a plain value (a name, a number, a bool), so a solver is saved and rebuilt from
+  its ``config.json`` record (:meth:`to_config`, :func:`~udd_jax.bilevel.solvers.get_solver`).
+
+  D is updated by one optax chain, :meth:`image_transform`: the diversity term, the
+  optimiser with its step size and schedule, and the projection onto ``image_bounds``.
 
   Attributes:
-    diversity: weight ``lambda`` of the seed's diversity term on D (0 disables it).
-    image_optimizer: optax optimiser for D.
+    diversity: weight ``lambda`` of the seed's diversity term on D (0 disables it): the
+      chain adds ``-lambda * grad div(D)`` to the hypergradient.
+    image_optimizer: optimiser of D (``"adam"`` or ``"sgd"``).
+    image_lr: its step size.
+    lr_schedule: ``"constant"``, or ``"cosine"`` to decay the outer step sizes (D's, and
+      the model's for the joint solvers) to zero over ``decay_steps``.
+    decay_steps: outer steps of the cosine decay (``distill`` sets its ``steps``).
+    image_bounds: ``(low, high)``: D is projected onto this box after every step (None:
+      unbounded; ``distill(clip_images=True)`` sets the real inputs' range).
     name: the solver's name in :data:`~udd_jax.bilevel.solvers.SOLVERS`.
     default_steps: outer steps of a distillation run that does not say.
     default_head: the task head a distillation run uses unless told (``"ridge"`` or ``"softmax"``).
   """
 
   diversity: float = 0.0
-  image_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  image_optimizer: str = "adam"
+  image_lr: float = 1e-2
+  lr_schedule: str = "constant"
+  decay_steps: int | None = None
+  image_bounds: tuple[float, float] | None = None
   name: ClassVar[str]
   default_steps: ClassVar[int] = 600
   default_head: ClassVar[str] = "softmax"
+  diversity_in_objective: ClassVar[bool] = False
 
   def __post_init__(self):
     _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
+    _validation.check_choice(self.image_optimizer, "image_optimizer", optimizers.OPTIMIZERS)
+    _validation.check_positive_float(self.image_lr, "image_lr")
+    _validation.check_choice(self.lr_schedule, "lr_schedule", optimizers.LR_SCHEDULES)
+    if self.decay_steps is not None:
+      _validation.check_positive_int(self.decay_steps, "decay_steps")
+    if self.image_bounds is not None:
+      bounds = tuple(self.image_bounds)
+      if len(bounds) != 2 or not all(isinstance(v, (int, float)) for v in bounds) or not bounds[0] < bounds[1]:
+        raise ValueError(f"image_bounds must be (low, high) with low < high; got {self.image_bounds!r}.")
+      object.__setattr__(self, "image_bounds", (float(bounds[0]), float(bounds[1])))
 
-  def current_params(self, state: SolverState) -> Any:
-    """The single learner the driver reports on and saves: ``state.params`` unless a solver keeps several."""
+  def outer_lr(self, value: float) -> optimizers.LearningRate:
+    """An outer step size under the solver's ``lr_schedule``."""
+    return optimizers.learning_rate(value, self.lr_schedule, self.decay_steps)
+
+  def image_transform(self, paired: bool = False) -> optax.GradientTransformation:
+    """D's update as one optax chain: diversity, the optimiser (step size and schedule), the projection.
+
+    With ``paired``, the chain updates a pair ``(D, other)`` (the unrolled solver's D and its
+    learned step sizes): the optimiser steps both, diversity and projection touch D only.
+    """
+    parts = []
+    if self.diversity and not self.diversity_in_objective:
+      parts.append(add_diversity(self.diversity, paired))
+    parts.append(optimizers.optimizer(self.image_optimizer, self.outer_lr(self.image_lr)))
+    if self.image_bounds is not None:
+      parts.append(project_onto_box(*self.image_bounds, paired=paired))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+  def learner_params(self, state: SolverState) -> PyTree:
+    """The single learner the driver reports on, probes and saves: ``state.params`` unless a solver keeps several."""
     return state.params
+
+  def finite(self, state: SolverState) -> dict[str, Array]:
+    """Per field of ``state``: whether every floating value in it is finite (traceable)."""
+    return {name: all_finite(value) for name, value in state._asdict().items()}
+
+  def to_config(self) -> dict[str, Any]:
+    """The solver as plain values: ``{"name": ..., field: value, ...}``; :func:`get_solver` rebuilds it."""
+    record = {"name": self.name}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      record[f.name] = value.to_config() if hasattr(value, "to_config") else list(value) if isinstance(value, tuple) else value
+    return record
 
   def recipe(self, state: SolverState, init_scale: float, given: Recipe | None = None) -> Recipe:
     """The recipe a distilled set ships: how a user re-trains a learner on it.
@@ -139,29 +193,75 @@ class SolverBase:
 
 
 @dataclasses.dataclass(frozen=True)
-class FreshHeadsBase(SolverBase):
-  """Base of the solvers whose learners change identity from step to step (fresh inits, a pool).
-
-  Their hidden units come out in any order, so task heads are refitted at every step from
-  their init (:func:`fresh_heads`), and a closed-form ridge head, refitted at no cost, is
-  the default.
+class HeadFitting:
+  """Softmax task heads fitted by a few optimiser steps per outer step, at fixed features.
 
   Attributes:
-    head_steps: optimiser steps of a softmax head fitted from its init at each outer step.
-    head_optimizer: optax optimiser for those steps.
+    head_steps: optimiser steps of the heads per outer step.
+    head_optimizer: their optimiser (``"adam"`` or ``"sgd"``).
+    head_lr: its step size.
   """
 
   head_steps: int = 50
-  head_optimizer: optax.GradientTransformation = optax.adam(0.1)
+  head_optimizer: str = "adam"
+  head_lr: float = 0.1
+
+  def check_head_options(self) -> None:
+    _validation.check_positive_int(self.head_steps, "head_steps")
+    _validation.check_choice(self.head_optimizer, "head_optimizer", optimizers.OPTIMIZERS)
+    _validation.check_positive_float(self.head_lr, "head_lr")
+
+  def head_transform(self) -> optax.GradientTransformation:
+    return optimizers.optimizer(self.head_optimizer, self.head_lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreshHeadsBase(HeadFitting, SolverBase):
+  """Base of the solvers whose learners change identity from step to step (fresh inits, a pool).
+
+  Their hidden units come out in any order, so task heads are refitted at every step from
+  their init (:func:`fresh_heads`: ``head_steps`` steps of ``head_optimizer``), and a
+  closed-form ridge head, refitted at no cost, is the default.
+  """
+
   default_head = "ridge"
 
   def __post_init__(self):
     super().__post_init__()
-    _validation.check_positive_int(self.head_steps, "head_steps")
+    self.check_head_options()
 
-  def fit_fresh_heads(self, problem: Problem, params: Any, batch: TaskBatch, key: PRNGKeyArray, dtype: Any) -> Any:
+  def fit_fresh_heads(self, problem: Problem, params: PyTree, batch: TaskBatch, key: PRNGKeyArray, dtype: Any) -> PyTree:
     """Heads fitted from their init at fixed features of ``params``."""
-    return fresh_heads(problem, params, batch, key, self.head_optimizer, self.head_steps, dtype)
+    return fresh_heads(problem, params, batch, key, self.head_transform(), self.head_steps, dtype)
+
+
+def all_finite(tree: PyTree) -> Array:
+  """True when every floating leaf of ``tree`` is finite (traceable)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _on_images(fn: Callable[[Array, Array], Array], paired: bool) -> optax.GradientTransformation:
+  """A stateless transform ``updates -> fn(updates, D)`` of D's update (of the first of a pair when ``paired``)."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("this transform of D's update needs the current D: pass params to update.")
+    if paired:
+      return (fn(updates[0], params[0]), *updates[1:]), state
+    return fn(updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def add_diversity(weight: float, paired: bool = False) -> optax.GradientTransformation:
+  """Adds ``-weight * grad div(D)`` to D's gradient (:func:`diversity`): a reward for spread-out points."""
+  return _on_images(lambda g, images: g - weight * jax.grad(diversity)(images), paired)
+
+
+def project_onto_box(low: float, high: float, paired: bool = False) -> optax.GradientTransformation:
+  """Turns D's update into the step onto the box: ``D + update`` becomes ``clip(D + update, low, high)``."""
+  return _on_images(lambda u, images: jnp.clip(images + u, low, high) - images, paired)
 
 
 def diversity(images: Float[Array, "N d"]) -> Scalar:
@@ -169,7 +269,8 @@ def diversity(images: Float[Array, "N d"]) -> Scalar:
   return jnp.mean(jnp.sum((images - jnp.mean(images, axis=0)) ** 2, axis=1))
 
 
-def apply_updates(optimizer: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+def apply_updates(optimizer: optax.GradientTransformation, grads: PyTree, opt_state: optax.OptState, params: PyTree
+                  ) -> tuple[PyTree, optax.OptState]:
   """One optax step: ``(params, opt_state)`` after ``grads``."""
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state

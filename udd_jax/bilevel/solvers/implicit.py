@@ -3,40 +3,52 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from udd_jax import _validation
 from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import TaskBatch
-from udd_jax.bilevel.solvers.base import (
-    Metrics,
-    Problem,
-    SolverBase,
-    SolverState,
-    apply_updates,
-    fit_heads,
-    init_common,
-    diversity,
-)
+from udd_jax.bilevel.solvers.base import HeadFitting, Metrics, Problem, SolverBase, apply_updates, fit_heads, init_common
+from udd_jax.training import optimizers
 from udd_jax.training.unroll import inner_solve
 
 
+class ImplicitState(NamedTuple):
+  """The state of :class:`Implicit`.
+
+  Attributes:
+    params: the warm-started inner solution w*(D).
+    heads: the task heads, warm-started at w*.
+    inner_opt_state: the inner optimiser's state at w*.
+    adjoint: the last adjoint ``u`` (warm-starts CG).
+  """
+
+  step: Array
+  images: Float[Array, "N d"]
+  params: PyTree
+  heads: PyTree
+  inner_opt_state: optax.OptState
+  adjoint: PyTree
+  image_opt_state: optax.OptState
+  head_opt_state: optax.OptState
+  key: PRNGKeyArray
+
+
 @dataclasses.dataclass(frozen=True)
-class Implicit(SolverBase):
+class Implicit(HeadFitting, SolverBase):
   """Implicit differentiation: dL/dD = -(d^2 L_in / dD dw) (H_ww + damping I)^-1 grad_w L.
 
-  Each step: a warm-started inner solve (``inner_optimizer`` until the gradient
-  norm is below ``inner_tol`` or ``inner_steps``), ``head_steps`` updates of the
-  heads at w* (so they enter at their optimum, Danskin), then CG for the adjoint
+  Each step: a warm-started inner solve (``inner_optimizer`` at ``inner_lr`` until the
+  gradient norm is below ``inner_tol`` or ``inner_steps``), ``head_steps`` updates of the
+  heads at w* (warm-started, so they enter at their optimum, Danskin), then CG for the adjoint
   ``u``, started from the previous step's ``u`` when ``warm_start_adjoint`` (D, w*
   and the heads move little per step, so ``u`` does too, and a few CG iterations
   refine it: amortised implicit differentiation, as Arbel & Mairal 2022's AmIGO).
-
-  State: ``extra`` is ``(inner optimiser state, adjoint u)``; ``opt_state`` is ``(images, heads)``.
 
   Examples:
     >>> from udd_jax.bilevel.solvers import get_solver
@@ -48,52 +60,55 @@ class Implicit(SolverBase):
   # step measured best on a fixed wall time (docs/RESULTS.md, "Implicit solver: budget per step").
   inner_steps: int = 5
   inner_tol: float = 1e-4
-  inner_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  inner_optimizer: str = "adam"
+  inner_lr: float = 1e-2
   damping: float = 0.1
   cg_tol: float = 1e-5
   cg_steps: int = 5
   warm_start_adjoint: bool = True
   head_steps: int = 5
-  head_optimizer: optax.GradientTransformation = optax.adam(1e-2)
+  head_lr: float = 1e-2
   name = "implicit"
 
   def __post_init__(self):
     super().__post_init__()
+    self.check_head_options()
     _validation.check_positive_int(self.inner_steps, "inner_steps")
     _validation.check_positive_float(self.inner_tol, "inner_tol", allow_zero=True)
+    _validation.check_choice(self.inner_optimizer, "inner_optimizer", optimizers.OPTIMIZERS)
+    _validation.check_positive_float(self.inner_lr, "inner_lr")
     _validation.check_positive_float(self.damping, "damping", allow_zero=True)
     _validation.check_positive_int(self.cg_steps, "cg_steps")
-    _validation.check_positive_int(self.head_steps, "head_steps")
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> SolverState:
+  def inner_transform(self) -> optax.GradientTransformation:
+    return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
+
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> ImplicitState:
     params, heads, key = init_common(problem, key, images)
-    opt_state = (self.image_optimizer.init(images), self.head_optimizer.init(heads))
-    extra = (self.inner_optimizer.init(params), optax.tree.zeros_like(params))
-    return SolverState(jnp.asarray(0), images, params, heads, extra, opt_state, key)
+    return ImplicitState(jnp.asarray(0), images, params, heads, self.inner_transform().init(params),
+                         optax.tree.zeros_like(params), self.image_transform().init(images),
+                         self.head_transform().init(heads), key)
 
-  def step(self, problem: Problem, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+  def step(self, problem: Problem, state: ImplicitState, batch: TaskBatch) -> tuple[ImplicitState, Metrics]:
     key, k_inner = jax.random.split(state.key)
     inner = lambda p, images: problem.inner_loss(p, images, k_inner)
-    s_inner, u_prev = state.extra
     solved = inner_solve(
         lambda p: inner(p, state.images),
         state.params,
-        s_inner,
-        self.inner_optimizer,
+        state.inner_opt_state,
+        self.inner_transform(),
         max_steps=self.inner_steps,
         tol=self.inner_tol,
     )
-    s_images, s_heads = state.opt_state
-    heads, s_heads, _ = fit_heads(problem, state.heads, s_heads, self.head_optimizer, solved.params, batch, self.head_steps)
+    heads, s_heads, _ = fit_heads(problem, state.heads, state.head_opt_state, self.head_transform(), solved.params,
+                                  batch, self.head_steps)
     outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(solved.params)
     u, cg = implicit_diff.solve_adjoint(
         inner, solved.params, state.images, v, damping=self.damping, tol=self.cg_tol, max_steps=self.cg_steps,
-        init=u_prev if self.warm_start_adjoint else None,
+        init=state.adjoint if self.warm_start_adjoint else None,
     )
     g_images = implicit_diff.mixed_vjp(inner, solved.params, state.images, u)
-    if self.diversity:
-      g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
-    images, s_images = apply_updates(self.image_optimizer, g_images, s_images, state.images)
+    images, s_images = apply_updates(self.image_transform(), g_images, state.image_opt_state, state.images)
     metrics = {
         "outer_loss": outer,
         "inner_value": inner(solved.params, state.images),
@@ -104,6 +119,5 @@ class Implicit(SolverBase):
         "cg_negative_curvature": cg.negative_curvature,
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    extra = (solved.opt_state, u)
-    new_state = SolverState(state.step + 1, images, solved.params, heads, extra, (s_images, s_heads), key)
+    new_state = ImplicitState(state.step + 1, images, solved.params, heads, solved.opt_state, u, s_images, s_heads, key)
     return new_state, metrics

@@ -3,36 +3,108 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from udd_jax import _validation
 from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
-from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, SolverState, apply_updates, diversity
-from udd_jax.training.recipes import INNER_OPTIMIZERS, Recipe
+from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, apply_updates
+from udd_jax.training import optimizers
+from udd_jax.training.recipes import Recipe
 from udd_jax.training.unroll import advance
 
 
 class PoolState(NamedTuple):
-  """The learners of :class:`Pool` beside their parameters (which live in ``SolverState.params``).
+  """The state of :class:`Pool`: its learners, stacked over the pool (leading axis P).
 
   Attributes:
-    opt_state: each learner's inner optimiser state, stacked over the pool.
+    params: each learner's parameters.
+    opt_state: each learner's inner optimiser state.
     age: inner steps each learner has taken since its (re)start, (P,).
-    adjoint: each learner's last adjoint ``u`` (implicit hypergradient only; warm starts CG).
+    adjoint: each learner's last adjoint ``u`` (the implicit hypergradient's CG warm start;
+      zeros, unused, for the truncated one).
+    image_opt_state: D's optimiser state.
   """
 
-  opt_state: Any
+  step: Array
+  images: Float[Array, "N d"]
+  params: PyTree
+  opt_state: optax.OptState
   age: Array
-  adjoint: Any
+  adjoint: PyTree
+  image_opt_state: optax.OptState
+  key: PRNGKeyArray
 
 
-HYPERGRADIENTS = ("truncated", "implicit")
+class LearnerStep(NamedTuple):
+  """One learner's outer step under a hypergradient strategy: where it went and what D should do.
+
+  Attributes:
+    params, opt_state: the learner after its ``inner_steps`` steps on D.
+    adjoint: its adjoint for the next step (the implicit strategy's warm start).
+    image_grad: the gradient of its task losses in D.
+    outer_loss: its task losses.
+    stats: the strategy's own diagnostics (a dict of scalars; the same keys at every step).
+  """
+
+  params: PyTree
+  opt_state: optax.OptState
+  adjoint: PyTree
+  image_grad: Float[Array, "N d"]
+  outer_loss: Scalar
+  stats: dict[str, Array]
+
+
+InnerLoss = Callable[[PyTree, Array], Scalar]
+Score = Callable[[PyTree], Scalar]
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncated:
+  """Backpropagation through the learner's ``inner_steps`` steps on D, from its current state (moments included)."""
+
+  name = "truncated"
+  stat_names = ()
+
+  def __call__(self, pool: Pool, inner: InnerLoss, score: Score, params: PyTree, opt_state: optax.OptState,
+               adjoint: PyTree, images: Array) -> LearnerStep:
+    def through_steps(d):
+      w, s = advance(inner, params, opt_state, d, pool.learner_transform(), pool.inner_steps)
+      return score(w), (w, s)
+
+    (outer, (w, s)), g = jax.value_and_grad(through_steps, has_aux=True)(images)
+    return LearnerStep(w, s, adjoint, g, outer, {})
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitAtLearner:
+  """The implicit function theorem at the learner after its steps: CG on damped HVPs, warm-started from its last adjoint."""
+
+  name = "implicit"
+  stat_names = ("cg_steps", "cg_residual", "cg_negative_curvature")
+
+  def __call__(self, pool: Pool, inner: InnerLoss, score: Score, params: PyTree, opt_state: optax.OptState,
+               adjoint: PyTree, images: Array) -> LearnerStep:
+    w, s = advance(inner, params, opt_state, images, pool.learner_transform(), pool.inner_steps)
+    outer, v = jax.value_and_grad(score)(w)
+    u, cg = implicit_diff.solve_adjoint(inner, w, images, v, damping=pool.damping, tol=pool.cg_tol,
+                                        max_steps=pool.cg_steps, init=adjoint)
+    stats = {"cg_steps": cg.num_steps, "cg_residual": cg.residual, "cg_negative_curvature": cg.negative_curvature}
+    return LearnerStep(w, s, u, implicit_diff.mixed_vjp(inner, w, images, u), outer, stats)
+
+
+HYPERGRADIENTS = {"truncated": Truncated(), "implicit": ImplicitAtLearner()}
+
+
+def _pool_metric(name: str, values: Array, dtype: jnp.dtype) -> Array:
+  """A strategy's per-learner diagnostic summarised over the pool (medians for residuals, else means)."""
+  return jnp.median(values) if name.endswith("residual") else jnp.mean(values.astype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +114,22 @@ class Pool(FreshHeadsBase):
   The honest target is ``w*(D)``, a learner trained on D from a fresh init until it
   converges (the standard recipe: ``inner_optimizer`` at ``inner_lr``, full batch). Each
   outer step, every learner of the pool takes ``inner_steps`` more steps on the current D
-  and the task losses at the learners give the hypergradient, averaged over the pool:
+  and the task losses at the learners give the hypergradient, averaged over the pool, by
+  one of two strategies (:data:`HYPERGRADIENTS`):
 
-  * ``"truncated"``: backpropagation through those ``inner_steps`` steps (truncated
-    unrolling from the learner's current state, moments included);
-  * ``"implicit"``: the implicit function theorem at the learner, CG on damped
-    Hessian-vector products, warm-started from the learner's last adjoint.
+  * ``"truncated"`` (:class:`Truncated`): backpropagation through those ``inner_steps``
+    steps (truncated unrolling from the learner's current state, moments included);
+  * ``"implicit"`` (:class:`ImplicitAtLearner`): the implicit function theorem at the
+    learner, CG on damped Hessian-vector products, warm-started from the learner's last adjoint.
+
+  Both give the same metrics (``outer_loss``, ``inner_value``, ``inner_grad_norm``,
+  ``image_grad_norm``) and each adds its own diagnostics (the implicit one: ``cg_steps``,
+  ``cg_residual``, ``cg_negative_curvature``).
 
   A learner restarts from a fresh init after ``lifetime`` inner steps; the pool starts
   with staggered ages, so at any time it holds learners from fresh to nearly
   ``lifetime`` steps old, the whole trajectory of the standard recipe (model pools as in
   FRePo, Zhou et al. 2022). Heads are fitted afresh at each learner (ridge: closed form).
-
-  State: ``params`` is the pool's parameters (stacked, leading axis P); ``extra`` a
-  :class:`PoolState`; ``opt_state`` is ``(images,)``.
 
   Examples:
     >>> recipe = Pool().recipe(None, init_scale=0.01)  # what a set distilled by the pool ships
@@ -83,7 +157,7 @@ class Pool(FreshHeadsBase):
     _validation.check_positive_int(self.lifetime, "lifetime")
     if self.lifetime < self.inner_steps:
       raise ValueError(f"lifetime ({self.lifetime}) must be at least inner_steps ({self.inner_steps}).")
-    _validation.check_choice(self.inner_optimizer, "inner_optimizer", INNER_OPTIMIZERS)
+    _validation.check_choice(self.inner_optimizer, "inner_optimizer", optimizers.OPTIMIZERS)
     _validation.check_positive_float(self.inner_lr, "inner_lr")
     _validation.check_choice(self.hypergradient, "hypergradient", HYPERGRADIENTS)
     _validation.check_non_negative_int(self.min_age, "min_age")
@@ -92,83 +166,66 @@ class Pool(FreshHeadsBase):
     _validation.check_positive_float(self.damping, "damping", allow_zero=True)
     _validation.check_positive_int(self.cg_steps, "cg_steps")
 
-  def recipe(self, state: SolverState, init_scale: float, given: Recipe | None = None) -> Recipe:
+  def recipe(self, state: PoolState | None, init_scale: float, given: Recipe | None = None) -> Recipe:
     """Its learners' own recipe, trained until convergence (``given`` is ignored)."""
     return Recipe(self.inner_optimizer, self.inner_lr, self.lifetime, init_scale, until_converged=True)
 
-  def learner_optimizer(self) -> optax.GradientTransformation:
-    return optax.adam(self.inner_lr) if self.inner_optimizer == "adam" else optax.sgd(self.inner_lr)
+  def learner_transform(self) -> optax.GradientTransformation:
+    """The optimiser every learner of the pool trains with."""
+    return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> SolverState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> PoolState:
     if isinstance(problem, BilevelProblem):
       problem.check_images(images)
     k_params, key = jax.random.split(key)
     params = jax.vmap(lambda k: problem.init_params(k, images.dtype))(jax.random.split(k_params, self.pool_size))
-    opt_state = jax.vmap(self.learner_optimizer().init)(params)
+    opt_state = jax.vmap(self.learner_transform().init)(params)
     # Staggered ages: learner i first restarts after (P - i) / P of a lifetime, and from then
     # on the pool covers the whole lifetime evenly.
     age = (jnp.arange(self.pool_size) * self.lifetime) // self.pool_size
-    extra = PoolState(opt_state, age, optax.tree.zeros_like(params))
-    return SolverState(jnp.asarray(0), images, params, (), extra, (self.image_optimizer.init(images),), key)
+    return PoolState(jnp.asarray(0), images, params, opt_state, age, optax.tree.zeros_like(params),
+                     self.image_transform().init(images), key)
 
-  def current_params(self, state: SolverState) -> Any:
+  def learner_params(self, state: PoolState) -> PyTree:
     """The oldest learner of the pool: the one nearest to convergence."""
-    oldest = jnp.argmax(state.extra.age)
+    oldest = jnp.argmax(state.age)
     return jax.tree.map(lambda a: a[oldest], state.params)
 
-  def step(self, problem: Problem, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+  def step(self, problem: Problem, state: PoolState, batch: TaskBatch) -> tuple[PoolState, Metrics]:
     key, k_fresh, k_inner, k_heads = jax.random.split(state.key, 4)
     inner = lambda p, images: problem.inner_loss(p, images, k_inner)
     dtype = state.images.dtype
-    opt = self.learner_optimizer()
-    pool = state.extra
+    strategy = HYPERGRADIENTS[self.hypergradient]
 
-    restart = pool.age >= self.lifetime
+    restart = state.age >= self.lifetime
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(restart.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
     fresh = jax.vmap(lambda k: problem.init_params(k, dtype))(jax.random.split(k_fresh, self.pool_size))
     params = pick(fresh, state.params)
-    opt_state = pick(jax.vmap(opt.init)(fresh), pool.opt_state)
-    adjoint = pick(optax.tree.zeros_like(fresh), pool.adjoint)
-    age = jnp.where(restart, 0, pool.age)
-
-    def score(w, k):
-      heads = self.fit_fresh_heads(problem, w, batch, k, dtype)
-      return problem.outer_loss(w, heads, batch)[0]
+    opt_state = pick(jax.vmap(self.learner_transform().init)(fresh), state.opt_state)
+    adjoint = pick(optax.tree.zeros_like(fresh), state.adjoint)
+    age = jnp.where(restart, 0, state.age)
 
     def one(w, s, u, k):
-      if self.hypergradient == "truncated":
-        def through_steps(images):
-          w_new, s_new = advance(inner, w, s, images, opt, self.inner_steps)
-          return score(w_new, k), (w_new, s_new)
+      def score(w_new):
+        heads = self.fit_fresh_heads(problem, w_new, batch, k, dtype)
+        return problem.outer_loss(w_new, heads, batch)[0]
 
-        (outer, (w, s)), g = jax.value_and_grad(through_steps, has_aux=True)(state.images)
-        return w, s, u, g, outer, (jnp.asarray(0), jnp.zeros((), dtype), jnp.asarray(False))
-      w, s = advance(inner, w, s, state.images, opt, self.inner_steps)
-      outer, v = jax.value_and_grad(score)(w, k)
-      u, cg = implicit_diff.solve_adjoint(inner, w, state.images, v, damping=self.damping, tol=self.cg_tol,
-                                          max_steps=self.cg_steps, init=u)
-      return w, s, u, implicit_diff.mixed_vjp(inner, w, state.images, u), outer, tuple(cg)
+      return strategy(self, inner, score, w, s, u, state.images)
 
-    params, opt_state, adjoint, grads, outers, (cg_steps, cg_residual, cg_negative) = jax.vmap(one)(
-        params, opt_state, adjoint, jax.random.split(k_heads, self.pool_size)
-    )
+    learners = jax.vmap(one)(params, opt_state, adjoint, jax.random.split(k_heads, self.pool_size))
     age = age + self.inner_steps
     weights = (age > self.min_age).astype(dtype)
     weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
-    g_images = jnp.tensordot(weights, grads, axes=1)
-    if self.diversity:
-      g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
-    (s_images,) = state.opt_state
-    images, s_images = apply_updates(self.image_optimizer, g_images, s_images, state.images)
-    new_state = SolverState(state.step + 1, images, params, (), PoolState(opt_state, age, adjoint), (s_images,), key)
-    oldest = self.current_params(new_state)
+    g_images = jnp.tensordot(weights, learners.image_grad, axes=1)
+    images, s_images = apply_updates(self.image_transform(), g_images, state.image_opt_state, state.images)
+    new_state = PoolState(state.step + 1, images, learners.params, learners.opt_state, age, learners.adjoint, s_images,
+                          key)
+    oldest = self.learner_params(new_state)
     metrics = {
-        "outer_loss": jnp.sum(weights * outers),
+        "outer_loss": jnp.sum(weights * learners.outer_loss),
         "inner_value": inner(oldest, state.images),
         "inner_grad_norm": optax.tree.norm(jax.grad(inner)(oldest, state.images)),
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    if self.hypergradient == "implicit":
-      metrics |= {"cg_steps": jnp.mean(cg_steps), "cg_residual": jnp.median(cg_residual),
-                  "cg_negative_curvature": jnp.mean(cg_negative.astype(dtype))}
+    metrics |= {name: _pool_metric(name, value, dtype) for name, value in learners.stats.items()}
     return new_state, metrics

@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from udd_jax import _validation
 from udd_jax.bilevel.problem import TaskBatch
-from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, SolverState, apply_updates, diversity, init_common
-from udd_jax.training.recipes import INNER_OPTIMIZERS, Recipe
+from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, apply_updates, init_common
+from udd_jax.training import optimizers
+from udd_jax.training.recipes import Recipe
 from udd_jax.training.unroll import unroll
+
+
+class UnrolledState(NamedTuple):
+  """The state of :class:`Unrolled`.
+
+  Attributes:
+    params: the first fresh init of the last step, after its T inner steps (w_T).
+    heads: the heads fitted at it.
+    log_step_sizes: the log of the T inner step sizes (learned when ``learn_step_size``).
+    opt_state: the state of D's chain over the pair (D, log step sizes).
+  """
+
+  step: Array
+  images: Float[Array, "N d"]
+  params: PyTree
+  heads: PyTree
+  log_step_sizes: Float[Array, " T"]
+  opt_state: optax.OptState
+  key: PRNGKeyArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,9 +44,9 @@ class Unrolled(FreshHeadsBase):
 
   As in the original dataset distillation: each outer step samples a new init w0,
   trains it on D for T steps (``inner_optimizer`` ``"sgd"`` or ``"adam"`` with one
-  step size per step, learned when ``learn_step_size``), fits the heads at w_T
-  (Danskin), and backpropagates the task losses through the T steps (or only the
-  last ``truncate`` of them).
+  step size per step, starting at ``inner_lr`` and learned when ``learn_step_size``),
+  fits the heads at w_T (Danskin), and backpropagates the task losses through the T
+  steps (or only the last ``truncate`` of them).
 
   Because every step starts from a new init, the features of w_T change from step
   to step (hidden units come out in any order), so heads are fitted afresh each
@@ -37,8 +58,8 @@ class Unrolled(FreshHeadsBase):
   their task losses: a lower-variance hypergradient of the expected loss over inits,
   at ``n_inits`` times the cost.
 
-  State: ``extra`` is the log step sizes (T,); ``opt_state`` is ``((images, log step sizes),)``;
-  ``params`` is the first init's trained learner.
+  The learned step sizes are updated with D, by D's chain (``image_optimizer``,
+  ``image_lr``, ``lr_schedule``; the diversity term and the projection touch D only).
 
   Examples:
     >>> solver = Unrolled()
@@ -59,30 +80,30 @@ class Unrolled(FreshHeadsBase):
 
   def __post_init__(self):
     super().__post_init__()
-    _validation.check_choice(self.inner_optimizer, "inner_optimizer", INNER_OPTIMIZERS)
+    _validation.check_choice(self.inner_optimizer, "inner_optimizer", optimizers.OPTIMIZERS)
     _validation.check_positive_int(self.unroll_steps, "unroll_steps")
     _validation.check_positive_int(self.n_inits, "n_inits")
     _validation.check_positive_float(self.inner_lr, "inner_lr")
     if self.truncate is not None:
       _validation.check_positive_int(self.truncate, "truncate")
 
-  def recipe(self, state: SolverState, init_scale: float, given: Recipe | None = None) -> Recipe:
+  def recipe(self, state: UnrolledState, init_scale: float, given: Recipe | None = None) -> Recipe:
     """The unroll itself, with the step sizes it learned: D is made for exactly this training (``given`` is ignored)."""
-    lrs = tuple(float(v) for v in np.exp(np.asarray(state.extra)))
+    lrs = tuple(float(v) for v in np.exp(np.asarray(state.log_step_sizes)))
     return Recipe(self.inner_optimizer, lrs, self.unroll_steps, init_scale)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> SolverState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> UnrolledState:
     params, heads, key = init_common(problem, key, images)
     log_lr = jnp.full((self.unroll_steps,), jnp.log(self.inner_lr), images.dtype)
-    opt_state = (self.image_optimizer.init((images, log_lr)),)
-    return SolverState(jnp.asarray(0), images, params, heads, log_lr, opt_state, key)
+    opt_state = self.image_transform(paired=True).init((images, log_lr))
+    return UnrolledState(jnp.asarray(0), images, params, heads, log_lr, opt_state, key)
 
-  def step(self, problem: Problem, state: SolverState, batch: TaskBatch) -> tuple[SolverState, Metrics]:
+  def step(self, problem: Problem, state: UnrolledState, batch: TaskBatch) -> tuple[UnrolledState, Metrics]:
     key, k_init, k_inner, k_heads = jax.random.split(state.key, 4)
     inner = lambda p, images: problem.inner_loss(p, images, k_inner)
     dtype = state.images.dtype
     w0s = jax.vmap(lambda k: problem.init_params(k, dtype))(jax.random.split(k_init, self.n_inits))
-    transform = INNER_OPTIMIZERS[self.inner_optimizer]()
+    transform = optimizers.direction(self.inner_optimizer)
 
     def train(images, log_lr):
       train_one = lambda w0: unroll(inner, w0, images, jnp.exp(log_lr), transform=transform, truncate=self.truncate)
@@ -93,17 +114,15 @@ class Unrolled(FreshHeadsBase):
       outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(w_final)
       return heads, outer, jax.tree.map(lambda g: g / self.n_inits, v)
 
-    w_finals, vjp = jax.vjp(train, state.images, state.extra)
-    (s_outer,) = state.opt_state
+    w_finals, vjp = jax.vjp(train, state.images, state.log_step_sizes)
     all_heads, outers, v = jax.vmap(fit_and_score)(w_finals, jax.random.split(k_heads, self.n_inits))
     outer = jnp.mean(outers)
     w_final, heads = jax.tree.map(lambda a: a[0], (w_finals, all_heads))
     g_images, g_log_lr = vjp(v)
-    if self.diversity:
-      g_images = g_images - self.diversity * jax.grad(diversity)(state.images)
     if not self.learn_step_size:
       g_log_lr = jnp.zeros_like(g_log_lr)
-    (images, log_lr), s_outer = apply_updates(self.image_optimizer, (g_images, g_log_lr), s_outer, (state.images, state.extra))
+    (images, log_lr), opt_state = apply_updates(self.image_transform(paired=True), (g_images, g_log_lr),
+                                                state.opt_state, (state.images, state.log_step_sizes))
     metrics = {
         "outer_loss": outer,
         "inner_value": inner(w_final, state.images),
@@ -111,5 +130,4 @@ class Unrolled(FreshHeadsBase):
         "mean_step_size": jnp.mean(jnp.exp(log_lr)),
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    new_state = SolverState(state.step + 1, images, w_final, heads, log_lr, (s_outer,), key)
-    return new_state, metrics
+    return UnrolledState(state.step + 1, images, w_final, heads, log_lr, opt_state, key), metrics
