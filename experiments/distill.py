@@ -7,9 +7,9 @@
       --n_hidden=128 --solver=unrolled --opt unroll_steps=100 --workdir=runs/mnist_100_unrolled
 
 The default solver is pool. Solver or problem options: --opt key=value (repeatable), e.g.
---opt pool_size=16 --opt head_l2=0.01 (--helpfull lists every solver's options); an unknown
-name is refused with the list of both kinds. A bad value stops the app with one line naming it. A restarted run with the same workdir
-resumes from its last checkpoint. Ctrl-C (SIGINT) or SIGTERM stops it at the end of the current
+--opt pool_size=16 --opt head_l2=0.01 (--help lists every solver's options); an unknown name
+is refused with the list of both kinds, and any bad value stops the app with one line naming
+it. A restarted run with the same workdir resumes from its last checkpoint. Ctrl-C (SIGINT) or SIGTERM stops it at the end of the current
 chunk of --log_every steps, after writing a checkpoint; re-running the same command resumes (on
 CPU, bit for bit). Re-running a finished run prints its saved report and recomputes nothing
 (--rerun_evaluation evaluates it again).

@@ -1,8 +1,10 @@
 """The honest evaluation protocol of docs/METHOD.md section 5.
 
-1. Re-train the inner learner from fresh random inits on D alone with the recipe
-   stored with D (and, as a robustness figure, with 10x the steps).
-2. Features of the whole real training set; a converged multinomial logistic head.
+1. Re-train the inner learner from fresh random inits on D alone, with the standard
+   recipe (to convergence; the headline) and, beside it, with the recipe stored with D
+   (and, as a robustness figure, with a multiple of its steps).
+2. Features of the whole real training set; a converged multinomial logistic head on the
+   raw features and on standardised ones.
 3. Test accuracy, mean +- std over seeds, beside the baselines.
 """
 
