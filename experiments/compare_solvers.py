@@ -23,6 +23,7 @@ flags.DEFINE_string("workdir", None, "(required) Where everything is written.")
 flags.mark_flag_as_required("workdir")
 
 
+@app_flags.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output

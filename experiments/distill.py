@@ -2,11 +2,14 @@
 
   python experiments/distill.py --dataset=digits --workdir=/tmp/udd_digits
   python experiments/distill.py --dataset=mnist --data_dir=../shared/data --n_distill=100 \
-      --n_hidden=128 --solver=unrolled --workdir=runs/mnist_100
+      --n_hidden=128 --workdir=runs/mnist_100
+  python experiments/distill.py --dataset=mnist --data_dir=../shared/data --n_distill=100 \
+      --n_hidden=128 --solver=unrolled --opt unroll_steps=100 --workdir=runs/mnist_100_unrolled
 
-Solver or problem options: --opt key=value (repeatable), e.g. --opt mu=10 --opt unroll_steps=100;
-an unknown name is refused with the list of both kinds. A restarted run with the same workdir
-resumes from its last checkpoint. Ctrl-C (SIGINT) or SIGTERM stops it at the end of the current
+The default solver is pool. Solver or problem options: --opt key=value (repeatable), e.g.
+--opt pool_size=16 --opt head_l2=0.01 (--help lists every solver's options); an unknown name
+is refused with the list of both kinds, and any bad value stops the app with one line naming
+it. A restarted run with the same workdir resumes from its last checkpoint. Ctrl-C (SIGINT) or SIGTERM stops it at the end of the current
 chunk of --log_every steps, after writing a checkpoint; re-running the same command resumes (on
 CPU, bit for bit). Re-running a finished run prints its saved report and recomputes nothing
 (--rerun_evaluation evaluates it again).
@@ -42,10 +45,11 @@ app_flags.define_enum_list("baselines", experiment.BASELINES, experiment.BASELIN
                            "Baselines of the final evaluation (--baselines= for none).")
 flags.DEFINE_list("transfer", [], "Cross-learner transfer rows, one per item: K=256,inner=score_matching gives two rows "
                   "(K = 256; score matching); join the parts of one row with ;, e.g. 'K=256;inner=score_matching'.")
-flags.DEFINE_multi_string("opt", [], "Solver or problem option key=value")
+flags.DEFINE_multi_string("opt", [], app_flags.opt_help())
 flags.DEFINE_bool("rerun_evaluation", False, "Evaluate a finished run again instead of printing its saved report.")
 
 
+@app_flags.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output

@@ -15,11 +15,12 @@ flags.DEFINE_integer("n_distill", 20, "Size of the distilled set.")
 flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")
 flags.DEFINE_list("points", ["1", "100", "200"], "Outer steps at which to report.")
 flags.DEFINE_float("diversity", 0.1, "Weight of the diversity term in the second row.")
-flags.DEFINE_multi_string("opt", [], "Solver or problem option key=value, for all three rows")
+flags.DEFINE_multi_string("opt", [], "For all three rows. " + app_flags.opt_help(experiment.JOINT_SOLVERS))
 flags.DEFINE_string("workdir", None, "(required) Where everything is written.")
 flags.mark_flag_as_required("workdir")
 
 
+@app_flags.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output

@@ -36,6 +36,7 @@ app_flags.define_enum_list("cross_arch", [], networks.NETWORKS, "Other networks 
 flags.DEFINE_multi_string("opt", [], "Method option key=value (repeatable).")
 
 
+@app_flags.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)

@@ -51,6 +51,7 @@ flags.DEFINE_bool("table_only", False, "Only collect the evaluations under --roo
 flags.DEFINE_string("output", None, "Markdown file for the table (default: print it).")
 
 
+@app_flags.one_line_errors
 def main(argv):
   del argv
   root = pathlib.Path(FLAGS.root)

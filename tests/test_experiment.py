@@ -1,5 +1,6 @@
 """The experiment apps and their library side: flags, option checks, finished runs, keys."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,7 +11,11 @@ import jax
 import pytest
 from absl import flags
 
+import numpy as np
+
+import udd_jax
 from udd_jax import app_flags, experiment
+from udd_jax.driver import arguments
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 APPS = ("distill", "compare_solvers", "seed_table")
@@ -90,6 +95,8 @@ def test_helpfull_lists_choices_and_defaults_and_starts_no_run(tmp_path, name):
   if name == "distill":
     assert "--solver: <implicit|penalty|pool|unrolled|value_function>: Solver.\n    (default: 'pool')" in out
     assert "pool 500" in out and "unrolled 300" in out and "penalty 600" in out
+    for option in ("head_l2", "clip_images", "pool_size", "cg_steps", "unroll_steps", "inner_steps"):
+      assert option in out.split("--opt:")[1].split("\n  --")[0], option  # the --opt help lists every option
     for flag in ("--init: <real|kmeans|random>", "--preprocessing: <none|standardize|zca>",
                  "--lr_schedule: <constant|cosine>", "--baselines:\n    <raw_pixels|random_w|"):
       assert flag in out, flag
@@ -136,3 +143,67 @@ def test_a_finished_run_asked_again_prints_its_report_and_recomputes_nothing(tmp
   experiment.run(**(RUN | dict(workdir=str(workdir), rerun_evaluation=True)))
   assert "holds a finished run" not in capsys.readouterr().out
   assert (workdir / "evaluation.json").stat().st_mtime_ns > files["evaluation.json"]
+
+
+def test_a_list_of_int_labels_is_one_task_and_a_list_of_arrays_is_several():
+  x = np.random.default_rng(0).uniform(size=(6, 4)).astype(np.float32)
+  labels = [0, 1, 2, 0, 1, 2]
+  for y in (labels, tuple(labels), [np.int64(v) for v in labels]):
+    tasks = arguments.tasks_from_inputs(x, y)
+    assert len(tasks) == 1 and tasks[0][1].tolist() == labels
+  tasks = arguments.tasks_from_inputs(x, [np.array(labels), np.array(labels) % 2])
+  assert [t[1].tolist() for t in tasks] == [labels, [0, 1, 0, 0, 1, 0]]
+  tasks = arguments.tasks_from_inputs(x, [labels, [v % 2 for v in labels]])  # a list of lists: two tasks
+  assert len(tasks) == 2
+  with pytest.raises(ValueError, match=r"y \(task 0\)"):
+    arguments.tasks_from_inputs(x, [0, 1, 2])  # one label per example, or the error names the task
+
+
+def test_distill_takes_a_python_list_of_int_labels():
+  (x, y), _ = udd_jax.load_dataset("digits")
+  x = x.reshape(len(x), -1)[:200]
+  result = udd_jax.distill(x, [int(v) for v in y[:200]], n_distill=5, n_hidden=4, steps=2, solver="unrolled",
+                           unroll_steps=2, batch_size=16, progress=False)
+  assert result.images.shape == (5, 64)
+
+
+def test_opt_help_lists_the_problem_options_and_each_solvers_options():
+  text = app_flags.opt_help()
+  for name in arguments.PROBLEM_OPTIONS + arguments.SHORTHAND_OPTIONS:
+    assert name in text, name
+  for name, cls in experiment.SOLVERS.items():
+    part = text.split(f"{name}: ")[1].split(";")[0]
+    assert part.rstrip(".").split(", ") == sorted(f.name for f in dataclasses.fields(cls)), name
+
+
+def test_error_line_is_one_line_and_names_the_flag_to_change(tmp_path):
+  with pytest.raises(FileNotFoundError) as info:
+    udd_jax.load_dataset("mnist", data_dir=str(tmp_path))
+  line = app_flags.error_line(info.value)
+  assert line.startswith("FileNotFoundError: no data found for dataset 'mnist'") and "pass --data_dir=DIR" in line
+  assert "\n" not in line and "UDD_DATA_DIR" in line
+  assert app_flags.error_line(ValueError("two\nlines")) == "ValueError: two lines"
+  values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "Where.", flag_values=values)
+  values(["prog", "--workdir=/proc/x"])
+  error = FileNotFoundError(2, "No such file or directory", "/proc/x/sub")
+  assert app_flags.error_line(error, values).startswith("FileNotFoundError: --workdir=/proc/x: [Errno 2]")
+  assert "--workdir" not in app_flags.error_line(FileNotFoundError(2, "No such file", "/elsewhere"), values)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--n_distill=0"], "ValueError: n_distill must be a positive integer; got 0."),
+    (["--workdir=/proc/x", "--steps=2", "--eval_seeds=0", "--eval_every=0"], "FileNotFoundError: --workdir=/proc/x: "),
+    (["--dataset=mnist", "--data_dir=EMPTY"], "pass --data_dir=DIR"),
+])
+def test_a_bad_value_stops_the_app_with_one_line_and_no_traceback(tmp_path, args, expected):
+  (tmp_path / "empty").mkdir()
+  args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  proc = run_app("distill", *args, cwd=tmp_path)
+  assert proc.returncode == 1, proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if expected in line]
+  assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1], proc.stderr
+  assert not (tmp_path / "run").exists()

@@ -57,7 +57,20 @@ class Settings:
 
 
 def tasks_from_inputs(x: Any, y: Any, preprocessing: str = "none") -> list[tuple[np.ndarray, np.ndarray]]:
-  """Normalises the three ways of giving tasks into a list of checked float32 (x, y) pairs."""
+  """Normalises the three ways of giving tasks into a list of checked float32 (x, y) pairs.
+
+  ``y`` is one label array (a Python list or tuple of scalar labels, one per example,
+  counts as one), a list of label arrays (one task each, on the same ``x``), or None with
+  ``x`` a list of ``(x, y)`` pairs (one task per dataset).
+
+  Examples:
+    >>> import numpy as np
+    >>> x = np.zeros((4, 3), np.float32)
+    >>> len(tasks_from_inputs(x, [0, 1, 0, 1]))  # a list of ints: one task
+    1
+    >>> len(tasks_from_inputs(x, [np.array([0, 1, 0, 1]), np.array([1, 1, 0, 0])]))  # a list of arrays: two
+    2
+  """
   if y is None:
     if not isinstance(x, (list, tuple)) or not x:
       raise ValueError("y is None: x must then be a non-empty list of (x, y) pairs, one per dataset.")
@@ -65,7 +78,8 @@ def tasks_from_inputs(x: Any, y: Any, preprocessing: str = "none") -> list[tuple
   elif isinstance(y, (list, tuple)):
     if not y:
       raise ValueError("y is an empty list: give at least one label array.")
-    pairs = [(x, yj) for yj in y]
+    # A list of scalar labels (Python or numpy ints) is one label array, not one task per label.
+    pairs = [(x, y)] if all(np.ndim(yj) == 0 for yj in y) else [(x, yj) for yj in y]
   else:
     pairs = [(x, y)]
   tasks = []

@@ -1,8 +1,10 @@
-"""The honest evaluation protocol of SPEC section 5.
+"""The honest evaluation protocol of docs/METHOD.md section 5.
 
-1. Re-train the inner learner from fresh random inits on D alone with the recipe
-   stored with D (and, as a robustness figure, with 10x the steps).
-2. Features of the whole real training set; a converged multinomial logistic head.
+1. Re-train the inner learner from fresh random inits on D alone, with the standard
+   recipe (to convergence; the headline) and, beside it, with the recipe stored with D
+   (and, as a robustness figure, with a multiple of its steps).
+2. Features of the whole real training set; a converged multinomial logistic head on the
+   raw features and on standardised ones.
 3. Test accuracy, mean +- std over seeds, beside the baselines.
 """
 
@@ -44,7 +46,7 @@ def evaluate(
     sigma2: float = 1.0,
     noise_std: float = 0.1,
 ) -> EvaluationReport:
-  """Honest evaluation of a distilled set D (SPEC section 5).
+  """Honest evaluation of a distilled set D (docs/METHOD.md section 5).
 
   Every learner row re-trains fresh learners (seeds never used in distillation) on a set
   alone, with two recipes side by side: ``standard_recipe``, which does not come from D
@@ -74,7 +76,7 @@ def evaluate(
       ``full_data``, ``supervised`` to add.
     convergence_factor: if > 0, a robustness row re-trains with D's recipe for this many
       times its steps.
-    head_l2: L2 of the logistic head, ``head_l2/2 ||V||^2`` (2e-5: SPEC's ``1e-5 ||V||^2``).
+    head_l2: L2 of the logistic head, ``head_l2/2 ||V||^2`` (2e-5: ``1e-5 ||V||^2``, docs/METHOD.md section 5).
     head_steps: L-BFGS iteration budget of each head.
     seed: base of the evaluation PRNG stream: an int seed or a PRNG key.
     sigma2, noise_std: inner-loss hyperparameters.

@@ -1,4 +1,4 @@
-"""A converged multinomial logistic regression head (L-BFGS), the probe of SPEC section 5."""
+"""A converged multinomial logistic regression head (L-BFGS), the probe of docs/METHOD.md section 5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Supervised dataset distillation baselines (SPEC section 7): DD, DC, DSA, DM, MTT, KIP, GTN.
+"""Supervised dataset distillation baselines (docs/METHOD.md section 7): DD, DC, DSA, DM, MTT, KIP, GTN.
 
 Each method maps labelled real images ``(n, H, W, C)`` to a :class:`SupervisedResult`
 (a labelled distilled set); :func:`evaluate_synset` trains networks from scratch on it

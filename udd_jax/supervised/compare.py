@@ -5,7 +5,7 @@ evaluation cannot train on it as it is: :func:`from_unsupervised` gives each of 
 the label of its nearest real training image (Euclidean, in the standardised pixel space
 the supervised methods work in) and returns a :class:`SupervisedResult` that the
 evaluation of ``experiment.run`` takes like any distilled set. The other way round,
-:func:`feature_probe` runs the unsupervised protocol of SPEC section 5 (a tied autoencoder
+:func:`feature_probe` runs the unsupervised protocol of docs/METHOD.md section 5 (a tied autoencoder
 trained on the set's images alone, a logistic head on its features of the real data) on
 any set, so every method gets a figure in the unsupervised protocol too.
 

@@ -34,7 +34,7 @@ METHOD_OPTIONS = {
     "mtt": {"expert_n_experts": 2, "expert_epochs": 2},
 }  # udd: the unsupervised set of the same size (--udd_root)
 
-# Published test accuracies (%) at 1 / 10 images per class (ConvNet, SPEC section 7).
+# Published test accuracies (%) at 1 / 10 images per class (ConvNet, docs/METHOD.md section 7).
 PUBLISHED = {
     ("mnist", "dc"): {1: 91.7, 10: 97.4},
     ("mnist", "dsa"): {1: 88.7, 10: 97.8},

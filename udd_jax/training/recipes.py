@@ -125,7 +125,7 @@ class Recipe:
     )
 
 
-# SPEC section 5's standard recipe: it does not come from D, and it is the learner the
+# The standard recipe of docs/METHOD.md section 5: it does not come from D, and it is the learner the
 # bilevel problem is about (argmin_w L_in(w; D)) and the one a user trains on a set.
 STANDARD_RECIPE = Recipe("adam", 3e-3, 4000, 0.01, until_converged=True)
 CONVERGENCE_CHUNK = 500
