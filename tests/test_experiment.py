@@ -45,7 +45,7 @@ def test_unknown_option_is_refused_with_solver_and_problem_options_before_loadin
   with pytest.raises(TypeError, match=rf"unknown option\(s\) \['bogus'\] for solver '{solver}'") as info:
     experiment.run(**(RUN | dict(workdir=str(tmp_path / "run"), solver=solver, options=dict(bogus=1))))
   message = str(info.value)
-  for name in ("image_lr", "model_lr", "lr_schedule", "head", "head_l2", "sigma2", "noise_std", "init_scale", "inner_lr"):
+  for name in ("image_lr", "lr_schedule", "head", "head_l2", "sigma2", "noise_std", "init_scale", "inner_lr"):
     assert f"'{name}'" in message, name
   assert not (tmp_path / "run").exists()
   with pytest.raises(ValueError, match="lr_schedule"):
@@ -169,7 +169,7 @@ def test_distill_takes_a_python_list_of_int_labels():
 
 def test_opt_help_lists_the_problem_options_and_each_solvers_options():
   text = app_flags.opt_help()
-  for name in arguments.PROBLEM_OPTIONS + arguments.SHORTHAND_OPTIONS:
+  for name in arguments.PROBLEM_OPTIONS + arguments.DRIVER_OPTIONS:
     assert name in text, name
   for name, cls in experiment.SOLVERS.items():
     part = text.split(f"{name}: ")[1].split(";")[0]

@@ -13,7 +13,7 @@ from typing import Any
 
 from absl import flags
 
-from udd_jax.driver.arguments import PROBLEM_OPTIONS, SHORTHAND_OPTIONS
+from udd_jax.driver.arguments import DRIVER_OPTIONS, PROBLEM_OPTIONS
 from udd_jax.experiment import SOLVERS, default_steps
 
 # The exceptions a bad flag value or a missing file raises in the library: reported in one line.
@@ -37,7 +37,7 @@ def opt_help(solvers: Sequence[str] | None = None) -> str:
   names = sorted(SOLVERS) if solvers is None else list(solvers)
   per_solver = "; ".join(f"{s}: {', '.join(sorted(f.name for f in dataclasses.fields(SOLVERS[s])))}" for s in names)
   return (f"Solver or problem option key=value (repeatable). Problem options: "
-          f"{', '.join(sorted(PROBLEM_OPTIONS + SHORTHAND_OPTIONS))}. Solver options: {per_solver}")
+          f"{', '.join(sorted(PROBLEM_OPTIONS + DRIVER_OPTIONS))}. Solver options: {per_solver}")
 
 
 def _raised_in(error: BaseException, module: str) -> bool:
