@@ -186,6 +186,7 @@ def test_cosine_schedule_moves_the_images_less(digits):
         (dict(solver="unrolled", n_inits=0), ValueError, "n_inits must be a positive integer"),
         (dict(unroll_steps=5), TypeError, r"unknown option\(s\) \['unroll_steps'\] for solver 'pool'"),
         (dict(lifetime=3), ValueError, r"lifetime \(3\) must be at least inner_steps \(10\)"),
+        (dict(steps=12, log_every=5), ValueError, r"steps \(12\) must be a multiple of log_every \(5\)"),
     ],
 )
 def test_distill_bad_options(digits, kwargs, error, match):
@@ -489,3 +490,33 @@ def test_clip_images_keeps_d_within_the_real_range(digits):
   assert clipped.images.min() >= 0.0 and clipped.images.max() <= 1.0 and clipped.config["clip_images"] is True
   with pytest.raises(TypeError, match="clip_images must be a bool"):
     udd_jax.distill(x, y, steps=5, clip_images="yes", **FAST)
+
+
+REPLAYED_RUNS = {
+    "penalty": dict(solver="penalty", mu=dict(kind="linear", init=0.1, final=1.0, steps=4), model_lr=3e-3, diversity=0.01),
+    "value_function": dict(solver="value_function", inner_steps=3, inner_optimizer="sgd", inner_lr=0.05, lr_schedule="cosine"),
+    "implicit": dict(solver="implicit", cg_steps=3, head_lr=0.05, image_optimizer="sgd", image_lr=0.5, head="softmax"),
+    "unrolled": dict(solver="unrolled", unroll_steps=6, inner_optimizer="adam", inner_lr=0.01, clip_images=True),
+    "pool": dict(solver="pool", pool_size=3, inner_steps=4, lifetime=16, hypergradient="implicit", seed=jax.random.key(7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYED_RUNS))
+def test_a_run_replays_bit_for_bit_from_its_config_json(digits, tmp_path, name):
+  """Every setting that decides D is a plain value in config.json: the record alone re-creates the set."""
+  (x, y), _ = digits
+  options = dict(n_distill=8, n_hidden=6, steps=5, batch_size=64, log_every=5, progress=False) | REPLAYED_RUNS[name]
+  first = udd_jax.distill(x, y, workdir=tmp_path / "first", **options)
+  config = json.loads((tmp_path / "first" / "config.json").read_text())
+  assert json.loads(json.dumps(config)) == config  # nothing in it but JSON values
+  again = udd_jax.distill(x, y, progress=False, **udd_jax.distill_arguments(config))
+  np.testing.assert_array_equal(again.images, first.images)
+  assert again.config["solver_options"] == config["solver_options"]
+  assert again.config["solver_options"]["name"] == name
+
+
+def test_distill_arguments_refuses_an_incomplete_config():
+  with pytest.raises(ValueError, match="solver_options"):
+    udd_jax.distill_arguments({"n_distill": 3})
+  with pytest.raises(ValueError, match=r"lacks \['n_hidden'"):
+    udd_jax.distill_arguments({"solver_options": {"name": "pool"}, "n_distill": 3})

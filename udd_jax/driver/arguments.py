@@ -166,11 +166,15 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   if steps is not None:
     steps = _validation.check_positive_int(steps, "steps")
   batch_size = _validation.check_positive_int(batch_size, "batch_size")
-  log_every = _validation.check_positive_int(log_every, "log_every")
   checkpoint_every = _validation.check_positive_int(checkpoint_every, "checkpoint_every")
   _validation.check_choice(init, "init", INITS)
   solver_name = _validation.check_choice(solver if isinstance(solver, str) else solver.name, "solver", solvers_lib.SOLVERS)
   steps = steps if steps is not None else solvers_lib.SOLVERS[solver_name].default_steps
+  # A chunk is log_every steps: a run of fewer steps is one shorter chunk, and no run overshoots its steps.
+  log_every = min(_validation.check_positive_int(log_every, "log_every"), steps)
+  if steps % log_every:
+    raise ValueError(f"steps ({steps}) must be a multiple of log_every ({log_every}): the run goes in chunks of "
+                     "log_every steps.")
   key, seed_record = _validation.as_key(seed, "seed")
   eval_every = _validation.check_non_negative_int(eval_every, "eval_every")
   _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback)
@@ -183,3 +187,42 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
       checkpoint_every=checkpoint_every, eval_every=eval_every, eval_data=eval_data, progress=progress,
       callback=callback, max_seconds=max_seconds, eval_every_seconds=eval_every_seconds,
       problem_options=problem_options, clip_images=clip_images)
+
+
+# What distill_arguments takes from a run's config as it is (the arguments that decide D).
+_REPLAYED = ("n_distill", "n_hidden", "inner", "steps", "batch_size", "init", "preprocessing")
+
+
+def distill_arguments(config: dict[str, Any]) -> dict[str, Any]:
+  """The keyword arguments of ``distill`` that replay the run recorded in ``config``.
+
+  ``config`` is a run's ``config.json`` (or ``DistillResult.config``): every setting that
+  decides the distilled set is a plain value there, the solver's options included, so
+  ``distill(x, y, **distill_arguments(config))`` on the same data gives the same set, bit
+  for bit. Settings that do not change D (workdir, logging, progress, probes) are left to
+  the caller.
+
+  Examples:
+    >>> import udd_jax
+    >>> (x, y), _ = udd_jax.load_dataset("digits")
+    >>> first = udd_jax.distill(x, y, n_distill=5, n_hidden=4, steps=3, progress=False, image_lr=0.05)
+    >>> again = udd_jax.distill(x, y, progress=False, **distill_arguments(first.config))
+    >>> bool((first.images == again.images).all())
+    True
+  """
+  if not isinstance(config, dict) or "solver_options" not in config:
+    raise ValueError("config must be a run's config (config.json or DistillResult.config) with its solver_options.")
+  missing = [k for k in _REPLAYED + ("seed", "problem_options") if k not in config]
+  if missing:
+    raise ValueError(f"config lacks {missing}: it is not a complete run config.")
+  seed = config["seed"]
+  if isinstance(seed, list):  # a key's data
+    import jax
+
+    seed = jax.random.wrap_key_data(np.asarray(seed, np.uint32))
+  arguments = {k: config[k] for k in _REPLAYED} | dict(config["problem_options"])
+  arguments["solver"] = solvers_lib.get_solver(**config["solver_options"])
+  arguments["seed"] = seed
+  if config.get("given_recipe") is not None:
+    arguments["recipe"] = Recipe.from_config(config["given_recipe"])
+  return arguments

@@ -58,6 +58,7 @@ def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> 
       solver=solver.name, inner=s.inner, n_distill=s.n_distill, n_hidden=s.n_hidden, steps=s.steps, seed=s.seed,
       batch_size=s.batch_size, init=s.init, preprocessing=s.preprocessing, n_classes=n_classes,
       image_shape=list(image_shape), problem_options=dict(s.problem_options), solver_options=solver.to_config(),
+      given_recipe=s.recipe.to_config() if s.recipe is not None else None,
   ) | ({"clip_images": True} if s.clip_images else {})
 
 

@@ -1,4 +1,4 @@
-"""What every bilevel solver shares: its state, the problem it accepts, the base class and small helpers.
+"""What every bilevel solver shares: the state protocol, the problem it accepts, the base classes and small helpers.
 
 Every solver has the same interface::
 
@@ -6,8 +6,12 @@ Every solver has the same interface::
     state, metrics = solver.step(problem, state, batch)   # pure; jit it once
 
 ``images`` is the distilled set D, shape (N, d), in the space the learner sees.
+``state`` is the solver's own NamedTuple; every one has ``step``, ``images`` and ``key``
+(:class:`SolverState`), and the driver asks the solver for the rest
+(:meth:`SolverBase.learner_params`, :meth:`SolverBase.finite`, :meth:`SolverBase.recipe`).
 ``metrics`` is a flat dict of scalars (the diagnostics: outer loss, inner gradient
-norm, CG iterations and residual, ...). Optimisers are optax throughout.
+norm, CG iterations and residual, ...). Optimisers are optax throughout, chosen by name
+and step size (:mod:`udd_jax.training.optimizers`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from udd_jax.training import optimizers
 from udd_jax.training.recipes import STANDARD_RECIPE, Recipe
 
 Metrics = dict[str, Array]
-ScalarOrSchedule = float | Callable[[Array], Array]
 
 
 class Problem(Protocol):
@@ -277,9 +280,9 @@ def apply_updates(optimizer: optax.GradientTransformation, grads: PyTree, opt_st
 
 
 def fit_heads(
-    problem: Problem, heads: Any, opt_state: Any, optimizer: optax.GradientTransformation, params: Any, batch: TaskBatch,
-    steps: int,
-) -> tuple[Any, Any, Array]:
+    problem: Problem, heads: PyTree, opt_state: optax.OptState, optimizer: optax.GradientTransformation, params: PyTree,
+    batch: TaskBatch, steps: int,
+) -> tuple[PyTree, optax.OptState, Array]:
   """A few optimiser steps on the heads at fixed features; returns heads, state and the loss."""
   feats = jax.lax.stop_gradient(jax.vmap(problem.features, in_axes=(None, 0))(params, batch.x))
   mask = jnp.asarray(problem.class_mask)
@@ -300,9 +303,9 @@ def fit_heads(
 
 
 def fresh_heads(
-    problem: Problem, params: Any, batch: TaskBatch, key: PRNGKeyArray, optimizer: optax.GradientTransformation, steps: int,
+    problem: Problem, params: PyTree, batch: TaskBatch, key: PRNGKeyArray, optimizer: optax.GradientTransformation, steps: int,
     dtype: Any,
-) -> Any:
+) -> PyTree:
   """Heads fitted from their init at fixed features of ``params`` (a ridge head needs no fitting).
 
   For solvers whose learner changes identity from step to step (fresh inits, a pool):
@@ -312,7 +315,7 @@ def fresh_heads(
   return fit_heads(problem, heads, optimizer.init(heads), optimizer, params, batch, steps)[0]
 
 
-def init_common(problem: Problem, key: PRNGKeyArray, images: Array) -> tuple[Any, Any, PRNGKeyArray]:
+def init_common(problem: Problem, key: PRNGKeyArray, images: Array) -> tuple[PyTree, PyTree, PRNGKeyArray]:
   """Checks D against the problem; returns initial inner parameters, heads and the key left over."""
   if isinstance(problem, BilevelProblem):
     problem.check_images(images)
