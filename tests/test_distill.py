@@ -308,7 +308,7 @@ def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   labels = jnp.argmax(feats[:, :3] / scales[:3] + 0.5 * jax.random.normal(key_y, (300, 3), jnp.float64), axis=1)
   l2 = 1e-3
   head = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=False, max_steps=2000, tol=1e-10)
-  V, c = head.W / head.scale[:, None], head.b - (head.mean / head.scale) @ head.W  # back to the raw basis
+  V, c = head.kernel / head.scale[:, None], head.bias - (head.mean / head.scale) @ head.kernel  # back to the raw basis
   onehot = jax.nn.one_hot(labels, 3, dtype=feats.dtype)
   raw = lambda p: jnp.mean(optax.softmax_cross_entropy(feats @ p[0] + p[1], onehot)) + 0.5 * l2 * jnp.sum(p[0] ** 2)
   grad = jax.grad(raw)((V, c))

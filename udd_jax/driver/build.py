@@ -15,7 +15,6 @@ from udd_jax.data.clustering import kmeans
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.driver.arguments import Settings
 from udd_jax.driver.result import DistillResult
-from udd_jax.inner.grbm import score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +39,7 @@ class Run:
         history=history,
         config=config,
         preprocessing=self.prep,
+        learner=self.problem.learner,
     )
 
 
@@ -74,7 +74,8 @@ def all_finite(tree: Any) -> jax.Array:
 def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> dict[str, Any]:
   solver = s.solver
   return dict(
-      solver=solver.name, inner=s.inner, n_distill=s.n_distill, n_hidden=s.n_hidden, steps=s.steps, seed=s.seed,
+      solver=solver.name, inner=getattr(s.inner, "name", s.inner), n_distill=s.n_distill, n_hidden=s.n_hidden,
+      steps=s.steps, seed=s.seed,
       batch_size=s.batch_size, init=s.init, preprocessing=s.preprocessing, n_classes=n_classes,
       image_shape=list(image_shape), problem_options=dict(s.problem_options),
       solver_options={f.name: jsonable(getattr(solver, f.name)) for f in dataclasses.fields(solver)},
@@ -88,7 +89,7 @@ def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Arr
   With ``clip_images``, D is projected onto ``image_range`` (the real inputs' range) after every
   step: projected steps that keep the distilled pixels within the values real pixels take.
   """
-  solver, sigma2 = s.solver, s.problem_options.get("sigma2", 1.0)
+  solver = s.solver
 
   def chunk(state, start):
     def body(st, i):
@@ -101,8 +102,9 @@ def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Arr
     state, per_step = jax.lax.scan(body, state, start + jnp.arange(s.log_every))
     metrics = jax.tree.map(jnp.mean, per_step)
     # The seed's "||X - AE(X)||" column: mean reconstruction residual of D under the current w.
-    residual = score(solver.current_params(state), state.images, sigma2=sigma2)
-    metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
+    residual = problem.learner.residual(solver.current_params(state), state.images)
+    if residual is not None:
+      metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
     # Per step and per part of the state, so that a divergence names its first step and quantity.
     finite = dict(
         steps={k: jnp.isfinite(v) for k, v in per_step.items()},

@@ -141,7 +141,7 @@ def _prepare(images: Any, train: tuple[Any, Any], test: tuple[Any, Any], inner: 
   d_images = jnp.asarray(prep.apply(images))
   if joint_params is not None:
     try:
-      _validation.check_static_data(jax.tree.map(jnp.asarray, joint_params), d_images, "images")
+      learner.check_params(jax.tree.map(jnp.asarray, joint_params), d_images, "images")
     except (TypeError, ValueError) as e:
       raise type(e)(f"joint_params do not fit the images: {e}") from None
   return probe, d_images

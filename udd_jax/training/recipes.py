@@ -149,8 +149,7 @@ def retrain_with_step_sizes(
   Returns (params, final inner loss, final gradient norm).
   """
   k_init, k_loss = jax.random.split(key)
-  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=1.0, dtype=images.dtype)
-  params = params._replace(W=init_scale * params.W)
+  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=init_scale, dtype=images.dtype)
   loss = lambda p, d: learner.loss(p, d, k_loss)
   transform = optax.scale_by_adam() if adam else optax.identity()
   params = unroll(loss, params, images, step_sizes, transform=transform)
@@ -181,8 +180,7 @@ def train_until_converged(
     (params, final inner loss, final gradient norm, steps taken).
   """
   k_init, k_loss = jax.random.split(key)
-  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=1.0, dtype=images.dtype)
-  params = params._replace(W=init_scale * params.W)
+  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=init_scale, dtype=images.dtype)
   loss = lambda p: learner.loss(p, images, k_loss)
   opt = optax.adam(lr) if adam else optax.sgd(lr)
   grad_norm = lambda p: optax.tree.norm(jax.grad(loss)(p))
