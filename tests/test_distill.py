@@ -60,9 +60,10 @@ def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
   (x, y), _ = digits
   result = udd_jax.distill(x, y, steps=10, seed=3, **FAST)
   assert result.images.shape == (10, 8, 8) and result.images.dtype == np.float32
-  for key in ("inner_optimizer", "inner_lr", "inner_steps", "init_scale"):
-    assert key in result.config
-  assert result.config["inner_optimizer"] == "sgd" and len(result.config["inner_lr"]) == result.config["inner_steps"] == 20
+  for key in ("inner_optimizer", "inner_lr", "steps", "init_scale"):
+    assert key in result.config["recipe"]
+  recipe = result.config["recipe"]
+  assert recipe["inner_optimizer"] == "sgd" and len(recipe["inner_lr"]) == recipe["steps"] == 20
   path = result.save(tmp_path / "d.npz")
   with np.load(path) as f:  # the artifact says what wrote it and how to read it
     assert int(f["format_version"]) == distill_lib.FORMAT_VERSION
@@ -242,16 +243,16 @@ def test_recipe_validation_and_step_sizes():
   np.testing.assert_allclose(r.step_sizes(5), [0.1, 0.2, 0.3, 0.3, 0.3])
   assert udd_jax.Recipe.from_config(r.to_config()) == r
   standard = udd_jax.STANDARD_RECIPE
-  assert (standard.inner_optimizer, standard.inner_lr, standard.inner_steps, standard.init_scale) == ("adam", 3e-3, 4000, 0.01)
+  assert (standard.inner_optimizer, standard.inner_lr, standard.steps, standard.init_scale) == ("adam", 3e-3, 4000, 0.01)
   assert standard.until_converged and standard.max_steps == 16000
   assert udd_jax.Recipe.from_config(standard.to_config()) == standard
   with pytest.raises(ValueError, match="needs one constant inner_lr"):
     udd_jax.Recipe("sgd", (0.1, 0.2), 2, until_converged=True)
   with pytest.raises(ValueError, match="max_steps applies only"):
     udd_jax.Recipe("sgd", 0.1, 2, max_steps=5)
-  with pytest.raises(ValueError, match="max_steps \\(3\\) must be at least inner_steps \\(4\\)"):
+  with pytest.raises(ValueError, match="max_steps \\(3\\) must be at least steps \\(4\\)"):
     udd_jax.Recipe("sgd", 0.1, 4, until_converged=True, max_steps=3)
-  with pytest.raises(ValueError, match="3 per-step rates but inner_steps is 4"):
+  with pytest.raises(ValueError, match="3 per-step rates but steps is 4"):
     udd_jax.Recipe("sgd", (0.1, 0.2, 0.3), 4)
   with pytest.raises(ValueError, match="unknown inner_optimizer 'lbfgs'"):
     udd_jax.Recipe("lbfgs")

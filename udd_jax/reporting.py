@@ -134,8 +134,8 @@ def write_run_files(workdir: pathlib.Path, result: Any, report: Any, summary: di
 
 def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any], table: str, notes: Sequence[str] = ()) -> None:
   """Writes the markdown report of a run: settings, the evaluation table, figures, notes."""
-  recipe = {k: config.get(k) for k in ("inner_optimizer", "inner_steps", "init_scale", "until_converged") if k in config}
-  lr = config.get("inner_lr")
+  recipe = dict(config.get("recipe", {}))
+  lr = recipe.pop("inner_lr", None)
   recipe["inner_lr"] = f"{len(lr)} learned rates, mean {np.mean(lr):.4g}" if isinstance(lr, list) else lr
   lines = [
       f"# {title}",
@@ -143,7 +143,7 @@ def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any]
       "## Settings",
       "",
       "```json",
-      json.dumps({k: v for k, v in config.items() if k != "inner_lr"}, indent=1),
+      json.dumps({k: v for k, v in config.items() if k != "recipe"}, indent=1),
       "```",
       "",
       f"Inner recipe shipped with D: {recipe}",

@@ -32,7 +32,8 @@ class Run:
   def result(self, state: Any, history: list[dict[str, float]]) -> DistillResult:
     """The distilled set of ``state``, in the input's value space, with the recipe it ships."""
     s = self.settings
-    config = dict(self.config) | s.solver.recipe(state, s.init_scale, s.recipe).to_config()
+    config = dict(self.config)
+    config["recipe"] = s.solver.recipe(state, s.init_scale, s.recipe).to_config()
     return DistillResult(
         images=self.prep.invert(np.asarray(state.images)),
         params=jax.tree.map(np.asarray, s.solver.current_params(state)),

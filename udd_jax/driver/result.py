@@ -17,7 +17,7 @@ from udd_jax.training.recipes import Recipe
 
 # 2: the learner's parameters under ``params/<name>`` (InnerLearner.to_arrays), the recipe
 # under ``config["recipe"]``. 1: GRBM parameters as params_W, params_b, params_a and the
-# recipe's keys (inner_steps for steps) at the top of the config; still read.
+# recipe's keys (``inner_steps`` for ``steps``) at the top of the config; still read.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _FIELDS = ("images", "config", "history")

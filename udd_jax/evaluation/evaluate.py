@@ -203,7 +203,7 @@ def _learner_rows(probe: Probe, keys: PRNGKeyArray, recipes: list[tuple[str, Rec
   def learner_rows(name: str, sets: Array, note: str = "") -> list[Row]:
     variants = [(name, label, r, None) for label, r in recipes]
     if convergence_factor:
-      steps = convergence_factor * recipe.inner_steps
+      steps = convergence_factor * recipe.steps
       variants.append((f"{name}, {convergence_factor}x steps", "D's recipe", recipe, steps))
     rows = []
     for row_name, label, r, steps in variants:
