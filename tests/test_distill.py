@@ -1,5 +1,6 @@
 """distill(), DistillResult, evaluate() and the experiment pipeline, on the embedded digits."""
 
+import dataclasses
 import json
 import re
 
@@ -13,6 +14,7 @@ import pytest
 import udd_jax
 from udd_jax import evaluation, experiment
 from udd_jax.data.clustering import kmeans
+from udd_jax.inner import learners
 from udd_jax.training import recipes
 
 
@@ -281,16 +283,22 @@ def test_train_until_converged_stops_when_the_gradient_norm_stops_falling(monkey
   (1 - lr) per step, so the stopping point is known in advance.
   """
   monkeypatch.setattr(recipes, "CONVERGENCE_CHUNK", 10)
-  quadratic = udd_jax.get_inner_learner("ae")
-  quadratic = type(quadratic)(name="quadratic", loss=lambda p, x, key: 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in p))
+
+  @dataclasses.dataclass(frozen=True)
+  class Quadratic(learners.GRBMLearner):  # the GRBM's parameters, a quadratic loss
+    name: str = "quadratic"
+
+    def loss(self, params, x, key):
+      return 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in params)
+
+  quadratic = Quadratic()
   images = jnp.zeros((6, 5), jnp.float64)
   run = lambda lr, lo, hi: recipes.train_until_converged(images, jax.random.key(1), learner=quadratic, n_hidden=3, lr=lr,
                                                           init_scale=0.01, adam=False, min_steps=lo, max_steps=hi)
   params, _, gnorm, steps = run(0.1, 20, 200)  # (1 - 0.1)^10 = 0.35 per chunk: falling until the cap
   assert int(steps) == 200
   k_init, _ = jax.random.split(jax.random.key(1))
-  p0 = quadratic.init(k_init, 5, 3, init_scale=1.0, dtype=jnp.float64)
-  p0 = p0._replace(W=0.01 * p0.W)
+  p0 = quadratic.init(k_init, 5, 3, init_scale=0.01, dtype=jnp.float64)
   # Exactly 200 plain steps: w_T = 1 + 0.9^200 (w_0 - 1).
   chex.assert_trees_all_close(params, jax.tree.map(lambda w0: 1.0 + 0.9**200 * (w0 - 1.0), p0), rtol=1e-10)
   _, _, _, steps = run(1e-3, 20, 200)  # (1 - 1e-3)^10 = 0.99 per chunk: not a 5% drop, stops at the minimum
