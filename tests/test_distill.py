@@ -325,7 +325,7 @@ def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   np.testing.assert_array_equal(evaluation.logistic.predict(head, feats), jnp.argmax(feats @ V + c, axis=1))
   # The standardised head is another problem (penalty on standardised weights): another answer.
   other = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=True, max_steps=2000, tol=1e-10)
-  assert float(jnp.max(jnp.abs(other.W / other.scale[:, None] - V))) > 1e-3
+  assert float(jnp.max(jnp.abs(other.kernel / other.scale[:, None] - V))) > 1e-3
 
 
 def test_recipe_transfers_to_another_learner_or_says_it_diverged(digits):
