@@ -681,7 +681,7 @@ def test_solver_recipes_are_what_a_distilled_set_ships():
   by_name, by_instance = bilevel.get_solver("unrolled"), bilevel.Unrolled()
   recipe = by_name.recipe(state(by_name), 0.05, given)
   assert recipe == by_instance.recipe(state(by_instance), 0.05)
-  assert (recipe.inner_optimizer, recipe.inner_steps, recipe.init_scale) == ("sgd", 200, 0.05)
+  assert (recipe.inner_optimizer, recipe.steps, recipe.init_scale) == ("sgd", 200, 0.05)
   np.testing.assert_allclose(recipe.inner_lr, np.full(200, 0.02), rtol=1e-12)
   pool = bilevel.get_solver("pool")
   assert pool.recipe(state(pool), 0.05, given) == udd_jax.Recipe("adam", 3e-3, 4000, 0.05, until_converged=True)

@@ -14,6 +14,7 @@ import pytest
 import udd_jax
 from udd_jax import evaluation, experiment
 from udd_jax.data.clustering import kmeans
+from udd_jax.inner import learners
 from udd_jax.training import recipes
 
 
@@ -61,9 +62,10 @@ def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
   (x, y), _ = digits
   result = udd_jax.distill(x, y, steps=10, seed=3, **FAST)
   assert result.images.shape == (10, 8, 8) and result.images.dtype == np.float32
-  for key in ("inner_optimizer", "inner_lr", "inner_steps", "init_scale"):
-    assert key in result.config
-  assert result.config["inner_optimizer"] == "sgd" and len(result.config["inner_lr"]) == result.config["inner_steps"] == 20
+  for key in ("inner_optimizer", "inner_lr", "steps", "init_scale"):
+    assert key in result.config["recipe"]
+  recipe = result.config["recipe"]
+  assert recipe["inner_optimizer"] == "sgd" and len(recipe["inner_lr"]) == recipe["steps"] == 20
   path = result.save(tmp_path / "d.npz")
   with np.load(path) as f:  # the artifact says what wrote it and how to read it
     assert int(f["format_version"]) == distill_lib.FORMAT_VERSION
@@ -251,16 +253,16 @@ def test_recipe_validation_and_step_sizes():
   np.testing.assert_allclose(r.step_sizes(5), [0.1, 0.2, 0.3, 0.3, 0.3])
   assert udd_jax.Recipe.from_config(r.to_config()) == r
   standard = udd_jax.STANDARD_RECIPE
-  assert (standard.inner_optimizer, standard.inner_lr, standard.inner_steps, standard.init_scale) == ("adam", 3e-3, 4000, 0.01)
+  assert (standard.inner_optimizer, standard.inner_lr, standard.steps, standard.init_scale) == ("adam", 3e-3, 4000, 0.01)
   assert standard.until_converged and standard.max_steps == 16000
   assert udd_jax.Recipe.from_config(standard.to_config()) == standard
   with pytest.raises(ValueError, match="needs one constant inner_lr"):
     udd_jax.Recipe("sgd", (0.1, 0.2), 2, until_converged=True)
   with pytest.raises(ValueError, match="max_steps applies only"):
     udd_jax.Recipe("sgd", 0.1, 2, max_steps=5)
-  with pytest.raises(ValueError, match="max_steps \\(3\\) must be at least inner_steps \\(4\\)"):
+  with pytest.raises(ValueError, match="max_steps \\(3\\) must be at least steps \\(4\\)"):
     udd_jax.Recipe("sgd", 0.1, 4, until_converged=True, max_steps=3)
-  with pytest.raises(ValueError, match="3 per-step rates but inner_steps is 4"):
+  with pytest.raises(ValueError, match="3 per-step rates but steps is 4"):
     udd_jax.Recipe("sgd", (0.1, 0.2, 0.3), 4)
   with pytest.raises(ValueError, match="unknown inner_optimizer 'lbfgs'"):
     udd_jax.Recipe("lbfgs")
@@ -289,16 +291,22 @@ def test_train_until_converged_stops_when_the_gradient_norm_stops_falling(monkey
   (1 - lr) per step, so the stopping point is known in advance.
   """
   monkeypatch.setattr(recipes, "CONVERGENCE_CHUNK", 10)
-  quadratic = udd_jax.get_inner_learner("ae")
-  quadratic = type(quadratic)(name="quadratic", loss=lambda p, x, key: 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in p))
+
+  @dataclasses.dataclass(frozen=True)
+  class Quadratic(learners.GRBMLearner):  # the GRBM's parameters, a quadratic loss
+    name: str = "quadratic"
+
+    def loss(self, params, x, key):
+      return 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in params)
+
+  quadratic = Quadratic()
   images = jnp.zeros((6, 5), jnp.float64)
   run = lambda lr, lo, hi: recipes.train_until_converged(images, jax.random.key(1), learner=quadratic, n_hidden=3, lr=lr,
                                                           init_scale=0.01, adam=False, min_steps=lo, max_steps=hi)
   params, _, gnorm, steps = run(0.1, 20, 200)  # (1 - 0.1)^10 = 0.35 per chunk: falling until the cap
   assert int(steps) == 200
   k_init, _ = jax.random.split(jax.random.key(1))
-  p0 = quadratic.init(k_init, 5, 3, init_scale=1.0, dtype=jnp.float64)
-  p0 = p0._replace(W=0.01 * p0.W)
+  p0 = quadratic.init(k_init, 5, 3, init_scale=0.01, dtype=jnp.float64)
   # Exactly 200 plain steps: w_T = 1 + 0.9^200 (w_0 - 1).
   chex.assert_trees_all_close(params, jax.tree.map(lambda w0: 1.0 + 0.9**200 * (w0 - 1.0), p0), rtol=1e-10)
   _, _, _, steps = run(1e-3, 20, 200)  # (1 - 1e-3)^10 = 0.99 per chunk: not a 5% drop, stops at the minimum
@@ -317,7 +325,7 @@ def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   labels = jnp.argmax(feats[:, :3] / scales[:3] + 0.5 * jax.random.normal(key_y, (300, 3), jnp.float64), axis=1)
   l2 = 1e-3
   head = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=False, max_steps=2000, tol=1e-10)
-  V, c = head.W / head.scale[:, None], head.b - (head.mean / head.scale) @ head.W  # back to the raw basis
+  V, c = head.kernel / head.scale[:, None], head.bias - (head.mean / head.scale) @ head.kernel  # back to the raw basis
   onehot = jax.nn.one_hot(labels, 3, dtype=feats.dtype)
   raw = lambda p: jnp.mean(optax.softmax_cross_entropy(feats @ p[0] + p[1], onehot)) + 0.5 * l2 * jnp.sum(p[0] ** 2)
   grad = jax.grad(raw)((V, c))
@@ -325,7 +333,7 @@ def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   np.testing.assert_array_equal(evaluation.logistic.predict(head, feats), jnp.argmax(feats @ V + c, axis=1))
   # The standardised head is another problem (penalty on standardised weights): another answer.
   other = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=True, max_steps=2000, tol=1e-10)
-  assert float(jnp.max(jnp.abs(other.W / other.scale[:, None] - V))) > 1e-3
+  assert float(jnp.max(jnp.abs(other.kernel / other.scale[:, None] - V))) > 1e-3
 
 
 def test_recipe_transfers_to_another_learner_or_says_it_diverged(digits):

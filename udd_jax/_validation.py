@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 
-def _shape_str(shape: tuple[int, ...]) -> str:
+def shape_str(shape: tuple[int, ...]) -> str:
+  """``(3,)``, ``(4, 3)``: a shape as messages print it."""
   return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
@@ -96,11 +97,11 @@ def check_array(
   if floating and arr.dtype.kind not in "fiu":
     raise TypeError(f"{name} must hold real numbers (float or integer); got dtype {arr.dtype}.")
   if ndim is not None and arr.ndim != ndim:
-    raise ValueError(f"{name} must have rank {ndim}; got shape {_shape_str(arr.shape)}.")
+    raise ValueError(f"{name} must have rank {ndim}; got shape {shape_str(arr.shape)}.")
   if min_ndim is not None and arr.ndim < min_ndim:
-    raise ValueError(f"{name} must have rank >= {min_ndim}; got shape {_shape_str(arr.shape)}.")
+    raise ValueError(f"{name} must have rank >= {min_ndim}; got shape {shape_str(arr.shape)}.")
   if arr.size == 0:
-    raise ValueError(f"{name} is empty (shape {_shape_str(arr.shape)}).")
+    raise ValueError(f"{name} is empty (shape {shape_str(arr.shape)}).")
   if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
     n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
     raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or infinity).")
@@ -143,38 +144,32 @@ def check_labelled(pair: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
   return x, y
 
 
-def check_static_data(params: Any, x: Any, name: str = "x", *, sigma2: Any = 1.0) -> None:
-  """Shape and dtype checks of GRBM ``params`` and data ``x`` that also work under ``jit``.
+def check_static_inputs(x: Any, name: str, n_features: int | None = None, expected_by: str = "") -> None:
+  """Shape and dtype checks of flattened inputs ``x`` (n, n_features) that also work under ``jit``.
 
-  ``sigma2`` is checked to be positive when it is a concrete Python number.
+  ``expected_by`` names what fixes ``n_features`` (a learner's parameter), for the
+  message; ``n_features=None`` accepts any number of features.
   """
-  if isinstance(sigma2, numbers.Real) and not (sigma2 > 0 and np.isfinite(sigma2)):
-    raise ValueError(f"sigma2 must be a finite positive number; got {sigma2}.")
-  if not isinstance(params, tuple) or len(params) != 3:
-    raise TypeError(f"params must be a GRBMParams(W, b, a); got {type(params).__name__}.")
-  W, b, a = params
-  for pname, p, rank in (("params.W", W, 2), ("params.b", b, 1), ("params.a", a, 1)):
-    if not hasattr(p, "shape") or not hasattr(p, "dtype"):
-      raise TypeError(f"{pname} must be an array; got {type(p).__name__}.")
-    if p.ndim != rank:
-      raise ValueError(f"{pname} must have rank {rank}; got shape {_shape_str(p.shape)}.")
-    if not np.issubdtype(p.dtype, np.floating):
-      raise TypeError(f"{pname} must be a floating array; got dtype {p.dtype}.")
-  d, k = W.shape
-  if b.shape != (k,):
-    raise ValueError(f"params.b must have shape {_shape_str((k,))} to match params.W {_shape_str(W.shape)}; got {_shape_str(b.shape)}.")
-  if a.shape != (d,):
-    raise ValueError(f"params.a must have shape {_shape_str((d,))} to match params.W {_shape_str(W.shape)}; got {_shape_str(a.shape)}.")
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array; got {type(x).__name__}.")
   if x.ndim != 2:
-    raise ValueError(f"{name} must have shape (n, {d}) (flattened inputs); got {_shape_str(x.shape)}.")
-  if x.shape[1] != d:
-    raise ValueError(f"{name} has {x.shape[1]} features but params.W expects {d}; got shape {_shape_str(x.shape)}.")
+    raise ValueError(f"{name} must have shape (n, {n_features or 'd'}) (flattened inputs); got {shape_str(x.shape)}.")
+  if n_features is not None and x.shape[1] != n_features:
+    raise ValueError(f"{name} has {x.shape[1]} features but {expected_by} expects {n_features}; got shape {shape_str(x.shape)}.")
   if x.shape[0] == 0:
-    raise ValueError(f"{name} is empty (shape {_shape_str(x.shape)}).")
+    raise ValueError(f"{name} is empty (shape {shape_str(x.shape)}).")
   if not np.issubdtype(x.dtype, np.floating):
     raise TypeError(f"{name} must be a floating array (convert images with x.astype(float) / 255); got dtype {x.dtype}.")
+
+
+def check_static_array(p: Any, name: str, rank: int) -> None:
+  """``p`` is a floating array (or tracer) of rank ``rank``; works under ``jit``."""
+  if not hasattr(p, "shape") or not hasattr(p, "dtype"):
+    raise TypeError(f"{name} must be an array; got {type(p).__name__}.")
+  if p.ndim != rank:
+    raise ValueError(f"{name} must have rank {rank}; got shape {shape_str(p.shape)}.")
+  if not np.issubdtype(p.dtype, np.floating):
+    raise TypeError(f"{name} must be a floating array; got dtype {p.dtype}.")
 
 
 def check_bool(value: Any, name: str) -> bool:

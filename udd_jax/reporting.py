@@ -36,12 +36,12 @@ def image_grid(images: np.ndarray, path: str | pathlib.Path, *, title: str = "",
   plt.close(fig)
 
 
-def filter_grid(W: np.ndarray, image_shape: Sequence[int], path: str | pathlib.Path, *, max_filters: int = 64) -> None:
-  """Saves the first ``max_filters`` columns of W (d, K) as images, each scaled to its own range."""
-  W = np.asarray(W)[:, :max_filters].T.reshape(-1, *image_shape)
-  lo = W.min(axis=tuple(range(1, W.ndim)), keepdims=True)
-  hi = W.max(axis=tuple(range(1, W.ndim)), keepdims=True)
-  image_grid((W - lo) / np.maximum(hi - lo, 1e-12), path, title="filters w_k (each scaled to [0, 1])")
+def filter_grid(filters: np.ndarray, image_shape: Sequence[int], path: str | pathlib.Path, *, max_filters: int = 64) -> None:
+  """Saves the first ``max_filters`` rows of ``filters`` (K, d) as images, each scaled to its own range."""
+  w = np.asarray(filters)[:max_filters].reshape(-1, *image_shape)
+  lo = w.min(axis=tuple(range(1, w.ndim)), keepdims=True)
+  hi = w.max(axis=tuple(range(1, w.ndim)), keepdims=True)
+  image_grid((w - lo) / np.maximum(hi - lo, 1e-12), path, title="filters w_k (each scaled to [0, 1])")
 
 
 def training_curves(history: list[dict[str, float]], path: str | pathlib.Path) -> None:
@@ -112,8 +112,9 @@ def write_run_files(workdir: pathlib.Path, result: Any, report: Any, summary: di
   """
   image_grid(result.images, workdir / "distilled.png", title=image_title)
   image_shape = result.images.shape[1:]
-  if result.preprocessing.method == "none" and len(image_shape) == 2:
-    filter_grid(np.asarray(result.params.W), image_shape, workdir / "filters.png")
+  filters = result.learner.filters(result.params)
+  if result.preprocessing.method == "none" and len(image_shape) == 2 and filters is not None:
+    filter_grid(filters, image_shape, workdir / "filters.png")
   training_curves(result.history, workdir / "curves.png")
   if report is None:
     table = "No final evaluation (eval_seeds=0)."
@@ -133,8 +134,8 @@ def write_run_files(workdir: pathlib.Path, result: Any, report: Any, summary: di
 
 def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any], table: str, notes: Sequence[str] = ()) -> None:
   """Writes the markdown report of a run: settings, the evaluation table, figures, notes."""
-  recipe = {k: config.get(k) for k in ("inner_optimizer", "inner_steps", "init_scale", "until_converged") if k in config}
-  lr = config.get("inner_lr")
+  recipe = dict(config.get("recipe", {}))
+  lr = recipe.pop("inner_lr", None)
   recipe["inner_lr"] = f"{len(lr)} learned rates, mean {np.mean(lr):.4g}" if isinstance(lr, list) else lr
   lines = [
       f"# {title}",
@@ -142,7 +143,7 @@ def write_report(path: str | pathlib.Path, *, title: str, config: dict[str, Any]
       "## Settings",
       "",
       "```json",
-      json.dumps({k: v for k, v in config.items() if k != "inner_lr"}, indent=1),
+      json.dumps({k: v for k, v in config.items() if k != "recipe"}, indent=1),
       "```",
       "",
       f"Inner recipe shipped with D: {recipe}",

@@ -65,7 +65,7 @@ class BilevelProblem:
   def check_images(self, images: Any) -> None:
     """Raises if ``images`` is not a floating (N, n_visible) array."""
     params = jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
-    _validation.check_static_data(params, images, "images")
+    self.learner.check_params(params, images, "images")
 
   def inner_loss(self, params: Any, images: Float[Array, "N d"], key: PRNGKeyArray) -> Scalar:
     return self.learner.loss(params, images, key)

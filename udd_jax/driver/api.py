@@ -17,10 +17,11 @@ from udd_jax.driver.arguments import DEFAULT_SOLVER, check_arguments
 from udd_jax.driver.build import build
 from udd_jax.driver.probe import make_honest_probe
 from udd_jax.driver.result import DistillResult
+from udd_jax.inner.learners import InnerLearner
 from udd_jax.training.recipes import Recipe
 
 
-def distill(x: Any, y: Any = None, *, n_distill: int, n_hidden: int, inner: str = "ae", solver: Any = DEFAULT_SOLVER,
+def distill(x: Any, y: Any = None, *, n_distill: int, n_hidden: int, inner: str | InnerLearner = "ae", solver: Any = DEFAULT_SOLVER,
             steps: int | None = None, seed: int | jax.Array = 0, workdir: str | os.PathLike | None = None,
             batch_size: int = 2048, init: str = "real", preprocessing: str = "none",
             recipe: Recipe | dict[str, Any] | None = None, log_every: int = 10, checkpoint_every: int = 50,
@@ -36,7 +37,8 @@ def distill(x: Any, y: Any = None, *, n_distill: int, n_hidden: int, inner: str 
     y: integer labels (n,) with two classes or more, or a list of them (tasks on the same ``x``).
     n_distill: size of the distilled set.
     n_hidden: hidden units K of the GRBM / tied autoencoder.
-    inner: ``"ae"``, ``"score_matching"`` or ``"denoising_score_matching"``.
+    inner: ``"ae"``, ``"score_matching"`` or ``"denoising_score_matching"``, or an
+      :class:`~udd_jax.inner.learners.InnerLearner` (the config records its ``name``).
     solver: a name in ``udd_jax.bilevel.SOLVERS`` (its class's defaults) or a solver instance.
     steps: outer steps (default: the solver's ``default_steps``).
     seed: PRNG seed or key of the run (evaluation uses other, fresh seeds).

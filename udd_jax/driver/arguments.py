@@ -11,6 +11,7 @@ import numpy as np
 from udd_jax import _validation
 from udd_jax.bilevel import solvers as solvers_lib
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS
+from udd_jax.inner import learners
 from udd_jax.training.optimizers import LR_SCHEDULES as LR_SCHEDULES
 from udd_jax.training.recipes import Recipe
 
@@ -31,7 +32,7 @@ class Settings:
   tasks: list[tuple[np.ndarray, np.ndarray]]
   n_distill: int
   n_hidden: int
-  inner: str
+  inner: str | learners.InnerLearner  # a registered name, or a learner of the user's
   solver: Any
   steps: int
   key: Any
@@ -154,8 +155,8 @@ def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tupl
   return built, problem_options
 
 
-def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str, solver: Any, steps: int | None,
-                    seed: Any, batch_size: int, init: str, preprocessing: str, recipe: Any, log_every: int,
+def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str | learners.InnerLearner, solver: Any,
+                    steps: int | None, seed: Any, batch_size: int, init: str, preprocessing: str, recipe: Any, log_every: int,
                     checkpoint_every: int, eval_every: int, eval_data: Any, progress: bool, callback: Any,
                     max_seconds: float | None, eval_every_seconds: float | None, options: dict[str, Any]) -> Settings:
   """Checks every argument of ``distill`` (same names); raises ValueError / TypeError naming the problem."""
@@ -168,6 +169,8 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   batch_size = _validation.check_positive_int(batch_size, "batch_size")
   checkpoint_every = _validation.check_positive_int(checkpoint_every, "checkpoint_every")
   _validation.check_choice(init, "init", INITS)
+  if not isinstance(inner, learners.InnerLearner):
+    _validation.check_choice(inner, "inner loss", learners.INNER_LOSSES)
   solver_name = _validation.check_choice(solver if isinstance(solver, str) else solver.name, "solver", solvers_lib.SOLVERS)
   steps = steps if steps is not None else solvers_lib.SOLVERS[solver_name].default_steps
   # A chunk is log_every steps: a run of fewer steps is one shorter chunk, and no run overshoots its steps.

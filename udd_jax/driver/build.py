@@ -15,7 +15,6 @@ from udd_jax.data.clustering import kmeans
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.driver.arguments import Settings
 from udd_jax.driver.result import DistillResult
-from udd_jax.inner.grbm import score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +32,15 @@ class Run:
   def result(self, state: Any, history: list[dict[str, float]]) -> DistillResult:
     """The distilled set of ``state``, in the input's value space, with the recipe it ships."""
     s = self.settings
-    config = dict(self.config) | s.solver.recipe(state, s.init_scale, s.recipe).to_config()
+    config = dict(self.config)
+    config["recipe"] = s.solver.recipe(state, s.init_scale, s.recipe).to_config()
     return DistillResult(
         images=self.prep.invert(np.asarray(state.images)),
         params=jax.tree.map(np.asarray, s.solver.learner_params(state)),
         history=history,
         config=config,
         preprocessing=self.prep,
+        learner=self.problem.learner,
     )
 
 
@@ -55,7 +56,8 @@ def initial_images(init: str, key: jax.Array, z: np.ndarray, n: int) -> jnp.ndar
 def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> dict[str, Any]:
   solver = s.solver
   return dict(
-      solver=solver.name, inner=s.inner, n_distill=s.n_distill, n_hidden=s.n_hidden, steps=s.steps, seed=s.seed,
+      solver=solver.name, inner=getattr(s.inner, "name", s.inner), n_distill=s.n_distill, n_hidden=s.n_hidden,
+      steps=s.steps, seed=s.seed,
       batch_size=s.batch_size, init=s.init, preprocessing=s.preprocessing, n_classes=n_classes,
       image_shape=list(image_shape), problem_options=dict(s.problem_options), solver_options=solver.to_config(),
       given_recipe=s.recipe.to_config() if s.recipe is not None else None,
@@ -64,7 +66,7 @@ def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> 
 
 def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Array):
   """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags."""
-  solver, sigma2 = s.solver, s.problem_options.get("sigma2", 1.0)
+  solver = s.solver
 
   def chunk(state, start):
     def body(st, i):
@@ -74,8 +76,9 @@ def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Arr
     state, per_step = jax.lax.scan(body, state, start + jnp.arange(s.log_every))
     metrics = jax.tree.map(jnp.mean, per_step)
     # The seed's "||X - AE(X)||" column: mean reconstruction residual of D under the current w.
-    residual = score(solver.learner_params(state), state.images, sigma2=sigma2)
-    metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
+    residual = problem.learner.residual(solver.learner_params(state), state.images)
+    if residual is not None:
+      metrics["d_minus_ae_d"] = jnp.mean(jnp.linalg.norm(residual, axis=1))
     # Per step and per part of the state, so that a divergence names its first step and quantity.
     finite = dict(
         steps={k: jnp.isfinite(v) for k, v in per_step.items()},

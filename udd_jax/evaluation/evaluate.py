@@ -143,7 +143,7 @@ def _prepare(images: Any, train: tuple[Any, Any], test: tuple[Any, Any], inner: 
   d_images = jnp.asarray(prep.apply(images))
   if joint_params is not None:
     try:
-      _validation.check_static_data(jax.tree.map(jnp.asarray, joint_params), d_images, "images")
+      learner.check_params(jax.tree.map(jnp.asarray, joint_params), d_images, "images")
     except (TypeError, ValueError) as e:
       raise type(e)(f"joint_params do not fit the images: {e}") from None
   return probe, d_images
@@ -205,7 +205,7 @@ def _learner_rows(probe: Probe, keys: PRNGKeyArray, recipes: list[tuple[str, Rec
   def learner_rows(name: str, sets: Array, note: str = "") -> list[Row]:
     variants = [(name, label, r, None) for label, r in recipes]
     if convergence_factor:
-      steps = convergence_factor * recipe.inner_steps
+      steps = convergence_factor * recipe.steps
       variants.append((f"{name}, {convergence_factor}x steps", "D's recipe", recipe, steps))
     rows = []
     for row_name, label, r, steps in variants:

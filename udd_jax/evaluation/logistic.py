@@ -11,12 +11,12 @@ from jaxtyping import Array, Float, Int
 
 
 class LogisticHead(NamedTuple):
-  """A linear map on rescaled features: ``((f - mean) / scale) @ W + b``."""
+  """A linear map on rescaled features: ``((f - mean) / scale) @ kernel + bias``."""
 
   mean: Float[Array, " K"]
   scale: Float[Array, " K"]
-  W: Float[Array, "K C"]
-  b: Float[Array, " C"]
+  kernel: Float[Array, "K C"]
+  bias: Float[Array, " C"]
   num_steps: Array
   grad_norm: Array
 
@@ -96,7 +96,7 @@ def fit_logistic(
 
 
 def predict(head: LogisticHead, feats: Float[Array, "n K"]) -> Int[Array, " n"]:
-  return jnp.argmax(((feats - head.mean) / head.scale) @ head.W + head.b, axis=-1)
+  return jnp.argmax(((feats - head.mean) / head.scale) @ head.kernel + head.bias, axis=-1)
 
 
 def accuracy(head: LogisticHead, feats: Float[Array, "n K"], labels: Int[Array, " n"]) -> Array:

@@ -22,10 +22,10 @@ _MASKED_LOGIT = -1e9
 
 
 class LinearHeadParams(NamedTuple):
-  """A linear map from features to class scores: ``W`` (K, C), ``b`` (C,)."""
+  """A linear map from features to class scores: ``kernel`` (K, C), ``bias`` (C,)."""
 
-  W: Float[Array, "K C"]
-  b: Float[Array, " C"]
+  kernel: Float[Array, "K C"]
+  bias: Float[Array, " C"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SoftmaxHead:
     return LinearHeadParams(jnp.zeros((n_features, n_classes), dtype), jnp.zeros((n_classes,), dtype))
 
   def logits(self, params: LinearHeadParams, feats: Float[Array, "n K"], class_mask: Bool[Array, " C"]) -> Array:
-    return jnp.where(class_mask, feats @ params.W + params.b, _MASKED_LOGIT)
+    return jnp.where(class_mask, feats @ params.kernel + params.bias, _MASKED_LOGIT)
 
   def loss(
       self,
@@ -51,7 +51,7 @@ class SoftmaxHead:
   ) -> Scalar:
     ce = optax.softmax_cross_entropy_with_integer_labels(self.logits(params, feats, class_mask), labels)
     # Padded classes (absent from this task) carry no weight decay either.
-    return jnp.mean(ce) + 0.5 * self.l2 * jnp.sum(jnp.where(class_mask, params.W, 0.0) ** 2)
+    return jnp.mean(ce) + 0.5 * self.l2 * jnp.sum(jnp.where(class_mask, params.kernel, 0.0) ** 2)
 
   def predict(self, params: LinearHeadParams, feats: Array, class_mask: Array, *, fit_feats=None, fit_labels=None) -> Array:
     del fit_feats, fit_labels

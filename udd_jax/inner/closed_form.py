@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Scalar
 
-from udd_jax import _validation
-from udd_jax.inner.grbm import GRBMParams
+from udd_jax.inner.grbm import GRBMParams, check_params
 
 
 def ae_grad_closed_form(params: GRBMParams, x: Float[Array, "n d"], *, sigma2: float = 1.0) -> GRBMParams:
@@ -46,7 +45,7 @@ def ae_grad_closed_form(params: GRBMParams, x: Float[Array, "n d"], *, sigma2: f
     >>> bool(jnp.allclose(g.W, g_auto.W, atol=1e-6))
     True
   """
-  _validation.check_static_data(params, x, sigma2=sigma2)
+  check_params(params, x, sigma2=sigma2)
   W, b, a = params
   n = x.shape[0]
   h = jax.nn.sigmoid(x @ W + b)

@@ -12,10 +12,12 @@ and the features handed to task heads are ``h(x)``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
@@ -52,7 +54,7 @@ def init_params(
     key: a JAX PRNG key.
     n_visible: input dimension ``d``.
     n_hidden: number of hidden units ``K``.
-    init_scale: standard deviation of the weights.
+    init_scale: standard deviation of the weights (a Python number, or an array under ``jit``).
     dtype: floating dtype of the parameters.
 
   Returns:
@@ -66,11 +68,40 @@ def init_params(
   """
   n_visible = _validation.check_positive_int(n_visible, "n_visible")
   n_hidden = _validation.check_positive_int(n_hidden, "n_hidden")
-  init_scale = _validation.check_positive_float(init_scale, "init_scale", allow_zero=True)
+  if not isinstance(init_scale, jax.Array):  # a traced scale (re-training many recipes) cannot be checked
+    init_scale = _validation.check_positive_float(init_scale, "init_scale", allow_zero=True)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype; got {dtype}.")
   W = init_scale * jax.random.normal(key, (n_visible, n_hidden), dtype)
   return GRBMParams(W=W, b=jnp.zeros((n_hidden,), dtype), a=jnp.zeros((n_visible,), dtype))
+
+
+def check_params(params: Any, x: Any, name: str = "x", *, sigma2: Any = 1.0) -> None:
+  """Shape and dtype checks of GRBM ``params`` and data ``x`` (n, d) that also work under ``jit``.
+
+  ``sigma2`` is checked to be positive when it is a concrete Python number.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> check_params(init_params(jax.random.key(0), 4, 3), jnp.ones((2, 5)))
+    Traceback (most recent call last):
+    ...
+    ValueError: x has 5 features but params.W expects 4; got shape (2, 5).
+  """
+  if isinstance(sigma2, numbers.Real) and not (sigma2 > 0 and np.isfinite(sigma2)):
+    raise ValueError(f"sigma2 must be a finite positive number; got {sigma2}.")
+  if not isinstance(params, tuple) or len(params) != 3:
+    raise TypeError(f"params must be a GRBMParams(W, b, a); got {type(params).__name__}.")
+  W, b, a = params
+  for pname, p, rank in (("params.W", W, 2), ("params.b", b, 1), ("params.a", a, 1)):
+    _validation.check_static_array(p, pname, rank)
+  d, k = W.shape
+  shape = _validation.shape_str
+  if b.shape != (k,):
+    raise ValueError(f"params.b must have shape {shape((k,))} to match params.W {shape(W.shape)}; got {shape(b.shape)}.")
+  if a.shape != (d,):
+    raise ValueError(f"params.a must have shape {shape((d,))} to match params.W {shape(W.shape)}; got {shape(a.shape)}.")
+  _validation.check_static_inputs(x, name, d, "params.W")
 
 
 def _hidden(params: GRBMParams, x: Array) -> Array:
@@ -86,7 +117,7 @@ def features(params: GRBMParams, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
     >>> features(params, jnp.zeros((2, 4))).tolist()
     [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
   """
-  _validation.check_static_data(params, x)
+  check_params(params, x)
   return _hidden(params, x)
 
 
@@ -96,7 +127,7 @@ def _score(params: GRBMParams, x: Array, h: Array, sigma2: float) -> Array:
 
 def score(params: GRBMParams, x: Float[Array, "n d"], *, sigma2: float = 1.0) -> Float[Array, "n d"]:
   """The GRBM score ``grad_x log p(x) = (a - x) / sigma2 + W sigmoid(W^T x + b)``, row-wise."""
-  _validation.check_static_data(params, x, sigma2=sigma2)
+  check_params(params, x, sigma2=sigma2)
   return _score(params, x, _hidden(params, x), sigma2)
 
 
@@ -120,7 +151,7 @@ def ae_loss(params: GRBMParams, x: Float[Array, "n d"], *, sigma2: float = 1.0) 
     >>> float(ae_loss(params, jnp.ones((5, 4))))  # 1/2 ||a - x||^2 with a = 0
     2.0
   """
-  _validation.check_static_data(params, x, sigma2=sigma2)
+  check_params(params, x, sigma2=sigma2)
   r = _score(params, x, _hidden(params, x), sigma2)
   return 0.5 * jnp.mean(jnp.sum(r**2, axis=-1))
 
@@ -137,7 +168,7 @@ def score_matching_loss(params: GRBMParams, x: Float[Array, "n d"], *, sigma2: f
     >>> float(score_matching_loss(params, jnp.ones((5, 4))))  # 2.0 - d
     -2.0
   """
-  _validation.check_static_data(params, x, sigma2=sigma2)
+  check_params(params, x, sigma2=sigma2)
   h = _hidden(params, x)
   s = _score(params, x, h, sigma2)
   d = x.shape[-1]
@@ -170,7 +201,7 @@ def denoising_score_matching_loss(
   Returns:
     The scalar loss (a Monte Carlo estimate with one noise draw per sample).
   """
-  _validation.check_static_data(params, x, sigma2=sigma2)
+  check_params(params, x, sigma2=sigma2)
   if not isinstance(noise_std, jax.Array):  # a traced noise level cannot be checked
     _validation.check_positive_float(noise_std, "noise_std")
   eps = jax.random.normal(key, x.shape, x.dtype)

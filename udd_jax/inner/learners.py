@@ -1,46 +1,129 @@
-"""Inner learners by name, behind one signature ``loss(params, x, key) -> scalar``.
+"""The inner-learner interface, and the GRBM / tied autoencoder learners by name.
 
-The solvers need every proper scoring rule to look the same: the denoising loss
-takes a PRNG key, the others ignore it. Within one outer step the key is fixed,
-so the inner objective the solvers differentiate is deterministic.
+Everything above ``udd_jax.inner`` (solvers, recipes, evaluation, the driver, reports)
+sees a learner only through :class:`InnerLearner`: a parameter pytree it never looks
+inside, made by ``init``, fitted through ``loss``, probed through ``features``, checked
+by ``check_params``, saved through ``to_arrays`` / ``from_arrays``, and drawn or
+measured through the optional ``filters`` and ``residual``. A new learner subclasses
+:class:`InnerLearner` as a frozen dataclass (it is a static argument of ``jit``, so it
+must be hashable) and is passed as ``inner=`` to ``distill``, ``evaluate`` and
+``make_problem``.
+
+The solvers need every proper scoring rule to look the same, ``loss(params, x, key)``:
+the denoising loss uses the PRNG key, the others ignore it. Within one outer step the
+key is fixed, so the inner objective the solvers differentiate is deterministic.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import functools
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
 from udd_jax.inner import grbm
 
 
-@dataclasses.dataclass(frozen=True)
-class InnerLearner:
-  """A shallow unsupervised learner: its proper scoring rule and its features.
+class InnerLearner(abc.ABC):
+  """A shallow unsupervised learner, as the generic layers use it.
 
-  Attributes:
-    name: registry name.
-    loss: ``loss(params, x, key) -> scalar``, the inner objective on data ``x`` (n, d).
-    features: ``features(params, x) -> (n, K)``, what task heads see.
-    init: ``init(key, n_visible, n_hidden, init_scale) -> params``.
+  Subclasses are frozen dataclasses with a ``name`` field (the registry name, recorded
+  in a distilled set's config) and implement the abstract methods. ``params`` is any
+  pytree of arrays of the learner's own making.
   """
 
   name: str
-  loss: Callable[[grbm.GRBMParams, Float[Array, "n d"], PRNGKeyArray], Scalar]
-  features: Callable[[grbm.GRBMParams, Float[Array, "n d"]], Float[Array, "n K"]] = grbm.features
-  init: Callable[..., grbm.GRBMParams] = grbm.init_params
+
+  @abc.abstractmethod
+  def init(self, key: PRNGKeyArray, n_visible: int, n_hidden: int, *, init_scale: float | Array = 0.01,
+           dtype: Any = jnp.float32) -> Any:
+    """A fresh random init; ``init_scale`` (the recipe's) may be a traced array."""
+
+  @abc.abstractmethod
+  def loss(self, params: Any, x: Float[Array, "n d"], key: PRNGKeyArray) -> Scalar:
+    """The inner objective on data ``x`` (n, d); ``key`` is fixed within one outer step."""
+
+  @abc.abstractmethod
+  def features(self, params: Any, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
+    """What the task heads see: ``n_hidden`` features per row of ``x``."""
+
+  def check_params(self, params: Any, x: Any, name: str = "x") -> None:
+    """Raises ValueError / TypeError if ``params`` and data ``x`` (n, d) do not fit; works under ``jit``.
+
+    The default only checks ``x``: a floating array of rank 2.
+    """
+    del params
+    _validation.check_static_inputs(x, name)
+
+  @abc.abstractmethod
+  def to_arrays(self, params: Any) -> dict[str, np.ndarray]:
+    """``params`` as named numpy arrays: what a distilled set saves (``params/<name>`` keys)."""
+
+  @abc.abstractmethod
+  def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Any:
+    """The inverse of :meth:`to_arrays`."""
+
+  def filters(self, params: Any) -> np.ndarray | None:
+    """One row per hidden unit, (n_hidden, n_visible), for a figure of filters; None if it has none."""
+    del params
+    return None
+
+  def residual(self, params: Any, x: Float[Array, "n d"]) -> Float[Array, "n d"] | None:
+    """The reconstruction residual of each row of ``x`` (the ``d_minus_ae_d`` metric); None if it has none."""
+    del params, x
+    return None
 
 
-def _ignore_key(loss: Callable[..., Scalar], params, x, key, *, sigma2: float) -> Scalar:
-  del key
-  return loss(params, x, sigma2=sigma2)
+@dataclasses.dataclass(frozen=True)
+class GRBMLearner(InnerLearner):
+  """The GRBM / tied autoencoder (:mod:`udd_jax.inner.grbm`) with one of its proper scoring rules.
 
+  Attributes:
+    name: the scoring rule, one of :data:`INNER_LOSSES`.
+    sigma2: visible variance.
+    noise_std: corruption level of denoising score matching (unused by the others).
+  """
 
-def _denoising(params, x, key, *, sigma2: float, noise_std: float) -> Scalar:
-  return grbm.denoising_score_matching_loss(params, x, key, sigma2=sigma2, noise_std=noise_std)
+  name: str = "ae"
+  sigma2: float = 1.0
+  noise_std: float = 0.1
+
+  def init(self, key, n_visible, n_hidden, *, init_scale=0.01, dtype=jnp.float32) -> grbm.GRBMParams:
+    return grbm.init_params(key, n_visible, n_hidden, init_scale=init_scale, dtype=dtype)
+
+  def loss(self, params: grbm.GRBMParams, x: Float[Array, "n d"], key: PRNGKeyArray) -> Scalar:
+    if self.name == "ae":
+      return grbm.ae_loss(params, x, sigma2=self.sigma2)
+    if self.name == "score_matching":
+      return grbm.score_matching_loss(params, x, sigma2=self.sigma2)
+    return grbm.denoising_score_matching_loss(params, x, key, sigma2=self.sigma2, noise_std=self.noise_std)
+
+  def features(self, params: grbm.GRBMParams, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
+    return grbm.features(params, x)
+
+  def check_params(self, params: Any, x: Any, name: str = "x") -> None:
+    grbm.check_params(params, x, name, sigma2=self.sigma2)
+
+  def to_arrays(self, params: grbm.GRBMParams) -> dict[str, np.ndarray]:
+    return {field: np.asarray(value) for field, value in params._asdict().items()}
+
+  def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> grbm.GRBMParams:
+    missing = [f for f in grbm.GRBMParams._fields if f not in arrays]
+    if missing:
+      raise ValueError(f"the {self.name} learner's parameters lack {missing}.")
+    return grbm.GRBMParams(*(arrays[f] for f in grbm.GRBMParams._fields))
+
+  def filters(self, params: grbm.GRBMParams) -> np.ndarray:
+    return np.asarray(params.W).T
+
+  def residual(self, params: grbm.GRBMParams, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+    """The GRBM score ``(a - x) / sigma2 + W h(x)``: with ``sigma2 = 1``, ``a + W h(x) - x``."""
+    return grbm.score(params, x, sigma2=self.sigma2)
 
 
 INNER_LOSSES = ("ae", "score_matching", "denoising_score_matching")
@@ -59,16 +142,15 @@ def get_inner_learner(name: str | InnerLearner, *, sigma2: float = 1.0, noise_st
     >>> learner = get_inner_learner("ae")
     >>> learner.name
     'ae'
+    >>> import jax
+    >>> params = learner.init(jax.random.key(0), 64, 16, init_scale=0.01)
+    >>> {k: v.shape for k, v in learner.to_arrays(params).items()}
+    {'W': (64, 16), 'b': (16,), 'a': (64,)}
   """
   if isinstance(name, InnerLearner):
     return name
   _validation.check_choice(name, "inner loss", INNER_LOSSES)
   sigma2 = _validation.check_positive_float(sigma2, "sigma2")
-  if name == "ae":
-    loss = functools.partial(_ignore_key, grbm.ae_loss, sigma2=sigma2)
-  elif name == "score_matching":
-    loss = functools.partial(_ignore_key, grbm.score_matching_loss, sigma2=sigma2)
-  else:
+  if name == "denoising_score_matching":
     noise_std = _validation.check_positive_float(noise_std, "noise_std")
-    loss = functools.partial(_denoising, sigma2=sigma2, noise_std=noise_std)
-  return InnerLearner(name=name, loss=loss)
+  return GRBMLearner(name=name, sigma2=sigma2, noise_std=noise_std)

@@ -32,12 +32,12 @@ class Recipe:
   Attributes:
     inner_optimizer: ``"adam"`` or ``"sgd"``.
     inner_lr: a step size, or one learned step size per step.
-    inner_steps: number of full-batch steps (with ``until_converged``, the minimum).
+    steps: number of full-batch re-training steps (with ``until_converged``, the minimum).
     init_scale: W starts as ``init_scale * N(0, 1)``, b and a at zero.
-    until_converged: after ``inner_steps``, keep training in chunks of
+    until_converged: after ``steps``, keep training in chunks of
       ``CONVERGENCE_CHUNK`` steps while the inner gradient norm still falls by at least
       ``CONVERGENCE_DROP`` per chunk, up to ``max_steps`` (a constant ``inner_lr`` only).
-    max_steps: cap of a converged run (default ``4 * inner_steps``).
+    max_steps: cap of a converged run (default ``4 * steps``).
 
   Examples:
     >>> STANDARD_RECIPE.describe()
@@ -46,35 +46,35 @@ class Recipe:
 
   inner_optimizer: str = "adam"
   inner_lr: float | tuple[float, ...] = 0.01
-  inner_steps: int = 200
+  steps: int = 200
   init_scale: float = 0.01
   until_converged: bool = False
   max_steps: int | None = None
 
   def __post_init__(self):
     _validation.check_choice(self.inner_optimizer, "inner_optimizer", INNER_OPTIMIZERS)
-    _validation.check_positive_int(self.inner_steps, "inner_steps")
+    _validation.check_positive_int(self.steps, "steps")
     _validation.check_positive_float(self.init_scale, "init_scale", allow_zero=True)
     if self.until_converged:
       if isinstance(self.inner_lr, (tuple, list)):
         raise ValueError("a recipe that trains until convergence needs one constant inner_lr, not per-step rates.")
-      max_steps = 4 * self.inner_steps if self.max_steps is None else self.max_steps
-      if _validation.check_positive_int(max_steps, "max_steps") < self.inner_steps:
-        raise ValueError(f"max_steps ({max_steps}) must be at least inner_steps ({self.inner_steps}).")
+      max_steps = 4 * self.steps if self.max_steps is None else self.max_steps
+      if _validation.check_positive_int(max_steps, "max_steps") < self.steps:
+        raise ValueError(f"max_steps ({max_steps}) must be at least steps ({self.steps}).")
       object.__setattr__(self, "max_steps", int(max_steps))
     elif self.max_steps is not None:
       raise ValueError("max_steps applies only to a recipe with until_converged=True.")
     if isinstance(self.inner_lr, (tuple, list)):
       lrs = tuple(_validation.check_positive_float(v, "inner_lr") for v in self.inner_lr)
-      if len(lrs) != self.inner_steps:
-        raise ValueError(f"inner_lr has {len(lrs)} per-step rates but inner_steps is {self.inner_steps}.")
+      if len(lrs) != self.steps:
+        raise ValueError(f"inner_lr has {len(lrs)} per-step rates but steps is {self.steps}.")
       object.__setattr__(self, "inner_lr", lrs)
     else:
       _validation.check_positive_float(self.inner_lr, "inner_lr")
 
   def step_sizes(self, steps: int | None = None) -> np.ndarray:
-    """Step sizes for ``steps`` steps (default ``inner_steps``); learned rates continue with their last value."""
-    steps = self.inner_steps if steps is None else steps
+    """Step sizes for ``steps`` steps (default ``steps``); learned rates continue with their last value."""
+    steps = self.steps if steps is None else steps
     if isinstance(self.inner_lr, tuple):
       lrs = np.asarray(self.inner_lr, np.float32)
       return np.concatenate([lrs, np.full(max(steps - len(lrs), 0), lrs[-1], np.float32)])[:steps]
@@ -96,29 +96,33 @@ class Recipe:
   def describe(self) -> str:
     """One line for reports: optimiser, step sizes, steps, init."""
     lr = f"{len(self.inner_lr)} learned step sizes" if isinstance(self.inner_lr, tuple) else f"lr {self.inner_lr:g}"
-    steps = (f">= {self.inner_steps} full-batch steps until the gradient norm stops falling (<= {self.max_steps})"
-             if self.until_converged else f"{self.inner_steps} full-batch steps")
+    steps = (f">= {self.steps} full-batch steps until the gradient norm stops falling (<= {self.max_steps})"
+             if self.until_converged else f"{self.steps} full-batch steps")
     return f"{self.inner_optimizer} {lr}, {steps}, init {self.init_scale:g} N(0, 1)"
 
   def to_config(self) -> dict[str, Any]:
+    """JSON: ``inner_optimizer``, ``inner_lr``, ``steps``, ``init_scale`` (and ``until_converged``, ``max_steps``)."""
     lr = list(self.inner_lr) if isinstance(self.inner_lr, tuple) else float(self.inner_lr)
-    config = dict(inner_optimizer=self.inner_optimizer, inner_lr=lr, inner_steps=int(self.inner_steps), init_scale=float(self.init_scale))
+    config = dict(inner_optimizer=self.inner_optimizer, inner_lr=lr, steps=int(self.steps), init_scale=float(self.init_scale))
     if self.until_converged:
       config |= dict(until_converged=True, max_steps=int(self.max_steps))
     return config
 
   @classmethod
   def from_config(cls, config: dict[str, Any]) -> Recipe:
+    """The recipe of :meth:`to_config`'s dict; the old key ``inner_steps`` is read as ``steps``."""
     if not isinstance(config, dict):
       raise TypeError(f"a recipe config must be a dict; got {type(config).__name__}.")
-    missing = [k for k in ("inner_optimizer", "inner_lr", "inner_steps", "init_scale") if k not in config]
+    if "steps" not in config and "inner_steps" in config:  # the key's old name (distilled sets of format 1)
+      config = {("steps" if k == "inner_steps" else k): v for k, v in config.items()}
+    missing = [k for k in ("inner_optimizer", "inner_lr", "steps", "init_scale") if k not in config]
     if missing:
-      raise ValueError(f"the recipe config lacks {missing}; it needs inner_optimizer, inner_lr, inner_steps and init_scale.")
+      raise ValueError(f"the recipe config lacks {missing}; it needs inner_optimizer, inner_lr, steps and init_scale.")
     lr = config["inner_lr"]
     return cls(
         inner_optimizer=config["inner_optimizer"],
         inner_lr=tuple(lr) if isinstance(lr, (list, tuple)) else float(lr),
-        inner_steps=int(config["inner_steps"]),
+        steps=int(config["steps"]),
         init_scale=float(config["init_scale"]),
         until_converged=bool(config.get("until_converged", False)),
         max_steps=config.get("max_steps"),
@@ -149,8 +153,7 @@ def retrain_with_step_sizes(
   Returns (params, final inner loss, final gradient norm).
   """
   k_init, k_loss = jax.random.split(key)
-  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=1.0, dtype=images.dtype)
-  params = params._replace(W=init_scale * params.W)
+  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=init_scale, dtype=images.dtype)
   loss = lambda p, d: learner.loss(p, d, k_loss)
   transform = optax.scale_by_adam() if adam else optax.identity()
   params = unroll(loss, params, images, step_sizes, transform=transform)
@@ -181,8 +184,7 @@ def train_until_converged(
     (params, final inner loss, final gradient norm, steps taken).
   """
   k_init, k_loss = jax.random.split(key)
-  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=1.0, dtype=images.dtype)
-  params = params._replace(W=init_scale * params.W)
+  params = learner.init(k_init, images.shape[1], n_hidden, init_scale=init_scale, dtype=images.dtype)
   loss = lambda p: learner.loss(p, images, k_loss)
   opt = optax.adam(lr) if adam else optax.sgd(lr)
   grad_norm = lambda p: optax.tree.norm(jax.grad(loss)(p))
@@ -232,7 +234,7 @@ def retrain(
   if recipe.until_converged and steps is None:
     params, loss, gnorm, _ = train_until_converged(
         images, key, learner=learner, n_hidden=n_hidden, lr=recipe.inner_lr, init_scale=recipe.init_scale,
-        adam=recipe.inner_optimizer == "adam", min_steps=recipe.inner_steps, max_steps=recipe.max_steps,
+        adam=recipe.inner_optimizer == "adam", min_steps=recipe.steps, max_steps=recipe.max_steps,
     )
     return params, loss, gnorm
   return retrain_with_step_sizes(
@@ -273,8 +275,8 @@ def retrain_many(
   adam = recipe.inner_optimizer == "adam"
   if recipe.until_converged and steps is None:
     return _converge_many(sets, keys, recipe.inner_lr, recipe.init_scale, learner=learner, n_hidden=n_hidden, adam=adam,
-                          min_steps=recipe.inner_steps, max_steps=recipe.max_steps)
-  n = recipe.inner_steps if steps is None else steps
+                          min_steps=recipe.steps, max_steps=recipe.max_steps)
+  n = recipe.steps if steps is None else steps
   params, losses, gnorms = _retrain_many_with_step_sizes(
       sets, jnp.asarray(recipe.step_sizes(n), sets.dtype), keys, recipe.init_scale, learner=learner, n_hidden=n_hidden,
       adam=adam,
