@@ -528,3 +528,37 @@ def test_distill_arguments_refuses_an_incomplete_config():
     udd_jax.distill_arguments({"n_distill": 3})
   with pytest.raises(ValueError, match=r"lacks \['n_hidden'"):
     udd_jax.distill_arguments({"solver_options": {"name": "pool"}, "n_distill": 3})
+
+
+def test_settings_come_grouped_or_as_keywords_not_both(digits):
+  (x, y), _ = digits
+  with pytest.raises(TypeError, match=r"\['steps'\] given both in run= and as keyword arguments"):
+    udd_jax.distill(x, y, n_distill=5, n_hidden=4, run=udd_jax.RunConfig(steps=5), steps=10)
+  with pytest.raises(TypeError, match=r"unknown problem field\(s\) \['hidden'\]; ProblemConfig has \['n_hidden'"):
+    udd_jax.distill(x, y, n_distill=5, problem=dict(hidden=4))
+  with pytest.raises(TypeError, match=r"distill needs n_hidden, the learner's hidden units"):
+    udd_jax.distill(x, y, n_distill=5)
+  with pytest.raises(TypeError, match="problem needs n_hidden"):
+    udd_jax.distill(x, y, n_distill=5, problem={})
+  with pytest.raises(TypeError, match="run must be a RunConfig or a dict of its fields; got int"):
+    udd_jax.distill(x, y, n_distill=5, n_hidden=4, run=5)
+  # A solver's record is a solver: the same run from the instance and from its config dict.
+  solver = udd_jax.get_solver("penalty", mu=1.0, image_lr=0.05)
+  runs = [udd_jax.distill(x, y, n_distill=5, n_hidden=4, steps=2, progress=False, solver=s)
+          for s in (solver, solver.to_config())]
+  np.testing.assert_array_equal(runs[0].images, runs[1].images)
+
+
+def test_optimisers_are_names_and_mu_is_data():
+  with pytest.raises(TypeError, match=r"image_optimizer must be a string, one of \['adam', 'sgd'\]"):
+    udd_jax.Penalty(image_optimizer=optax.adam(1e-2))
+  with pytest.raises(TypeError, match="mu must be a float or a MuSchedule"):
+    udd_jax.Penalty(mu=lambda step: 1.0)
+  with pytest.raises(ValueError, match="unknown inner_optimizer 'rmsprop'"):
+    udd_jax.Implicit(inner_optimizer="rmsprop")
+  solver = udd_jax.Penalty(mu={"kind": "geometric", "init": 0.1, "final": 10.0, "steps": 4})
+  assert isinstance(solver.mu, udd_jax.bilevel.MuSchedule) and float(solver.mu(4)) == pytest.approx(10.0)
+  for name in udd_jax.bilevel.SOLVERS:
+    solver = udd_jax.get_solver(name)
+    assert udd_jax.get_solver(**solver.to_config()) == solver
+    assert json.loads(json.dumps(solver.to_config())) == solver.to_config()

@@ -25,6 +25,8 @@ from udd_jax.data import load_dataset as load_dataset
 from udd_jax.data import resize_images as resize_images
 from udd_jax.driver import DistillResult as DistillResult
 from udd_jax.driver import distill as distill
+from udd_jax.driver import ProblemConfig as ProblemConfig
+from udd_jax.driver import RunConfig as RunConfig
 from udd_jax.driver import distill_arguments as distill_arguments
 from udd_jax.driver import load_distilled as load_distilled
 from udd_jax.evaluation import EvaluationReport as EvaluationReport

@@ -10,6 +10,8 @@ from udd_jax.driver.api import distill as distill
 from udd_jax.driver.arguments import DEFAULT_SOLVER as DEFAULT_SOLVER
 from udd_jax.driver.arguments import INITS as INITS
 from udd_jax.driver.arguments import PROBLEM_OPTIONS as PROBLEM_OPTIONS
+from udd_jax.driver.arguments import ProblemConfig as ProblemConfig
+from udd_jax.driver.arguments import RunConfig as RunConfig
 from udd_jax.driver.arguments import distill_arguments as distill_arguments
 from udd_jax.driver.loop import config_differences as config_differences
 from udd_jax.driver.result import FORMAT_VERSION as FORMAT_VERSION

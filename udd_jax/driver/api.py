@@ -13,54 +13,49 @@ import jax.numpy as jnp
 
 from udd_jax import io
 from udd_jax.driver import loop
-from udd_jax.driver.arguments import DEFAULT_SOLVER, check_arguments
+from udd_jax.bilevel.solvers import get_solver
+from udd_jax.driver.arguments import DEFAULT_SOLVER, PROBLEM_OPTIONS, ProblemConfig, RunConfig, check_arguments, group_options
 from udd_jax.driver.build import build
 from udd_jax.driver.probe import make_honest_probe
 from udd_jax.driver.result import DistillResult
-from udd_jax.inner.learners import InnerLearner
 from udd_jax.training.recipes import Recipe
 
 
-def distill(x: Any, y: Any = None, *, n_distill: int, n_hidden: int, inner: str | InnerLearner = "ae", solver: Any = DEFAULT_SOLVER,
-            steps: int | None = None, seed: int | jax.Array = 0, workdir: str | os.PathLike | None = None,
-            batch_size: int = 2048, init: str = "real", preprocessing: str = "none",
-            recipe: Recipe | dict[str, Any] | None = None, log_every: int = 10, checkpoint_every: int = 50,
-            eval_every: int = 0, eval_data: tuple[Any, Any, Any, Any] | None = None, progress: bool = True,
-            callback: Callable[[int, dict[str, float]], None] | None = None, max_seconds: float | None = None,
-            eval_every_seconds: float | None = None, **options: Any) -> DistillResult:
+def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | dict[str, Any] | None = None,
+            solver: Any = DEFAULT_SOLVER, run: RunConfig | dict[str, Any] | None = None,
+            recipe: Recipe | dict[str, Any] | None = None, workdir: str | os.PathLike | None = None,
+            eval_data: tuple[Any, Any, Any, Any] | None = None,
+            callback: Callable[[int, dict[str, float]], None] | None = None, **options: Any) -> DistillResult:
   """Distils real labelled data into ``n_distill`` unlabeled points for an unsupervised learner.
+
+  The settings come in three groups: the problem (:class:`ProblemConfig`: the learner and
+  the heads), the solver (a name, an instance or its config dict, with its own options) and
+  the run (:class:`RunConfig`: steps, seed, data handling, logging, budget). Give a group
+  whole (``problem=ProblemConfig(n_hidden=128)``) or its fields as keyword arguments
+  (``n_hidden=128``); any other keyword is an option of the solver (``mu=10``,
+  ``image_lr=0.05``, ``pool_size=16``). ``distill(x, y, **distill_arguments(config))``
+  replays a run from its ``config.json``.
 
   Args:
     x: real inputs (n, ...) of order one (e.g. pixels in [0, 1]); or, with ``y=None``, a list of
       ``(x, y)`` pairs, one per dataset (tasks on datasets of one input shape). Raw 0-255
       pixels are refused unless ``preprocessing`` rescales them.
-    y: integer labels (n,) with two classes or more, or a list of them (tasks on the same ``x``).
+    y: integer labels (n,) with two classes or more, or a list of label arrays (tasks on the same ``x``).
     n_distill: size of the distilled set.
-    n_hidden: hidden units K of the GRBM / tied autoencoder.
-    inner: ``"ae"``, ``"score_matching"`` or ``"denoising_score_matching"``, or an
-      :class:`~udd_jax.inner.learners.InnerLearner` (the config records its ``name``).
-    solver: a name in ``udd_jax.bilevel.SOLVERS`` (its class's defaults) or a solver instance.
-    steps: outer steps (default: the solver's ``default_steps``).
-    seed: PRNG seed or key of the run (evaluation uses other, fresh seeds).
+    problem: a :class:`ProblemConfig` (or its fields as keywords: ``n_hidden`` is required,
+      ``inner``, ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale``).
+    solver: a name in ``udd_jax.bilevel.SOLVERS`` (its class's defaults), a solver instance,
+      or a solver's config dict (``solver.to_config()``).
+    run: a :class:`RunConfig` (or its fields as keywords: ``steps``, ``seed``, ``batch_size``,
+      ``init``, ``preprocessing``, ``clip_images``, ``log_every``, ``checkpoint_every``,
+      ``eval_every``, ``eval_every_seconds``, ``max_seconds``, ``progress``).
+    recipe: the inner recipe to ship with D for solvers that do not have one of their own.
     workdir: if given, the run writes ``config.json``, ``metrics.jsonl``, ``checkpoint.npz`` (atomically,
       at step 0 and every ``checkpoint_every`` steps; a rerun resumes from it) and ``distilled.npz``
       there; SIGINT / SIGTERM then stop the run after a checkpoint (docs/ERRORS.md).
-    batch_size: real examples per task per step.
-    init: initial D: ``"real"`` images, ``"kmeans"`` centroids or ``"random"`` noise.
-    preprocessing: ``"none"``, ``"standardize"`` or ``"zca"`` (fitted on task 0's inputs).
-    recipe: the inner recipe to ship with D for solvers that do not have one of their own.
-    log_every: steps per jitted chunk and per metrics line.
-    checkpoint_every: steps between checkpoints (rounded up to a multiple of ``log_every``).
-    eval_every: log the honest accuracy on ``eval_data = (x_train, y_train, x_test, y_test)`` this often.
-    progress: print one line per ``log_every`` steps with rate and ETA.
+    eval_data: ``(x_train, y_train, x_test, y_test)`` for the honest probe of ``eval_every``.
     callback: called as ``callback(step, metrics)`` after each logged chunk.
-    max_seconds: stop (and save) once this much wall time has been spent in this call.
-    eval_every_seconds: also probe (needs ``eval_data``) each time this much more wall time has passed.
-    **options: ``head``, ``head_l2``, ``sigma2``, ``noise_std``, ``init_scale`` for the
-      problem; ``image_lr`` / ``model_lr`` as shorthands for Adam with that step size, and
-      ``lr_schedule`` (``"constant"`` or ``"cosine"`` to zero over ``steps``); ``clip_images=True``
-      projects D onto the real inputs' value range after every step; anything else
-      is an option of the solver (e.g. ``mu``, ``unroll_steps``).
+    **options: fields of ``problem`` and ``run``, and the solver's options.
 
   Returns:
     A :class:`DistillResult`.
@@ -77,12 +72,23 @@ def distill(x: Any, y: Any = None, *, n_distill: int, n_hidden: int, inner: str 
     >>> result = udd_jax.distill(x, y, n_distill=10, n_hidden=8, steps=10, progress=False)
     >>> result.images.shape, result.config["solver"]
     ((10, 8, 8), 'pool')
+    >>> grouped = udd_jax.distill(x, y, n_distill=10, problem=udd_jax.ProblemConfig(n_hidden=8),
+    ...                           run=udd_jax.RunConfig(steps=10, progress=False))
+    >>> bool((grouped.images == result.images).all())
+    True
   """
+  problem, run_config, options = group_options(problem, run, options)
+  if isinstance(solver, dict):
+    solver = get_solver(**solver)
+  problem_options = {k: getattr(problem, k) for k in PROBLEM_OPTIONS}
   settings = check_arguments(
-      x, y, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps, seed=seed,
-      batch_size=batch_size, init=init, preprocessing=preprocessing, recipe=recipe, log_every=log_every,
-      checkpoint_every=checkpoint_every, eval_every=eval_every, eval_data=eval_data, progress=progress,
-      callback=callback, max_seconds=max_seconds, eval_every_seconds=eval_every_seconds, options=options)
+      x, y, n_distill=n_distill, n_hidden=problem.n_hidden, inner=problem.inner, solver=solver, steps=run_config.steps,
+      seed=run_config.seed, batch_size=run_config.batch_size, init=run_config.init,
+      preprocessing=run_config.preprocessing, recipe=recipe, log_every=run_config.log_every,
+      checkpoint_every=run_config.checkpoint_every, eval_every=run_config.eval_every, eval_data=eval_data,
+      progress=run_config.progress, callback=callback, max_seconds=run_config.max_seconds,
+      eval_every_seconds=run_config.eval_every_seconds,
+      options=options | problem_options | dict(clip_images=run_config.clip_images))
   run = build(settings)
   workdir = loop.check_workdir(pathlib.Path(workdir)) if workdir is not None else None
   state, history = run.state, []

@@ -17,9 +17,117 @@ from udd_jax.training.recipes import Recipe
 
 DEFAULT_SOLVER = "pool"
 INITS = ("real", "kmeans", "random")
-# Options of the problem and of the driver; everything else in **options goes to the solver.
-PROBLEM_OPTIONS = ("head", "head_l2", "sigma2", "noise_std", "init_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemConfig:
+  """What is distilled for: the learner trained on D and the heads that judge its features.
+
+  Attributes:
+    n_hidden: hidden units K of the learner.
+    inner: its scoring rule (``"ae"``, ``"score_matching"``, ``"denoising_score_matching"``)
+      or a learner of the user's (an ``InnerLearner``).
+    head: the task head during distillation (``"softmax"``, ``"ridge"``, ``"standardized_ridge"``;
+      None: the solver's ``default_head``).
+    head_l2: the heads' L2 strength (None: the head's default).
+    sigma2: the GRBM's visible variance.
+    noise_std: the corruption of denoising score matching.
+    init_scale: the scale of fresh learner weights.
+  """
+
+  n_hidden: int
+  inner: str | learners.InnerLearner = "ae"
+  head: str | None = None
+  head_l2: float | None = None
+  sigma2: float = 1.0
+  noise_std: float = 0.1
+  init_scale: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """How a distillation runs: its length, randomness, data handling, logging and budget.
+
+  Attributes:
+    steps: outer steps (None: the solver's ``default_steps``).
+    seed: PRNG seed or key of the run (evaluation uses other, fresh seeds).
+    batch_size: real examples per task per step.
+    init: initial D: ``"real"`` images, ``"kmeans"`` centroids or ``"random"`` noise in the data's range.
+    preprocessing: ``"none"``, ``"standardize"`` or ``"zca"`` (fitted on task 0's inputs).
+    clip_images: project D onto the real inputs' value range after every step.
+    log_every: steps per jitted chunk and per metrics line (``steps`` must be a multiple).
+    checkpoint_every: steps between checkpoints (rounded up to a multiple of ``log_every``).
+    eval_every: log the honest accuracy on ``eval_data`` this often (0: never).
+    eval_every_seconds: also probe each time this much more wall time has passed.
+    max_seconds: stop (and save) once this much wall time has been spent in this call.
+    progress: print one line per ``log_every`` steps with rate and ETA.
+  """
+
+  steps: int | None = None
+  seed: Any = 0
+  batch_size: int = 2048
+  init: str = "real"
+  preprocessing: str = "none"
+  clip_images: bool = False
+  log_every: int = 10
+  checkpoint_every: int = 50
+  eval_every: int = 0
+  eval_every_seconds: float | None = None
+  max_seconds: float | None = None
+  progress: bool = True
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(cls))
+
+
+# The problem's options a solver does not see (n_hidden and inner are distill's own), and the run's
+# options that go through **options: everything else in **options goes to the solver.
+PROBLEM_OPTIONS = tuple(n for n in _field_names(ProblemConfig) if n not in ("n_hidden", "inner"))
 DRIVER_OPTIONS = ("clip_images",)
+
+
+def _as_config(cls: type, value: Any, name: str) -> Any:
+  if isinstance(value, cls):
+    return value
+  if not isinstance(value, dict):
+    raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields; got {type(value).__name__}.")
+  unknown = sorted(set(value) - set(_field_names(cls)))
+  if unknown:
+    raise TypeError(f"unknown {name} field(s) {unknown}; {cls.__name__} has {list(_field_names(cls))}.")
+  if cls is ProblemConfig and "n_hidden" not in value:
+    raise TypeError("problem needs n_hidden, the learner's hidden units.")
+  return cls(**value)
+
+
+def group_options(problem: Any, run: Any, options: dict[str, Any]) -> tuple[ProblemConfig, RunConfig, dict[str, Any]]:
+  """``distill``'s options as (problem, run, the solver's options).
+
+  Each group comes whole (``problem=ProblemConfig(...)`` or a dict) or field by field as
+  keyword arguments (``n_hidden=128, steps=500``), not both; what is neither a problem nor
+  a run field is the solver's.
+
+  Raises:
+    TypeError: a group given both ways, an unknown field, or no ``n_hidden``.
+
+  Examples:
+    >>> problem, run, rest = group_options(None, None, dict(n_hidden=8, steps=20, mu=1.0))
+    >>> problem.n_hidden, run.steps, rest
+    (8, 20, {'mu': 1.0})
+  """
+  options = dict(options)
+  groups = []
+  for cls, value, name in ((ProblemConfig, problem, "problem"), (RunConfig, run, "run")):
+    given = {k: options.pop(k) for k in _field_names(cls) if k in options}
+    if value is not None:
+      if given:
+        raise TypeError(f"{sorted(given)} given both in {name}= and as keyword arguments; give each once.")
+      groups.append(_as_config(cls, value, name))
+    elif cls is ProblemConfig and "n_hidden" not in given:
+      raise TypeError("distill needs n_hidden, the learner's hidden units (or problem=ProblemConfig(n_hidden=...)).")
+    else:
+      groups.append(cls(**given))
+  return groups[0], groups[1], options
 # Non-negative inputs above this are taken for raw pixel values (0-255) that the learner,
 # which expects inputs of order one, cannot train on.
 RAW_PIXEL_MAX = 2.0
@@ -142,11 +250,14 @@ def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tupl
   valid_solver = sorted(f.name for f in dataclasses.fields(cls))
   unknown = sorted(set(options) - set(valid_solver) - set(PROBLEM_OPTIONS) - set(DRIVER_OPTIONS))
   if unknown:
-    raise TypeError(f"unknown option(s) {unknown} for solver {cls.name!r}; its options are {valid_solver}, and the "
-                     f"problem options are {sorted(PROBLEM_OPTIONS + DRIVER_OPTIONS)}.")
+    raise TypeError(f"unknown option(s) {unknown} for solver {cls.name!r}; its options are {valid_solver}, the "
+                     f"problem options are {sorted(PROBLEM_OPTIONS + DRIVER_OPTIONS)}, and the run options are "
+                     f"{sorted(_field_names(RunConfig))}.")
   for name in DRIVER_OPTIONS:
     options.pop(name, None)  # the driver's own (check_arguments)
-  problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options}
+  problem_options = {k: options.pop(k) for k in PROBLEM_OPTIONS if k in options and options[k] is not None}
+  for k in PROBLEM_OPTIONS:
+    options.pop(k, None)
   problem_options.setdefault("head", cls.default_head)
   problem_options.setdefault("init_scale", 0.01)
   built = solvers_lib.get_solver(solver, **options)

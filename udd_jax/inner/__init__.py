@@ -13,5 +13,6 @@ from udd_jax.inner.grbm import score as score
 from udd_jax.inner.grbm import score_matching_loss as score_matching_loss
 from udd_jax.inner.penalty import gradient_penalty as gradient_penalty
 from udd_jax.inner.learners import INNER_LOSSES as INNER_LOSSES
+from udd_jax.inner.learners import GRBMLearner as GRBMLearner
 from udd_jax.inner.learners import InnerLearner as InnerLearner
 from udd_jax.inner.learners import get_inner_learner as get_inner_learner

@@ -1,8 +1,9 @@
 """Training an inner learner: differentiable unrolls, warm-started solves, and the recipes that re-train on D."""
 
+from udd_jax.training.optimizers import OPTIMIZERS as OPTIMIZERS
+from udd_jax.training.optimizers import optimizer as optimizer
 from udd_jax.training.recipes import CONVERGENCE_CHUNK as CONVERGENCE_CHUNK
 from udd_jax.training.recipes import CONVERGENCE_DROP as CONVERGENCE_DROP
-from udd_jax.training.recipes import INNER_OPTIMIZERS as INNER_OPTIMIZERS
 from udd_jax.training.recipes import STANDARD_RECIPE as STANDARD_RECIPE
 from udd_jax.training.recipes import Recipe as Recipe
 from udd_jax.training.recipes import retrain as retrain

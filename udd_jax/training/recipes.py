@@ -21,9 +21,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from udd_jax import _validation
 from udd_jax.inner import learners
+from udd_jax.training import optimizers
 from udd_jax.training.unroll import unroll
 
-INNER_OPTIMIZERS = {"sgd": optax.identity, "adam": optax.scale_by_adam}
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -52,7 +52,7 @@ class Recipe:
   max_steps: int | None = None
 
   def __post_init__(self):
-    _validation.check_choice(self.inner_optimizer, "inner_optimizer", INNER_OPTIMIZERS)
+    _validation.check_choice(self.inner_optimizer, "inner_optimizer", optimizers.OPTIMIZERS)
     _validation.check_positive_int(self.steps, "steps")
     _validation.check_positive_float(self.init_scale, "init_scale", allow_zero=True)
     if self.until_converged:
@@ -155,7 +155,7 @@ def retrain_with_step_sizes(
   k_init, k_loss = jax.random.split(key)
   params = learner.init(k_init, images.shape[1], n_hidden, init_scale=init_scale, dtype=images.dtype)
   loss = lambda p, d: learner.loss(p, d, k_loss)
-  transform = optax.scale_by_adam() if adam else optax.identity()
+  transform = optimizers.direction("adam" if adam else "sgd")
   params = unroll(loss, params, images, step_sizes, transform=transform)
   return params, loss(params, images), optax.tree.norm(jax.grad(loss)(params, images))
 
@@ -186,7 +186,7 @@ def train_until_converged(
   k_init, k_loss = jax.random.split(key)
   params = learner.init(k_init, images.shape[1], n_hidden, init_scale=init_scale, dtype=images.dtype)
   loss = lambda p: learner.loss(p, images, k_loss)
-  opt = optax.adam(lr) if adam else optax.sgd(lr)
+  opt = optimizers.optimizer("adam" if adam else "sgd", lr)
   grad_norm = lambda p: optax.tree.norm(jax.grad(loss)(p))
   chunk = CONVERGENCE_CHUNK
 
