@@ -21,6 +21,10 @@ from udd_jax.driver.result import DistillResult
 from udd_jax.training.recipes import Recipe
 
 
+# The honest probe's stream of the run's key (the run itself splits the key three ways).
+PROBE_STREAM = 0x9B0BE
+
+
 def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | dict[str, Any] | None = None,
             solver: Any = DEFAULT_SOLVER, run: RunConfig | dict[str, Any] | None = None,
             recipe: Recipe | dict[str, Any] | None = None, workdir: str | os.PathLike | None = None,
@@ -100,7 +104,7 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
   probe = None
   if (settings.eval_every or settings.eval_every_seconds) and eval_data is not None:
     probe = make_honest_probe(eval_data, run.prep, run.problem, run.n_classes[0], settings.solver,
-                              settings.init_scale, settings.recipe)
+                              settings.init_scale, settings.recipe, jax.random.fold_in(settings.key, PROBE_STREAM))
   # The chunk donates the state's buffers; solver states may alias one array twice (the
   # value function starts w' at w), so give every leaf its own buffer first.
   state, history = loop.run_loop(run, workdir, jax.tree.map(jnp.copy, state), history, probe)

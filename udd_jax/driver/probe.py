@@ -17,8 +17,8 @@ from udd_jax.training import recipes
 
 
 def make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, solver: Any, init_scale: float,
-                      recipe: recipes.Recipe | None, *, n_train: int | None = 10000, n_test: int | None = 10000,
-                      head_steps: int = 500) -> Callable[[Any], dict[str, float]]:
+                      recipe: recipes.Recipe | None, key: jax.Array, *, n_train: int | None = 10000,
+                      n_test: int | None = 10000, head_steps: int = 500) -> Callable[[Any], dict[str, float]]:
   """A cheap probe for training curves: one fresh learner, a head fitted on 10k real images, 10k test images.
 
   It follows the protocol (:func:`udd_jax.evaluate`): the fresh learner is trained on D
@@ -26,6 +26,9 @@ def make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, s
   recipe of its own, with that one too (``recipe_accuracy``); the logistic head is fitted
   on the raw features. ``n_train=None, n_test=None`` make it the full protocol's head
   (all real images) with one fresh seed; ``benchmarks/time_to_accuracy.py`` uses that.
+
+  ``key`` draws the fresh learner (``distill`` folds its run key into a stream of its own,
+  so the probe's learner is never one of distillation's).
 
   ``current_w_accuracy`` probes the solver's own w (the jointly learned one for penalty and
   value function); only ``honest_accuracy`` says whether D alone trains a learner.
@@ -38,7 +41,6 @@ def make_honest_probe(eval_data, prep: Preprocessing, problem, n_classes: int, s
   z_test = jnp.asarray(prep.apply(np.asarray(x_test)[:n_test]))
   y_train = jnp.asarray(np.asarray(y_train)[:n_train])
   y_test = jnp.asarray(np.asarray(y_test)[:n_test])
-  key = jax.random.key(123_456)
 
   @jax.jit
   def accuracy_of(params):
