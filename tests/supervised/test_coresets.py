@@ -122,7 +122,7 @@ def test_random_is_uniform_within_each_class(data):
         (dict(y=np.full(28, 0.5)), TypeError, "y must hold integer class labels"),
         (dict(x=np.full((28, 3, 3, 1), np.nan)), ValueError, "x contains 252 non-finite"),
         (dict(x=np.zeros(28)), ValueError, "x must have rank >= 2"),
-        (dict(method="random"), ValueError, 'method="random" needs a key'),
+        (dict(method="random"), ValueError, 'method="random" needs a seed'),
         (dict(method="random", seed="0"), TypeError, "seed must be a PRNG key"),
         (dict(features=np.zeros((27, 4))), ValueError, "features has 27 rows but x has 28"),
         (dict(features=np.zeros(28)), ValueError, "features must have rank 2"),
