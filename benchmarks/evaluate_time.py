@@ -1,10 +1,10 @@
 """Where the time of ``udd_jax.evaluate`` goes: learner training and the two logistic probes.
 
 Times each part of the protocol on MNIST-sized data (|D| = 100, K = 128, all 60k real
-training images, 10k test images) with ``seeds`` fresh learners, each part compiled first
+training images, 10k test images) with ``n_seeds`` fresh learners, each part compiled first
 and then timed on a second call:
 
-  python benchmarks/evaluate_time.py --data_dir ../shared/data --seeds 5
+  python benchmarks/evaluate_time.py --data_dir ../shared/data --n_seeds 5
 
 Writes ``benchmarks/results/evaluate_time.json``.
 """
@@ -38,7 +38,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
-  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--n_seeds", type=int, default=5)
   parser.add_argument("--head_steps", type=int, default=1000)
   args = parser.parse_args()
 
@@ -46,8 +46,8 @@ def main() -> None:
   z, zt = jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(xt.reshape(len(xt), -1))
   yj, ytj = jnp.asarray(y), jnp.asarray(yt)
   learner = udd_jax.get_inner_learner("ae")
-  sets = jnp.broadcast_to(z[:100], (args.seeds, 100, z.shape[1]))
-  keys = jax.random.split(jax.random.key(0), args.seeds)
+  sets = jnp.broadcast_to(z[:100], (args.n_seeds, 100, z.shape[1]))
+  keys = jax.random.split(jax.random.key(0), args.n_seeds)
   recipe = training.STANDARD_RECIPE
   rows = {}
   first, second, (params, _, _, steps) = timed(training.retrain_many, sets, keys, recipe, learner=learner, n_hidden=128)
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"{name:40s} first {r['first_s']:7.1f} s  second {r['second_s']:7.1f} s  "
           + " ".join(f"{k}={v:.4g}" for k, v in r.items() if k not in ("first_s", "second_s")))
   RESULTS.mkdir(exist_ok=True)
-  (RESULTS / "evaluate_time.json").write_text(json.dumps(dict(machine=machine(), seeds=args.seeds, rows=rows), indent=1))
+  (RESULTS / "evaluate_time.json").write_text(json.dumps(dict(machine=machine(), n_seeds=args.n_seeds, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

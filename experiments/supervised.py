@@ -6,8 +6,9 @@
 
 Writes result.npz (the labelled set with config, history and learned step sizes),
 images.png, evaluation.json and report.md into --workdir. Method options: --opt key=value
-(repeatable), e.g. --opt lr_images=0.1; for mtt, --opt expert_n_experts=3 --opt expert_epochs=5
-set the experts (trained into <workdir>/experts, resumable). A workdir that already holds
+(repeatable), e.g. --opt image_lr=0.1 --opt init=random (udd_jax.distill's names; the old
+lr_images and init=noise are refused with their new names); for mtt, --opt expert_n_experts=3
+--opt expert_epochs=5 set the experts (trained into <workdir>/experts, resumable). A workdir that already holds
 result.npz is only re-evaluated.
 """
 

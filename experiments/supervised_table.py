@@ -66,7 +66,7 @@ def main(argv):
     failed = table.run_grid(grid, grid_cells, FLAGS.shard)
     if FLAGS.probe:
       table.probe_cells(root, data_dir=FLAGS.data_dir, probe_ipcs=[int(i) for i in FLAGS.probe_ipcs],
-                        seeds=FLAGS.probe_seeds)
+                        n_seeds=FLAGS.probe_seeds)
   text = table.table(root)
   if FLAGS.curve_roots:
     text += "\n" + table.budget_figure([pathlib.Path(r) for r in FLAGS.curve_roots], pathlib.Path(FLAGS.curve_output))

@@ -346,14 +346,14 @@ def test_recipe_transfers_to_another_learner_or_says_it_diverged(digits):
   (x, y), (xt, yt) = digits
   exploding = udd_jax.Recipe("sgd", 8.0, 30, 0.01)  # plain steps of 8 blow up a K = 64 learner on the digits
   quick = udd_jax.Recipe("adam", 0.01, 50, 0.01, until_converged=True, max_steps=50)
-  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=64, seeds=2, baselines=(), recipe=exploding,
+  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=64, n_seeds=2, baselines=(), recipe=exploding,
                             standard_recipe=quick, head_steps=100)
   standard, own = report.rows
   assert own.recipe == "D's recipe" and own.accuracies == [] and "diverged" in own.note
   assert "| distilled D | D's recipe | diverged | diverged |" in report.to_markdown()
   assert len(standard.accuracies) == 2 and all(np.isfinite(standard.accuracies))
   # The same recipe, made for a K = 4 learner, is rescaled by 4 / 64 to steps of 0.5, which train.
-  rescaled = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=64, seeds=2, baselines=(), recipe=exploding,
+  rescaled = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=64, n_seeds=2, baselines=(), recipe=exploding,
                               recipe_n_hidden=4, standard_recipe=quick, head_steps=100)
   assert len(rescaled.rows[1].accuracies) == 2 and all(np.isfinite(rescaled.rows[1].accuracies))
   assert rescaled.settings["recipes"]["D's recipe"]["inner_lr"] == 0.5
@@ -370,7 +370,7 @@ def test_kmeans_recovers_separated_clusters():
 def test_evaluate_report_and_errors(digits):
   (x, y), (xt, yt) = digits
   quick = udd_jax.Recipe("adam", 0.01, 100, 0.01, until_converged=True, max_steps=300)
-  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=2, baselines=("raw_pixels",),
+  report = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, n_seeds=2, baselines=("raw_pixels",),
                             recipe=udd_jax.Recipe("adam", 0.01, 20), standard_recipe=quick, convergence_factor=10)
   assert [(r.name, r.recipe) for r in report.rows] == [
       ("distilled D", "standard"), ("distilled D", "D's recipe"), ("distilled D, 10x steps", "D's recipe"), ("raw pixels", "")]
@@ -384,14 +384,16 @@ def test_evaluate_report_and_errors(digits):
   assert "| raw pixels |  |" in text and "- D's recipe: adam lr 0.01, 20 full-batch steps, init 0.01 N(0, 1)" in text
   assert report.settings["recipes"] == {"standard": quick.to_config(), "D's recipe": udd_jax.Recipe("adam", 0.01, 20).to_config()}
   # A set that ships the standard recipe gets one learner row per set, not two.
-  same = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, seeds=1, baselines=(), recipe=quick, standard_recipe=quick)
+  same = udd_jax.evaluate(x[:10], (x, y), (xt, yt), n_hidden=8, n_seeds=1, baselines=(), recipe=quick, standard_recipe=quick)
   assert [(r.name, r.recipe) for r in same.rows] == [("distilled D", "standard")]
   with pytest.raises(ValueError, match="must share one trailing shape"):
     udd_jax.evaluate(np.zeros((3, 4, 4)), (x, y), (xt, yt), n_hidden=8)
   with pytest.raises(ValueError, match="unknown baseline 'pca'"):
     udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, baselines=("pca",))
-  with pytest.raises(ValueError, match="seeds must be a positive integer"):
-    udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, seeds=0)
+  with pytest.raises(ValueError, match="n_seeds must be a positive integer"):
+    udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, n_seeds=0)
+  with pytest.raises(TypeError, match="'seeds', which is now called 'n_seeds'"):
+    udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, seeds=2)
 
 
 def test_compare_solvers_and_seed_table_smoke(tmp_path):
@@ -485,7 +487,7 @@ def test_checkpoint_is_keyed_by_pytree_paths(digits, tmp_path):
 def test_evaluate_takes_a_key_as_its_seed(digits):
   (x, y), (xt, yt) = digits
   short = udd_jax.Recipe("adam", 0.01, 20, 0.01)
-  run = lambda seed: udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, seeds=2, standard_recipe=short,
+  run = lambda seed: udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, n_seeds=2, standard_recipe=short,
                                       baselines=(), head_steps=50, seed=seed)
   assert run(jax.random.key(3)).rows[0].accuracies == run(3).rows[0].accuracies
 

@@ -139,7 +139,7 @@ def test_a_second_learner_distills_evaluates_and_round_trips(digits, tmp_path, s
   assert all(np.isfinite(h["outer_loss"]) and np.isfinite(h["d_minus_ae_d"]) for h in result.history)
   # The driver's residual metric is this learner's residual: ||c + h W^T - x|| of D under the final w.
   short = udd_jax.Recipe("adam", 0.01, 20, 0.01)
-  report = udd_jax.evaluate(result.images, (x, y), (xt, yt), n_hidden=8, inner=learner, seeds=1, baselines=(),
+  report = udd_jax.evaluate(result.images, (x, y), (xt, yt), n_hidden=8, inner=learner, n_seeds=1, baselines=(),
                             recipe=short, standard_recipe=short, head_steps=50)
   [row] = report.rows
   assert len(row.accuracies) == 1 and 0.2 < row.accuracies[0] <= 1.0 and np.isfinite(row.inner_loss)

@@ -13,11 +13,42 @@ training. Two families of checks exist:
 
 from __future__ import annotations
 
+import functools
 import numbers
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def renamed(**old_to_new: str) -> Callable[[F], F]:
+  """A decorator: a call that passes a keyword by its old name raises a TypeError naming the new one.
+
+  No alias: the old name is refused, so that one spelling stays in use (issue 25).
+
+  Examples:
+    >>> @renamed(key="seed")
+    ... def f(*, seed): return seed
+    >>> f(key=0)
+    Traceback (most recent call last):
+    ...
+    TypeError: f() got the keyword argument 'key', which is now called 'seed'.
+  """
+
+  def decorate(function: F) -> F:
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+      for old, new in old_to_new.items():
+        if old in kwargs:
+          raise TypeError(f"{function.__name__}() got the keyword argument {old!r}, which is now called {new!r}.")
+      return function(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+  return decorate
 
 
 def shape_str(shape: tuple[int, ...]) -> str:

@@ -177,19 +177,19 @@ def finished_run(workdir: str | pathlib.Path, request: Mapping[str, Any]) -> tup
   return saved["summary"], changed
 
 
-def _evaluate_tasks(result, names, splits, *, n_hidden, inner, seeds, baselines, transfers, joint):
+def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint):
   """D on each task (every baseline on the first, only raw pixels and random W on the others), with transfer rows."""
   report = None
   for j, (name, (train, test)) in enumerate(zip(names, splits)):
     part = evaluate(
-        result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, seeds=seeds,
+        result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, n_seeds=n_seeds,
         preprocessing=result.preprocessing, joint_params=result.params if joint else None,
         baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
     )
     for t in transfers:
       k, loss = t.get("n_hidden", n_hidden), t.get("inner", inner)
       other = evaluate(result.images, train, test, n_hidden=k, inner=loss, recipe=result.recipe, recipe_n_hidden=n_hidden,
-                       seeds=seeds, preprocessing=result.preprocessing, baselines=())
+                       n_seeds=n_seeds, preprocessing=result.preprocessing, baselines=())
       for row in other.rows:
         row.name = f"transfer to K={k}, {loss}: {row.name}"
         part.rows.append(row)
@@ -263,7 +263,7 @@ def run(
   )
   distill_seconds, t1 = time.perf_counter() - t0, time.perf_counter()
   report = _evaluate_tasks(result, names, splits if eval_seeds else [], n_hidden=n_hidden, inner=inner,
-                           seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS)
+                           n_seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS)
   summary = dict(dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
                  honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds,
                  eval_seconds=time.perf_counter() - t1, joint_accuracy=None)
@@ -317,7 +317,7 @@ def compare_solvers(
     )
     report = evaluate(
         result.images, (x_train, y_train), (x_test, y_test), n_hidden=n_hidden, inner=inner, recipe=result.recipe,
-        seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(), joint_params=result.params,
+        n_seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(), joint_params=result.params,
     )
     lines.append(reporting.comparison_line(name, result, report))
     curves[name] = [(h["wall_time"], h["honest_accuracy"]) for h in result.history if "honest_accuracy" in h]

@@ -89,13 +89,13 @@ def test_herding_chooses_the_whole_class_when_ipc_is_its_size():
 
 def test_random_picks_ipc_distinct_samples_per_class(data):
   x, y = data
-  images, labels = coreset(x, y, 4, method="random", key=0)
+  images, labels = coreset(x, y, 4, method="random", seed=0)
   chosen = indices_of(images, x)
   np.testing.assert_array_equal(labels, np.repeat([1, 4, 6], 4))
   np.testing.assert_array_equal(y[chosen], labels)
   assert len(set(chosen.tolist())) == 12
-  np.testing.assert_array_equal(coreset(x, y, 4, method="random", key=0)[0], images)  # same key, same set
-  assert not np.array_equal(coreset(x, y, 4, method="random", key=1)[0], images)
+  np.testing.assert_array_equal(coreset(x, y, 4, method="random", seed=0)[0], images)  # same key, same set
+  assert not np.array_equal(coreset(x, y, 4, method="random", seed=1)[0], images)
 
 
 def test_random_is_uniform_within_each_class(data):
@@ -103,7 +103,7 @@ def test_random_is_uniform_within_each_class(data):
   counts = np.zeros(y.size)
   draws = 300
   for seed in range(draws):
-    counts[indices_of(coreset(x, y, 3, method="random", key=seed)[0], x)] += 1
+    counts[indices_of(coreset(x, y, 3, method="random", seed=seed)[0], x)] += 1
   for c, size in zip([1, 4, 6], [9, 12, 7]):
     frequency = counts[y == c] / draws
     expected = 3 / size
@@ -122,8 +122,8 @@ def test_random_is_uniform_within_each_class(data):
         (dict(y=np.full(28, 0.5)), TypeError, "y must hold integer class labels"),
         (dict(x=np.full((28, 3, 3, 1), np.nan)), ValueError, "x contains 252 non-finite"),
         (dict(x=np.zeros(28)), ValueError, "x must have rank >= 2"),
-        (dict(method="random"), ValueError, 'method="random" needs a key'),
-        (dict(method="random", key="0"), TypeError, "key must be a PRNG key"),
+        (dict(method="random"), ValueError, 'method="random" needs a seed'),
+        (dict(method="random", seed="0"), TypeError, "seed must be a PRNG key"),
         (dict(features=np.zeros((27, 4))), ValueError, "features has 27 rows but x has 28"),
         (dict(features=np.zeros(28)), ValueError, "features must have rank 2"),
         (dict(features=np.full((28, 4), np.inf)), ValueError, "features contains 112 non-finite"),

@@ -105,8 +105,8 @@ def dd_run(digits3):
   try:
     with jax.log_compiles():
       result = dd.distill_dd(
-          x, y, ipc=2, key=0, network="mlp", width=16, steps=2, epochs=2, n_inits=4, iterations=40,
-          lr_images=0.05, lr_step_sizes=0.05, init_lr=0.1, batch_real=128,
+          x, y, ipc=2, seed=0, network="mlp", width=16, steps=2, epochs=2, n_inits=4, iterations=40,
+          image_lr=0.05, step_size_lr=0.05, init_lr=0.1, batch_real=128,
           callback=lambda i, r: records.append((i, r["loss"])),
       )
   finally:
@@ -176,13 +176,13 @@ def test_outer_loop_stops_at_max_seconds_and_keeps_the_last_finite_state():
         (dict(init_lr=-0.1), ValueError, "init_lr"),
         (dict(iterations=0), ValueError, "iterations"),
         (dict(n_classes=2), ValueError, "out of range"),
-        (dict(key="seed"), TypeError, "key"),
+        (dict(seed="seed"), TypeError, "seed must be"),
         (dict(callback=3), TypeError, "callback"),
     ],
 )
 def test_distill_dd_rejects_bad_arguments(digits3, change, error, match):
   x, y = digits3
-  args = dict(ipc=1, key=0, network="mlp", iterations=1) | change
+  args = dict(ipc=1, seed=0, network="mlp", iterations=1) | change
   with pytest.raises(error, match=match):
     dd.distill_dd(x, y, **args)
 
@@ -192,11 +192,11 @@ def test_distill_dd_rejects_bad_data(digits3):
   bad = x.copy()
   bad[0, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="x contains 1 non-finite"):
-    dd.distill_dd(bad, y, ipc=1, key=0)
+    dd.distill_dd(bad, y, ipc=1, seed=0)
   with pytest.raises(ValueError, match="y has"):
-    dd.distill_dd(x, y[:-1], ipc=1, key=0)
+    dd.distill_dd(x, y[:-1], ipc=1, seed=0)
   with pytest.raises(ValueError, match="rank"):
-    dd.distill_dd(x[:, :, 0, 0], y, ipc=1, key=0)
+    dd.distill_dd(x[:, :, 0, 0], y, ipc=1, seed=0)
 
 
 def test_retrain_dd_needs_a_dd_result(dd_run):

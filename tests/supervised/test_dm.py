@@ -66,41 +66,41 @@ def test_loss_is_zero_when_the_synthetic_set_is_the_real_batch(real):
 
 def test_dm_decreases_the_loss_and_moves_the_images():
   x, y = blobs(20, seed=1)
-  res = dm.distill_dm(x, y, ipc=2, key=0, iterations=40, init="noise", **RUN)
+  res = dm.distill_dm(x, y, ipc=2, seed=0, iterations=40, init="random", **RUN)
   assert res.images.shape == (4, 8, 8, 1) and res.labels.tolist() == [0, 0, 1, 1]
   assert res.config["method"] == "dm" and res.config["dsa_strategy"] == "crop" and res.config["iterations"] == 40
   losses = np.array([h["loss"] for h in res.history])
   assert losses[-10:].mean() < 0.5 * losses[:3].mean()
-  first = dm.distill_dm(x, y, ipc=2, key=0, iterations=1, init="noise", **RUN)
+  first = dm.distill_dm(x, y, ipc=2, seed=0, iterations=1, init="random", **RUN)
   assert np.abs(res.images - first.images).max() > 0.1
 
 
 def test_same_seed_same_result_and_no_recompilation():
   x, y = blobs(20, seed=2)
-  runs = [dm.distill_dm(x, y, ipc=2, key=3, iterations=3, **RUN) for _ in range(2)]
+  runs = [dm.distill_dm(x, y, ipc=2, seed=3, iterations=3, **RUN) for _ in range(2)]
   np.testing.assert_array_equal(runs[0].images, runs[1].images)
   size = dm._dm_step._cache_size()
   seen = []
-  other = dm.distill_dm(x, y, ipc=2, key=4, iterations=4, lr_images=0.5, callback=lambda i, r: seen.append(i), **RUN)
+  other = dm.distill_dm(x, y, ipc=2, seed=4, iterations=4, image_lr=0.5, callback=lambda i, r: seen.append(i), **RUN)
   assert dm._dm_step._cache_size() == size and seen == [1, 2, 3, 4]
   assert not np.allclose(other.images, runs[0].images)
 
 
 def test_max_seconds_stops_the_run():
   x, y = blobs(20, seed=2)
-  res = dm.distill_dm(x, y, ipc=2, key=3, iterations=1000, max_seconds=1e-9, **RUN)
+  res = dm.distill_dm(x, y, ipc=2, seed=3, iterations=1000, max_seconds=1e-9, **RUN)
   assert res.config["iterations"] == 1 and res.config["stopped"] == "max_seconds"
 
 
 def test_bad_arguments_are_rejected():
   x, y = blobs(4, seed=0)
   with pytest.raises(ValueError, match="ipc"):
-    dm.distill_dm(x, y, ipc=-1, key=0)
+    dm.distill_dm(x, y, ipc=-1, seed=0)
   with pytest.raises(TypeError, match="dsa"):
-    dm.distill_dm(x, y, ipc=1, key=0, dsa="yes")
-  with pytest.raises(ValueError, match="lr_images"):
-    dm.distill_dm(x, y, ipc=1, key=0, lr_images=0.0)
+    dm.distill_dm(x, y, ipc=1, seed=0, dsa="yes")
+  with pytest.raises(ValueError, match="image_lr"):
+    dm.distill_dm(x, y, ipc=1, seed=0, image_lr=0.0)
   with pytest.raises(ValueError, match="rank"):
-    dm.distill_dm(x[:, 0, 0, 0], y, ipc=1, key=0)
+    dm.distill_dm(x[:, 0, 0, 0], y, ipc=1, seed=0)
   with pytest.raises(ValueError, match="labels"):
-    dm.distill_dm(x, y[:-1], ipc=1, key=0)
+    dm.distill_dm(x, y[:-1], ipc=1, seed=0)

@@ -27,8 +27,8 @@ def test_generator_maps_noise_and_label_to_images():
 def gtn_run(digits3):
   x, y = digits3
   return gtn.distill_gtn(
-      x, y, ipc=2, key=0, learner="mlp", width=16, inner_steps=4, n_inits=2, noise_dim=8, hidden=32,
-      iterations=40, lr_generator=1e-2, lr_curriculum=1e-2, lr_inner_lr=3e-2, init_inner_lr=0.05, batch_real=128,
+      x, y, ipc=2, seed=0, learner="mlp", width=16, inner_steps=4, n_inits=2, noise_dim=8, hidden=32,
+      iterations=40, generator_lr=1e-2, curriculum_lr=1e-2, inner_lr_lr=3e-2, init_inner_lr=0.05, batch_real=128,
   )
 
 
@@ -67,11 +67,11 @@ def test_distill_gtn_config(gtn_run):
         (dict(learner="vgg"), ValueError, "network"),
         (dict(inner_steps=0), ValueError, "inner_steps"),
         (dict(noise_dim=2.0), TypeError, "noise_dim"),
-        (dict(lr_generator=float("nan")), ValueError, "lr_generator"),
+        (dict(generator_lr=float("nan")), ValueError, "generator_lr"),
         (dict(max_seconds=0), ValueError, "max_seconds"),
     ],
 )
 def test_distill_gtn_rejects_bad_arguments(digits3, change, error, match):
   x, y = digits3
   with pytest.raises(error, match=match):
-    gtn.distill_gtn(x, y, **(dict(ipc=1, key=0, learner="mlp", iterations=1) | change))
+    gtn.distill_gtn(x, y, **(dict(ipc=1, seed=0, learner="mlp", iterations=1) | change))

@@ -141,7 +141,7 @@ def two_digits():
 
 def test_kip_raises_krr_test_accuracy_over_its_initial_support_set(two_digits):
   x, y, x_test, y_test = two_digits
-  options = dict(ipc=1, key=jax.random.key(0), kernel="fc", batch_target=100)
+  options = dict(ipc=1, seed=jax.random.key(0), kernel="fc", batch_target=100)
   # Adam moves each pixel by about lr per step, so lr=1e-9 leaves the initial real images in place.
   initial = distill_kip(x, y, iterations=1, lr=1e-9, **options)
   result = distill_kip(x, y, iterations=100, lr=0.01, **options)
@@ -158,7 +158,7 @@ def test_result_config_history_and_callback():
   y = np.repeat([0, 1], 6)
   calls = []
   result = distill_kip(
-      x, y, ipc=2, key=0, kernel="conv", depth=1, iterations=7, log_every=3, learn_labels=False, callback=lambda i, r: calls.append((i, r["loss"]))
+      x, y, ipc=2, seed=0, kernel="conv", depth=1, iterations=7, log_every=3, learn_labels=False, callback=lambda i, r: calls.append((i, r["loss"]))
   )
   assert isinstance(result, SupervisedResult)
   assert result.images.shape == (4, 3, 3, 1) and result.images.dtype == np.float32
@@ -177,19 +177,19 @@ def test_result_config_history_and_callback():
 def test_same_key_same_result_other_key_or_init_other_result():
   x = np.asarray(images(15, 10, size=3))
   y = np.arange(10) % 2
-  a = distill_kip(x, y, ipc=1, key=5, iterations=4)
-  b = distill_kip(x, y, ipc=1, key=5, iterations=4)
+  a = distill_kip(x, y, ipc=1, seed=5, iterations=4)
+  b = distill_kip(x, y, ipc=1, seed=5, iterations=4)
   np.testing.assert_array_equal(a.images, b.images)
   np.testing.assert_array_equal(a.labels, b.labels)
-  assert not np.allclose(distill_kip(x, y, ipc=1, key=6, iterations=4).images, a.images)
-  noise = distill_kip(x, y, ipc=1, key=5, iterations=4, init="noise")
+  assert not np.allclose(distill_kip(x, y, ipc=1, seed=6, iterations=4).images, a.images)
+  noise = distill_kip(x, y, ipc=1, seed=5, iterations=4, init="random")
   assert not np.allclose(noise.images, a.images)
-  assert noise.config["init"] == "noise"
+  assert noise.config["init"] == "random"
 
 
 def test_max_seconds_stops_early():
   x = np.asarray(images(16, 10, size=3))
-  result = distill_kip(x, np.arange(10) % 2, ipc=1, key=0, iterations=10_000, max_seconds=1e-3)
+  result = distill_kip(x, np.arange(10) % 2, ipc=1, seed=0, iterations=10_000, max_seconds=1e-3)
   assert 1 <= result.config["iterations"] < 10_000
   assert result.history[-1]["iteration"] == result.config["iterations"] - 1
 
@@ -221,7 +221,7 @@ def test_kip_preprocessing_normalises_each_image_then_whitens():
   np.testing.assert_allclose(np.cov(z.T, bias=True), (eigvecs * shrunk) @ eigvecs.T, atol=1e-5)
   assert prep.apply(x).shape == x.shape
   assert prep.config() == {"method": "kip_zca", "zca_reg": 0.1, "layer_norm": True, "centred": True}
-  result = distill_kip(prep.apply(x)[:20], np.arange(20) % 2, ipc=1, key=0, iterations=2, preprocessing=prep)
+  result = distill_kip(prep.apply(x)[:20], np.arange(20) % 2, ipc=1, seed=0, iterations=2, preprocessing=prep)
   assert result.config["preprocessing"]["zca_reg"] == 0.1
 
 
@@ -234,27 +234,27 @@ def test_bad_arguments_are_named():
   x = np.asarray(images(20, 6, size=3))
   y = np.arange(6) % 2
   with pytest.raises(ValueError, match="ipc must be a positive integer"):
-    distill_kip(x, y, ipc=0, key=0)
+    distill_kip(x, y, ipc=0, seed=0)
   with pytest.raises(ValueError, match="unknown kernel 'rbf'"):
-    distill_kip(x, y, ipc=1, key=0, kernel="rbf")
+    distill_kip(x, y, ipc=1, seed=0, kernel="rbf")
   with pytest.raises(ValueError, match="unknown init 'zeros'"):
-    distill_kip(x, y, ipc=1, key=0, init="zeros")
+    distill_kip(x, y, ipc=1, seed=0, init="zeros")
   with pytest.raises(ValueError, match="ipc=4 exceeds the examples of class"):
-    distill_kip(x, y, ipc=4, key=0)
+    distill_kip(x, y, ipc=4, seed=0)
   with pytest.raises(ValueError, match=r"no example of class\(es\) \[1\]"):
-    distill_kip(x, np.array([0, 0, 0, 2, 2, 2]), ipc=1, key=0)
+    distill_kip(x, np.array([0, 0, 0, 2, 2, 2]), ipc=1, seed=0)
   with pytest.raises(ValueError, match="y has 5 labels but the inputs have 6 rows"):
-    distill_kip(x, y[:5], ipc=1, key=0)
+    distill_kip(x, y[:5], ipc=1, seed=0)
   with pytest.raises(ValueError, match="x contains 1 non-finite"):
-    distill_kip(np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x), y, ipc=1, key=0)
+    distill_kip(np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x), y, ipc=1, seed=0)
   with pytest.raises(ValueError, match="batch_target must be at least the number of classes"):
-    distill_kip(x, y, ipc=1, key=0, batch_target=1)
-  with pytest.raises(TypeError, match="key must be a PRNG key"):
-    distill_kip(x, y, ipc=1, key="seed")
+    distill_kip(x, y, ipc=1, seed=0, batch_target=1)
+  with pytest.raises(TypeError, match="seed must be a PRNG key"):
+    distill_kip(x, y, ipc=1, seed="seed")
   with pytest.raises(TypeError, match="preprocessing must be"):
-    distill_kip(x, y, ipc=1, key=0, preprocessing="zca")
+    distill_kip(x, y, ipc=1, seed=0, preprocessing="zca")
   with pytest.raises(ValueError, match="x must be images"):
-    distill_kip(x.reshape(6, -1), y, ipc=1, key=0)
+    distill_kip(x.reshape(6, -1), y, ipc=1, seed=0)
   result = SupervisedResult(x[:2], np.eye(2) - 0.5, {"kernel": "fc", "kernel_options": {"depth": 1}})
   with pytest.raises(ValueError, match=r"test x must have the distilled images' shape \(n, 3, 3, 1\)"):
     kip_accuracy(result, (np.ones((2, 4, 4, 1)), np.array([0, 1])))
@@ -262,4 +262,4 @@ def test_bad_arguments_are_named():
     kip_accuracy(result, (x[:3], np.array([0, 1, 2])))
   with pytest.raises(ValueError, match="equal n_classes"):
     kip_loss(x[:2], jnp.ones((2, 2)), x, jnp.ones((6, 3)), kernel_fn=small_kernel("fc"))
-  assert base.INITS == ("real", "noise")
+  assert base.INITS == ("real", "random")

@@ -131,23 +131,23 @@ def test_class_batches_are_balanced_and_distinct():
 
 def test_dc_decreases_the_matching_loss_and_moves_the_images():
   x, y = blobs(20, seed=1)
-  res = dc.distill_dc(x, y, ipc=2, key=0, iterations=30, init="noise", lr_images=0.5, outer_loop=2, inner_loop=2, **CONV)
+  res = dc.distill_dc(x, y, ipc=2, seed=0, iterations=30, init="random", image_lr=0.5, outer_loop=2, inner_loop=2, **CONV)
   assert res.images.shape == (4, 8, 8, 1) and res.labels.tolist() == [0, 0, 1, 1]
   assert res.config["method"] == "dc" and res.config["iterations"] == 30 and len(res.history) == 30
   losses = np.array([h["loss"] for h in res.history])
   assert losses[-10:].mean() < 0.8 * losses[:5].mean()
   # Same seed, one iteration: the images keep moving after it.
-  first = dc.distill_dc(x, y, ipc=2, key=0, iterations=1, init="noise", lr_images=0.5, outer_loop=2, inner_loop=2, **CONV)
+  first = dc.distill_dc(x, y, ipc=2, seed=0, iterations=1, init="random", image_lr=0.5, outer_loop=2, inner_loop=2, **CONV)
   assert np.abs(res.images - first.images).max() > 0.1
 
 
 def test_same_seed_same_result_and_no_recompilation():
   x, y = blobs(20, seed=2)  # the shapes and options of the test above: its compilation is reused
-  runs = [dc.distill_dc(x, y, ipc=2, key=7, iterations=3, outer_loop=2, inner_loop=2, **CONV) for _ in range(2)]
+  runs = [dc.distill_dc(x, y, ipc=2, seed=7, iterations=3, outer_loop=2, inner_loop=2, **CONV) for _ in range(2)]
   np.testing.assert_array_equal(runs[0].images, runs[1].images)
   steps = (dc._fresh_params, dc._dc_match_step, dc._dc_train_step)
   sizes = [f._cache_size() for f in steps]
-  other = dc.distill_dc(x, y, ipc=2, key=8, iterations=4, outer_loop=2, inner_loop=2, lr_images=0.3, **CONV)
+  other = dc.distill_dc(x, y, ipc=2, seed=8, iterations=4, outer_loop=2, inner_loop=2, image_lr=0.3, **CONV)
   assert [f._cache_size() for f in steps] == sizes
   assert not np.allclose(other.images, runs[0].images)
 
@@ -156,7 +156,7 @@ def test_dsa_runs_and_records_its_options():
   x, y = blobs(10, seed=3)
   seen = []
   res = dc.distill_dc(
-      x, y, ipc=1, key=1, iterations=3, dsa=True, dsa_strategy="crop", callback=lambda i, r: seen.append(i), **TINY
+      x, y, ipc=1, seed=1, iterations=3, dsa=True, dsa_strategy="crop", callback=lambda i, r: seen.append(i), **TINY
   )
   assert res.config["method"] == "dsa" and res.config["dsa_strategy"] == "crop"
   assert (res.config["outer_loop"], res.config["inner_loop"]) == (1, 1) and seen == [1, 2, 3]
@@ -166,16 +166,16 @@ def test_dsa_runs_and_records_its_options():
 def test_bad_arguments_are_rejected():
   x, y = blobs(4, seed=0)
   with pytest.raises(ValueError, match="ipc"):
-    dc.distill_dc(x, y, ipc=0, key=0)
+    dc.distill_dc(x, y, ipc=0, seed=0)
   with pytest.raises(ValueError, match="outer_loop"):
-    dc.distill_dc(x, y, ipc=3, key=0)
+    dc.distill_dc(x, y, ipc=3, seed=0)
   with pytest.raises(ValueError, match="init"):
-    dc.distill_dc(x, y, ipc=1, key=0, init="zeros")
+    dc.distill_dc(x, y, ipc=1, seed=0, init="zeros")
   with pytest.raises(ValueError, match="network"):
-    dc.distill_dc(x, y, ipc=1, key=0, network="resnet")
+    dc.distill_dc(x, y, ipc=1, seed=0, network="resnet")
   with pytest.raises(ValueError, match="DSA strategy"):
-    dc.distill_dc(x, y, ipc=1, key=0, dsa=True, dsa_strategy="blur")
+    dc.distill_dc(x, y, ipc=1, seed=0, dsa=True, dsa_strategy="blur")
   with pytest.raises(ValueError, match="non-finite"):
-    dc.distill_dc(np.where(x > 1, np.nan, x), y, ipc=1, key=0)
+    dc.distill_dc(np.where(x > 1, np.nan, x), y, ipc=1, seed=0)
   with pytest.raises(ValueError, match="class 1 has 0"):
-    dc.distill_dc(x, np.where(y == 1, 2, y), ipc=1, key=0)
+    dc.distill_dc(x, np.where(y == 1, 2, y), ipc=1, seed=0)

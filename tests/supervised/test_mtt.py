@@ -42,7 +42,7 @@ def test_mtt_loss_rejects_batches_of_the_wrong_length():
     mtt.mtt_loss(net, x, jnp.array([0, 1]), 0.1, p, p, syn_steps=3, batches=jnp.zeros((2, 1), int))
 
 
-EXPERT_ARGS = dict(network="mlp", width=8, epochs=3, key=0, lr=0.05, batch_size=64)
+EXPERT_ARGS = dict(network="mlp", width=8, epochs=3, seed=0, lr=0.05, batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_train_experts_resumes(experts, digits3, tmp_path):
 
 @pytest.mark.parametrize(
     "change, match",
-    [(dict(lr=0.1), "lr: 0.05 on disk vs 0.1"), (dict(epochs=4), "epochs"), (dict(key=1), "seed"),
+    [(dict(lr=0.1), "lr: 0.05 on disk vs 0.1"), (dict(epochs=4), "epochs"), (dict(seed=1), "seed"),
      (dict(network="convnet", depth=1), "network")],
 )
 def test_train_experts_refuses_a_workdir_made_with_other_arguments(experts, digits3, change, match):
@@ -116,8 +116,8 @@ def test_train_experts_refuses_other_data(experts, digits3):
 def mtt_run(experts, digits3):
   workdir, _, _ = experts
   x, y = digits3
-  return mtt.distill_mtt(x, y, ipc=2, key=0, expert_dir=workdir, syn_steps=6, expert_epochs=1,
-                         batch_syn=4, lr_images=30.0, lr_lr=1e-4, iterations=40)
+  return mtt.distill_mtt(x, y, ipc=2, seed=0, expert_dir=workdir, syn_steps=6, expert_epochs=1,
+                         batch_syn=4, image_lr=30.0, student_lr_lr=1e-4, iterations=40)
 
 
 def test_distill_mtt_reduces_the_trajectory_loss(mtt_run):
@@ -148,16 +148,16 @@ def test_distill_mtt_rejects_bad_arguments(experts, digits3, tmp_path):
   workdir, _, _ = experts
   x, y = digits3
   with pytest.raises(ValueError, match="max_start_epoch=4 is too large"):
-    mtt.distill_mtt(x, y, ipc=1, key=0, expert_dir=workdir, max_start_epoch=4)
+    mtt.distill_mtt(x, y, ipc=1, seed=0, expert_dir=workdir, max_start_epoch=4)
   with pytest.raises(ValueError, match="expert_epochs=4 exceeds"):
-    mtt.distill_mtt(x, y, ipc=1, key=0, expert_dir=workdir, expert_epochs=4)
+    mtt.distill_mtt(x, y, ipc=1, seed=0, expert_dir=workdir, expert_epochs=4)
   with pytest.raises(FileNotFoundError, match="experts.json"):
-    mtt.distill_mtt(x, y, ipc=1, key=0, expert_dir=tmp_path)
+    mtt.distill_mtt(x, y, ipc=1, seed=0, expert_dir=tmp_path)
   with pytest.raises(ValueError, match="images of shape"):
-    mtt.distill_mtt(x[:, :4, :4], y, ipc=1, key=0, expert_dir=workdir)
+    mtt.distill_mtt(x[:, :4, :4], y, ipc=1, seed=0, expert_dir=workdir)
   with pytest.raises(ValueError, match="unknown init"):
-    mtt.distill_mtt(x, y, ipc=1, key=0, expert_dir=workdir, init="kmeans")
+    mtt.distill_mtt(x, y, ipc=1, seed=0, expert_dir=workdir, init="kmeans")
   with pytest.raises(ValueError, match="class 0 has"):
-    mtt.distill_mtt(x[y > 0], y[y > 0], ipc=1, key=0, expert_dir=workdir)
+    mtt.distill_mtt(x[y > 0], y[y > 0], ipc=1, seed=0, expert_dir=workdir)
   with pytest.raises(ValueError, match="ipc"):
-    mtt.distill_mtt(x, y, ipc=0, key=0, expert_dir=workdir)
+    mtt.distill_mtt(x, y, ipc=0, seed=0, expert_dir=workdir)

@@ -135,7 +135,7 @@ def test_no_recompilation_for_new_key_or_hyperparameters(data):
 def test_evaluate_synset_matches_separate_runs_and_chunked_test(data):
   (x, y), (xt, yt) = data
   xt, yt = xt[:31], yt[:31]  # 31 test images in chunks of 8: a padded last chunk
-  report = train.evaluate_synset(x, y, (xt, yt), key=7, network=MLP, runs=2, test_chunk=8, **SHARED)
+  report = train.evaluate_synset(x, y, (xt, yt), seed=7, network=MLP, runs=2, test_chunk=8, **SHARED)
   keys = jax.random.split(jax.random.key(7), 2)
   for r in range(2):
     params = train.train_network(MLP, x, y, keys[r], **SHARED)
@@ -175,30 +175,30 @@ def test_network_outputs_cover_labels_and_test_labels():
         (dict(momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
         (dict(weight_decay=float("nan")), ValueError, "weight_decay must be a finite non-negative"),
         (dict(augment="dsa"), TypeError, "augment must be a function"),
-        (dict(key="seed"), TypeError, "key must be a PRNG key"),
+        (dict(seed="seed"), TypeError, "seed must be a PRNG key"),
         (dict(network="mlp", n_classes=2), ValueError, "n_classes=2 but the labels need at least 3 classes"),
     ],
 )
 def test_train_network_errors(data, kwargs, error, match):
   (x, y), _ = data
-  args = dict(network=MLP, images=x, labels=y, key=jax.random.key(0)) | kwargs
-  network, images, labels, key = (args.pop(k) for k in ("network", "images", "labels", "key"))
+  args = dict(network=MLP, images=x, labels=y, seed=jax.random.key(0)) | kwargs
+  network, images, labels, seed = (args.pop(k) for k in ("network", "images", "labels", "seed"))
   with pytest.raises(error, match=match):
-    train.train_network(network, images, labels, key, epochs=args.pop("epochs", 1), **args)
+    train.train_network(network, images, labels, seed, epochs=args.pop("epochs", 1), **args)
 
 
 def test_evaluate_synset_errors(data):
   (x, y), (xt, yt) = data
   with pytest.raises(TypeError, match=r"test must be a pair \(x_test, y_test\)"):
-    train.evaluate_synset(x, y, xt, key=0)
+    train.evaluate_synset(x, y, xt, seed=0)
   with pytest.raises(ValueError, match=r"test x has images of shape \(7, 7, 1\) but images are \(8, 8, 1\)"):
-    train.evaluate_synset(x, y, (xt[:, :7, :7], yt), key=0)
+    train.evaluate_synset(x, y, (xt[:, :7, :7], yt), seed=0)
   with pytest.raises(ValueError, match="test y has 89 labels but the inputs have 90 rows"):
-    train.evaluate_synset(x, y, (xt, yt[:89]), key=0)
+    train.evaluate_synset(x, y, (xt, yt[:89]), seed=0)
   with pytest.raises(ValueError, match="runs must be a positive integer"):
-    train.evaluate_synset(x, y, (xt, yt), key=0, runs=0)
+    train.evaluate_synset(x, y, (xt, yt), seed=0, runs=0)
   with pytest.raises(ValueError, match="the network has 3 outputs but the labels need 5 classes"):
-    train.evaluate_synset(x, y, (xt, np.full(90, 4)), key=0, network=MLP)
+    train.evaluate_synset(x, y, (xt, np.full(90, 4)), seed=0, network=MLP)
   with pytest.raises(ValueError, match="keys must be a 1-d array"):
     train.train_networks(MLP, x, y, jax.random.key(0))
 

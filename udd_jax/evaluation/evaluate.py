@@ -25,6 +25,7 @@ from udd_jax.inner import learners
 from udd_jax.training.recipes import STANDARD_RECIPE, Recipe, retrain_many
 
 
+@_validation.renamed(seeds="n_seeds")
 def evaluate(
     images: Any,
     train: tuple[Any, Any],
@@ -35,7 +36,7 @@ def evaluate(
     recipe: Recipe | dict[str, Any] | None = None,
     recipe_n_hidden: int | None = None,
     standard_recipe: Recipe = STANDARD_RECIPE,
-    seeds: int = 5,
+    n_seeds: int = 5,
     preprocessing: Preprocessing | None = None,
     joint_params: Any = None,
     baselines: Sequence[str] = BASELINES,
@@ -48,7 +49,7 @@ def evaluate(
 ) -> EvaluationReport:
   """Honest evaluation of a distilled set D (docs/METHOD.md section 5).
 
-  Every learner row re-trains fresh learners (seeds never used in distillation) on a set
+  Every learner row re-trains ``n_seeds`` fresh learners (seeds never used in distillation) on a set
   alone, with two recipes side by side: ``standard_recipe``, which does not come from D
   (Adam 3e-3, full batch, at least 4000 steps and until the gradient norm stops falling,
   init 0.01), and D's own ``recipe`` (omitted when it is the standard one). Each is
@@ -69,7 +70,7 @@ def evaluate(
       gradient step sizes are rescaled (:meth:`Recipe.for_learner`). A recipe under which
       a learner still diverges gets a row marked "diverged" instead of accuracies.
     standard_recipe: the recipe that does not come from D.
-    seeds: number of fresh learner inits (never used during distillation).
+    n_seeds: number of fresh learner inits (never used during distillation), drawn from ``seed``.
     preprocessing: the map from value space to learner inputs stored with D (flatten only if None).
     joint_params: the jointly learned w of a penalty/OVR run, reported beside.
     baselines: which of ``raw_pixels``, ``random_w``, ``random_subset``, ``kmeans``,
@@ -88,22 +89,22 @@ def evaluate(
     >>> import udd_jax
     >>> (x, y), (xt, yt) = udd_jax.load_dataset("digits")
     >>> short = udd_jax.Recipe("adam", 0.01, 20, 0.01)  # 20 Adam steps: the standard recipe takes >= 4000
-    >>> report = udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, seeds=2, standard_recipe=short,
+    >>> report = udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, n_seeds=2, standard_recipe=short,
     ...                           baselines=(), head_steps=50)
     >>> [(r.name, r.recipe, len(r.accuracies)) for r in report.rows]
     [('distilled D', 'standard', 2)]
   """
-  seeds, n_hidden, convergence_factor, head_l2, head_steps = _check_options(
-      seeds, n_hidden, convergence_factor, seed, head_l2, head_steps)
+  n_seeds, n_hidden, convergence_factor, head_l2, head_steps = _check_options(
+      n_seeds, n_hidden, convergence_factor, seed, head_l2, head_steps)
   train, test, images = _check_data(images, train, test, baselines)
   recipe, recipes = _resolve_recipes(recipe, standard_recipe, n_hidden, recipe_n_hidden)
   probe, d_images = _prepare(images, train, test, inner, preprocessing, joint_params, head_l2=head_l2,
                              head_steps=head_steps, sigma2=sigma2, noise_std=noise_std)
-  keys = jax.random.split(_validation.as_key(seed, "seed")[0], seeds)
+  keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
   learner_rows = _learner_rows(probe, keys, recipes, recipe, n_hidden=n_hidden, convergence_factor=convergence_factor)
   rows = _rows(probe, learner_rows, d_images, joint_params, baselines, keys, n_hidden=n_hidden,
                init_scale=standard_recipe.init_scale)
-  return EvaluationReport(rows, _settings(probe, recipes, n_distill=d_images.shape[0], seeds=seeds, n_hidden=n_hidden))
+  return EvaluationReport(rows, _settings(probe, recipes, n_distill=d_images.shape[0], n_seeds=n_seeds, n_hidden=n_hidden))
 
 
 def _rows(probe: Probe, learner_rows: LearnerRows, d_images: Array, joint_params: Any, baselines: Sequence[str],
@@ -117,10 +118,10 @@ def _rows(probe: Probe, learner_rows: LearnerRows, d_images: Array, joint_params
   return rows + baseline_rows(baselines, probe, learner_rows, keys, n=n, n_hidden=n_hidden, init_scale=init_scale)
 
 
-def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int, seeds: int, n_hidden: int) -> dict[str, Any]:
+def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int, n_seeds: int, n_hidden: int) -> dict[str, Any]:
   """The settings an :class:`EvaluationReport` records."""
   return dict(
-      n_distill=int(n_distill), n_hidden=n_hidden, inner=probe.learner.name, seeds=seeds,
+      n_distill=int(n_distill), n_hidden=n_hidden, inner=probe.learner.name, n_seeds=n_seeds,
       recipes={label: r.to_config() for label, r in recipes},
       head="multinomial logistic, L-BFGS, mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised",
       head_l2=probe.head_l2, head_steps=probe.head_steps, n_train=int(probe.z_train.shape[0]),
@@ -149,15 +150,15 @@ def _prepare(images: Any, train: tuple[Any, Any], test: tuple[Any, Any], inner: 
   return probe, d_images
 
 
-def _check_options(seeds, n_hidden, convergence_factor, seed, head_l2, head_steps) -> tuple[int, int, int, float, int]:
+def _check_options(n_seeds, n_hidden, convergence_factor, seed, head_l2, head_steps) -> tuple[int, int, int, float, int]:
   """The checked counts and head settings of :func:`evaluate`."""
-  seeds = _validation.check_positive_int(seeds, "seeds")
+  n_seeds = _validation.check_positive_int(n_seeds, "n_seeds")
   n_hidden = _validation.check_positive_int(n_hidden, "n_hidden")
   convergence_factor = _validation.check_non_negative_int(convergence_factor, "convergence_factor")
   _validation.as_key(seed, "seed")
   head_l2 = _validation.check_positive_float(head_l2, "head_l2", allow_zero=True)
   head_steps = _validation.check_positive_int(head_steps, "head_steps")
-  return seeds, n_hidden, convergence_factor, head_l2, head_steps
+  return n_seeds, n_hidden, convergence_factor, head_l2, head_steps
 
 
 def _check_data(images: Any, train: tuple[Any, Any], test: tuple[Any, Any], baselines: Sequence[str]):

@@ -1,6 +1,6 @@
 """What every supervised distillation method shares: keys, the common options, the outer loop.
 
-A ``distill_*`` function takes the real data, ``ipc`` and ``key`` and its own options; the
+A ``distill_*`` function takes the real data, ``ipc`` and ``seed`` (an int or a PRNG key) and its own options; the
 options every method shares (the network, the budget, the callback) go through
 :func:`setup`, which checks them once into a :class:`Setup`. :func:`run_outer_loop` is the
 one outer-loop driver: it runs a method's jitted step for the budget, logs, and stops on a
@@ -9,7 +9,7 @@ method).
 
 Examples:
   >>> import numpy as np
-  >>> s = setup(np.zeros((4, 3, 3)), np.array([0, 1, 0, 1]), ipc=1, key=0, network="mlp", iterations=3)
+  >>> s = setup(np.zeros((4, 3, 3)), np.array([0, 1, 0, 1]), ipc=1, seed=0, network="mlp", iterations=3)
   >>> s.data.n_classes, s.budget.iterations, s.seed, s.network_record
   (2, 3, 0, {'network': 'mlp', 'width': 128, 'depth': 3})
 """
@@ -36,10 +36,21 @@ from udd_jax.supervised.labelled import LabelledData, prepare_data, synthetic_la
 Callback = Callable[[int, dict[str, float]], None]
 Step = Callable[[Any, PRNGKeyArray], tuple[Any, dict[str, Array]]]
 
-INITS = ("real", "noise")
-"""How a method may start its set: random real images of each class, or noise."""
+INITS = ("real", "random")
+"""How a method may start its set: ``"real"``, random real images of each class, or ``"random"``,
+random images (N(0, 1) noise here, the space of standardised inputs; KIP's noise has the data's
+per-pixel mean and std). The unsupervised half's ``init="random"`` is random images too, drawn
+uniformly in the data's range."""
 
-def as_key(key: Any, name: str = "key") -> tuple[PRNGKeyArray, Any]:
+
+def check_init(init: Any) -> str:
+  """``init`` if it is one of :data:`INITS`; the former ``"noise"`` is refused with its new name."""
+  if init == "noise":
+    raise ValueError("init='noise' is now called init='random' (random images, as in udd_jax.distill).")
+  return _validation.check_choice(init, "init", INITS)
+
+
+def as_key(key: Any, name: str = "seed") -> tuple[PRNGKeyArray, Any]:
   """A typed PRNG key from an int seed or a key, and its JSON record (``_validation.as_key``)."""
   try:
     return _validation.as_key(key, name)
@@ -174,7 +185,7 @@ def run_outer_loop(
 
 
 class CommonOptions(TypedDict, total=False):
-  """The keyword options every ``distill_*`` function passes on to :func:`setup`."""
+  """The keyword options every ``distill_*`` function passes on to :func:`setup` (besides ``seed``)."""
 
   network: str
   width: int
@@ -232,12 +243,13 @@ class Setup:
     }
 
 
+@_validation.renamed(key="seed")
 def setup(
     x: Any,
     y: Any,
     *,
     ipc: Any,
-    key: Any,
+    seed: Any,
     iterations: Any,
     network: str | None = None,
     width: Any = 128,
@@ -253,7 +265,7 @@ def setup(
     x: real images ``(n, H, W)`` or ``(n, H, W, C)``, preprocessed as the networks see them.
     y: integer labels ``(n,)``.
     ipc: synthetic images per class.
-    key: PRNG key or int seed.
+    seed: int seed or PRNG key of the run.
     iterations: outer iterations (the budget).
     network: ``"convnet"``, ``"mlp"`` or ``"lenet"`` (None: the method trains none).
     width: ConvNet channels / MLP hidden units.
@@ -265,7 +277,7 @@ def setup(
   """
   data = prepare_data(x, y, n_classes=n_classes, min_per_class=min_per_class)
   ipc = _validation.check_positive_int(ipc, "ipc")
-  key, seed = as_key(key)
+  key, seed = as_key(seed)
   budget = Budget.check(iterations, max_seconds, callback)
   net, record = None, {}
   if network is not None:

@@ -108,13 +108,14 @@ def from_unsupervised(
   return SupervisedResult(images=np.asarray(z, np.float32), labels=labels, config=config)
 
 
+@_validation.renamed(seeds="n_seeds")
 def feature_probe(
     images: Float[ArrayLike, "n H W"],
     train: tuple[Any, Any],
     test: tuple[Any, Any],
     *,
     n_hidden: int = 128,
-    seeds: int = 3,
+    n_seeds: int = 3,
     recipe: Recipe | dict[str, Any] | None = None,
     n_train: int | None = 10_000,
 ) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def feature_probe(
     images: the set in raw pixel space (as ``load_dataset`` gives images; labels unused).
     train, test: real labelled ``(x, y)`` in the same space.
     n_hidden: hidden units K of the autoencoder.
-    seeds: fresh autoencoder inits.
+    n_seeds: fresh autoencoder inits.
     recipe: how the autoencoder trains on the set (default ``udd_jax.training.STANDARD_RECIPE``:
       Adam 3e-3, full batch until convergence).
     n_train: the head trains on the first ``n_train`` training images (None: all of them;
@@ -141,7 +142,7 @@ def feature_probe(
     recipe = Recipe.from_config(recipe)
   standard = STANDARD_RECIPE if recipe is None else recipe
   report = evaluate(images, (x_train, y_train), test, n_hidden=n_hidden, inner="ae", standard_recipe=standard,
-                             seeds=seeds, baselines=())
+                             n_seeds=n_seeds, baselines=())
   row = report.rows[0]
   return dict(accuracies=row.accuracies, mean=row.mean, std=row.std, recipe=report.settings["recipes"]["standard"],
               n_hidden=n_hidden, n_train=int(len(y_train)))

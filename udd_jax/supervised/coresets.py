@@ -71,13 +71,14 @@ def _kcenter(features: jax.Array, valid: jax.Array, *, ipc: int) -> jax.Array:
   return jax.lax.fori_loop(1, ipc, pick, (nearest, order))[1]
 
 
+@_validation.renamed(key="seed")
 def coreset(
     x: Float[ArrayLike, "n ..."],
     y: Int[ArrayLike, " n"],
     ipc: int,
     *,
     method: str,
-    key: PRNGKeyArray | int | None = None,
+    seed: PRNGKeyArray | int | None = None,
     features: Float[ArrayLike, "n f"] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """``ipc`` real samples of every class of ``y``, chosen by ``method``.
@@ -86,9 +87,9 @@ def coreset(
     x: real inputs ``(n, ...)`` (images of any shape).
     y: integer class labels ``(n,)``.
     ipc: samples per class; at most the size of the smallest class.
-    method: ``"random"`` (uniform without replacement, needs ``key``), ``"herding"`` or
+    method: ``"random"`` (uniform without replacement, needs ``seed``), ``"herding"`` or
       ``"kcenter"`` (deterministic, greedy on ``features``).
-    key: PRNG key or integer seed for ``"random"``; not used by the others.
+    seed: int seed or PRNG key for ``"random"``; not used by the others.
     features: ``(n, f)`` features the greedy methods compare (e.g. network embeddings);
       default: the flattened ``x``.
 
@@ -99,7 +100,7 @@ def coreset(
 
   Raises:
     ValueError, TypeError: unknown method, ``ipc`` < 1 or larger than a class, shape or
-      label mismatch, non-finite inputs, ``"random"`` without a key.
+      label mismatch, non-finite inputs, ``"random"`` without a seed.
   """
   _validation.check_choice(method, "method", CORESET_METHODS)
   x_arr = _validation.check_array(x, "x", min_ndim=2)
@@ -110,9 +111,9 @@ def coreset(
     smallest = classes[np.argmin(counts)]
     raise ValueError(f"ipc={ipc} exceeds the {counts.min()} samples of class {smallest}, the smallest class.")
   if method == "random":
-    if key is None:
-      raise ValueError('method="random" needs a key (a PRNG key or an integer seed).')
-    u = np.asarray(jax.random.uniform(as_key(key)[0], (x_arr.shape[0],)))
+    if seed is None:
+      raise ValueError('method="random" needs a seed (an integer seed or a PRNG key).')
+    u = np.asarray(jax.random.uniform(as_key(seed)[0], (x_arr.shape[0],)))
     # Sorting by (class, uniform score) and keeping the first ipc of each class draws a
     # uniformly random subset of every class in one vectorised pass.
     order = np.lexsort((u, y_arr))

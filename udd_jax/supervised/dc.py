@@ -17,7 +17,7 @@ Examples:
   >>> import numpy as np
   >>> rng = np.random.default_rng(0)
   >>> x, y = rng.normal(size=(40, 8, 8, 1)), np.arange(40) % 2
-  >>> result = distill_dc(x, y, ipc=1, key=0, network="mlp", width=4, iterations=2, batch_real=8)
+  >>> result = distill_dc(x, y, ipc=1, seed=0, network="mlp", width=4, iterations=2, batch_real=8)
   >>> result.images.shape, result.labels.tolist(), result.config["iterations"]
   ((2, 8, 8, 1), [0, 1], 2)
 """
@@ -57,7 +57,7 @@ _MATCH_STATIC = ("network", "ipc", "batch_real", "dsa_strategy")
 
 
 @functools.partial(jax.jit, static_argnames=_MATCH_STATIC)
-def _dc_match_step(state, params, key, data, lr_images, *, network, ipc, batch_real, dsa_strategy):
+def _dc_match_step(state, params, key, data, image_lr, *, network, ipc, batch_real, dsa_strategy):
   """One image update: the matching loss summed over classes, one SGD(momentum) step."""
   n_classes = data.starts.shape[0]
   k_real, k_aug = jax.random.split(key)
@@ -66,16 +66,16 @@ def _dc_match_step(state, params, key, data, lr_images, *, network, ipc, batch_r
   def loss_fn(images):
     return dc_loss(network, params, real, images.reshape(n_classes, ipc, *images.shape[1:]), **dsa_options)
 
-  images, opt_state, loss = image_updates.image_step(loss_fn, state.images, state.opt_state, lr_images)
+  images, opt_state, loss = image_updates.image_step(loss_fn, state.images, state.opt_state, image_lr)
   return _DCState(images, opt_state), loss
 
 
 @functools.partial(jax.jit, static_argnames=("network", "dsa_strategy"))
-def _dc_train_step(params, images, labels, key, lr_network, *, network, dsa_strategy):
+def _dc_train_step(params, images, labels, key, network_lr, *, network, dsa_strategy):
   """One full-batch SGD step of the network on the (detached) synthetic set."""
   x = images if dsa_strategy is None else augment_lib.dsa_per_image(images, key, dsa_strategy)
   grads = jax.grad(cross_entropy, argnums=1)(network, params, x, labels)
-  tx = optax.sgd(lr_network)  # no momentum: its state is empty and need not be carried
+  tx = optax.sgd(network_lr)  # no momentum: its state is empty and need not be carried
   updates, _ = tx.update(grads, tx.init(params), params)
   return optax.apply_updates(params, updates)
 
@@ -83,7 +83,7 @@ def _dc_train_step(params, images, labels, key, lr_network, *, network, dsa_stra
 _fresh_params = jax.jit(init_params, static_argnums=(0, 2))
 
 
-def _dc_iteration(state, key, data, syn_labels, lr_images, lr_network, *, network, ipc, batch_real, outer_loop, inner_loop,
+def _dc_iteration(state, key, data, syn_labels, image_lr, network_lr, *, network, ipc, batch_real, outer_loop, inner_loop,
                   dsa_strategy):
   """One DC iteration: a fresh init, then ``outer_loop`` rounds of [image update; ``inner_loop``
   network steps (skipped after the last round)].
@@ -96,13 +96,13 @@ def _dc_iteration(state, key, data, syn_labels, lr_images, lr_network, *, networ
   keys = jax.random.split(k_rounds, (outer_loop, 2))
   losses = []
   for r in range(outer_loop):
-    state, loss = _dc_match_step(state, params, keys[r, 0], data, lr_images, network=network, ipc=ipc,
+    state, loss = _dc_match_step(state, params, keys[r, 0], data, image_lr, network=network, ipc=ipc,
                                  batch_real=batch_real, dsa_strategy=dsa_strategy)
     losses.append(loss)
     if r < outer_loop - 1:
       images = jax.lax.stop_gradient(state.images)
       for k in jax.random.split(keys[r, 1], inner_loop):
-        params = _dc_train_step(params, images, syn_labels, k, lr_network, network=network, dsa_strategy=dsa_strategy)
+        params = _dc_train_step(params, images, syn_labels, k, network_lr, network=network, dsa_strategy=dsa_strategy)
   return state, {"loss": jnp.mean(jnp.stack(losses)) / data.starts.shape[0]}
 
 
@@ -115,9 +115,10 @@ def _loops(ipc: int, outer_loop: Any, inner_loop: Any) -> tuple[int, int]:
   return outer_loop, inner_loop
 
 
+@_validation.renamed(key="seed", lr_images="image_lr", lr_network="network_lr")
 def distill_dc(
-    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int, dsa: bool = False,
-    dsa_strategy: str = augment_lib.DSA_STRATEGY_DIGITS, lr_images: float = 0.1, lr_network: float = 0.01,
+    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int, dsa: bool = False,
+    dsa_strategy: str = augment_lib.DSA_STRATEGY_DIGITS, image_lr: float = 0.1, network_lr: float = 0.01,
     batch_real: int = 256, init: str = "real", outer_loop: int | None = None, inner_loop: int | None = None,
     preprocessing: dict[str, Any] | None = None, **common: Unpack[base.CommonOptions],
 ) -> SupervisedResult:
@@ -130,15 +131,16 @@ def distill_dc(
       see them (DC standardises with the dataset mean and std).
     y: integer labels ``(n,)``.
     ipc: synthetic images per class.
-    key: PRNG key or int seed.
+    seed: int seed or PRNG key of the run.
     dsa: use differentiable Siamese augmentation (the DSA method).
     dsa_strategy: DSA operations; the default drops ``flip``, which digits do not
       tolerate; pass ``augment.DSA_STRATEGY`` for natural images.
-    lr_images: step size of the SGD(momentum 0.5) on the images.
-    lr_network: step size of the inner network training.
+    image_lr: step size of the SGD(momentum 0.5) on the images.
+    network_lr: step size of the inner network training.
     batch_real: real images per class per round (sampled with replacement from a class
       with fewer images).
-    init: ``"real"`` (random real images of each class) or ``"noise"`` (N(0, 1)).
+    init: ``"real"`` (random real images of each class) or ``"random"`` (random images:
+      N(0, 1) noise, the space of standardised inputs).
     outer_loop: rounds per iteration; DC's value for ``ipc`` (:data:`LOOPS`) when None.
     inner_loop: network steps between rounds; DC's value when None. The steps are
       full-batch; DC's code runs ``inner_loop`` epochs of mini-batches of 256, which is
@@ -157,30 +159,30 @@ def distill_dc(
     ValueError: unknown option, ``ipc`` not in :data:`LOOPS` without explicit loops, a
       class without images, bad shapes or non-finite inputs.
   """
-  lr_images, batch_real = image_updates.check_options(
-      init=init, lr_images=lr_images, batch_real=batch_real, dsa=dsa, dsa_strategy=dsa_strategy,
+  image_lr, batch_real = image_updates.check_options(
+      init=init, image_lr=image_lr, batch_real=batch_real, dsa=dsa, dsa_strategy=dsa_strategy,
       preprocessing=preprocessing,
   )
-  lr_network = _validation.check_positive_float(lr_network, "lr_network")
-  s = base.setup(x, y, ipc=ipc, key=key, **(DEFAULTS | common))
+  network_lr = _validation.check_positive_float(network_lr, "network_lr")
+  s = base.setup(x, y, ipc=ipc, seed=seed, **(DEFAULTS | common))
   outer_loop, inner_loop = _loops(s.ipc, outer_loop, inner_loop)
 
   data, syn_labels = class_data(s.data.images, s.data.labels, s.data.n_classes), jnp.asarray(s.labels())
   strategy = dsa_strategy if dsa else None
-  lr_images_arr, lr_network_arr = jnp.asarray(lr_images, s.dtype), jnp.asarray(lr_network, s.dtype)
+  image_lr_arr, network_lr_arr = jnp.asarray(image_lr, s.dtype), jnp.asarray(network_lr, s.dtype)
   key, k_init = jax.random.split(s.key)
   images = initial_images(data, k_init, s.ipc, init)
-  state = _DCState(images, image_updates.image_optimizer(lr_images).init(images))
+  state = _DCState(images, image_updates.image_optimizer(image_lr).init(images))
 
   def iteration(state, key):
     return _dc_iteration(
-        state, key, data, syn_labels, lr_images_arr, lr_network_arr, network=s.network, ipc=s.ipc,
+        state, key, data, syn_labels, image_lr_arr, network_lr_arr, network=s.network, ipc=s.ipc,
         batch_real=batch_real, outer_loop=outer_loop, inner_loop=inner_loop, dsa_strategy=strategy,
     )
 
   state, log = s.run(iteration, state, key)
   config = s.config(
-      "dsa" if dsa else "dc", log, dsa=dsa, dsa_strategy=strategy, lr_images=lr_images, lr_network=lr_network,
+      "dsa" if dsa else "dc", log, dsa=dsa, dsa_strategy=strategy, image_lr=image_lr, network_lr=network_lr,
       batch_real=batch_real, init=init, outer_loop=outer_loop, inner_loop=inner_loop, preprocessing=preprocessing,
   )
   return SupervisedResult(images=np.asarray(state.images, np.float32), labels=np.asarray(syn_labels), config=config,

@@ -72,9 +72,10 @@ def _make_dd_step(network, optimizer, syn_labels, batches, *, n_inits, batch_rea
   return dd_step
 
 
+@_validation.renamed(key="seed", lr_images="image_lr", lr_step_sizes="step_size_lr")
 def distill_dd(
-    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int, steps: int = 10,
-    epochs: int = 3, n_inits: int = 2, lr_images: float = 0.01, lr_step_sizes: float = 0.01, init_lr: float = 0.01,
+    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int, steps: int = 10,
+    epochs: int = 3, n_inits: int = 2, image_lr: float = 0.01, step_size_lr: float = 0.01, init_lr: float = 0.01,
     batch_real: int = 256, **common: Unpack[base.CommonOptions],
 ) -> SupervisedResult:
   """Dataset Distillation with random inits (Wang et al., 2018): images and per-step step sizes.
@@ -90,12 +91,12 @@ def distill_dd(
     x: real images ``(n, H, W)`` or ``(n, H, W, C)``, in the networks' input space.
     y: integer labels ``(n,)``.
     ipc: images per class of the distilled set.
-    key: PRNG key or int seed.
+    seed: int seed or PRNG key of the run.
     steps: gradient steps per epoch over the set.
     epochs: passes over the set; ``steps * epochs`` learned step sizes.
     n_inits: fresh network inits per iteration (each one unrolled training and its backward pass).
-    lr_images: Adam step size on the images.
-    lr_step_sizes: Adam step size on the log step sizes.
+    image_lr: Adam step size on the images.
+    step_size_lr: Adam step size on the log step sizes.
     init_lr: initial value of every step size.
     batch_real: real images per iteration (at most ``n``).
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
@@ -106,13 +107,13 @@ def distill_dd(
     A :class:`SupervisedResult`: class-major images and labels, the learned step sizes
     ``(steps * epochs,)`` in ``step_sizes``, the loss per iteration in ``history``.
   """
-  s = base.setup(x, y, ipc=ipc, key=key, **(DEFAULTS | common))
+  s = base.setup(x, y, ipc=ipc, seed=seed, **(DEFAULTS | common))
   steps = _validation.check_positive_int(steps, "steps")
   epochs = _validation.check_positive_int(epochs, "epochs")
   n_inits = _validation.check_positive_int(n_inits, "n_inits")
   batch_real = min(_validation.check_positive_int(batch_real, "batch_real"), s.data.images.shape[0])
-  lr_images = _validation.check_positive_float(lr_images, "lr_images")
-  lr_step_sizes = _validation.check_positive_float(lr_step_sizes, "lr_step_sizes", allow_zero=True)
+  image_lr = _validation.check_positive_float(image_lr, "image_lr")
+  step_size_lr = _validation.check_positive_float(step_size_lr, "step_size_lr", allow_zero=True)
   init_lr = _validation.check_positive_float(init_lr, "init_lr")
 
   syn_labels = s.labels()
@@ -123,7 +124,7 @@ def distill_dd(
       "log_step_sizes": jnp.full((steps * epochs,), math.log(init_lr), dtype=s.dtype),
   }
   optimizer = optax.partition(
-      {"images": optax.adam(lr_images), "log_step_sizes": optax.adam(lr_step_sizes)},
+      {"images": optax.adam(image_lr), "log_step_sizes": optax.adam(step_size_lr)},
       {"images": "images", "log_step_sizes": "log_step_sizes"},
   )
   dd_step = _make_dd_step(
@@ -133,8 +134,8 @@ def distill_dd(
   state = _DDState(syn, optimizer.init(syn))
   state, log = s.run(lambda st, k: dd_step(st, k, s.data.images, s.data.labels), state, key)
   config = s.config(
-      "dd", log, steps=steps, epochs=epochs, n_inits=n_inits, lr_images=lr_images, lr_step_sizes=lr_step_sizes,
-      init_lr=init_lr, batch_real=batch_real, init="noise", preprocessing="none",
+      "dd", log, steps=steps, epochs=epochs, n_inits=n_inits, image_lr=image_lr, step_size_lr=step_size_lr,
+      init_lr=init_lr, batch_real=batch_real, init="random", preprocessing="none",
   )
   return SupervisedResult(
       images=np.asarray(state.syn["images"], dtype=np.float32),
@@ -145,16 +146,17 @@ def distill_dd(
   )
 
 
-def retrain_dd(result: SupervisedResult, key: PRNGKeyArray | int) -> PyTree:
+@_validation.renamed(key="seed")
+def retrain_dd(result: SupervisedResult, seed: PRNGKeyArray | int) -> PyTree:
   """Trains a fresh network on a DD result with exactly its learned recipe (DD's evaluation).
 
-  The network of ``result.config`` starts from the init drawn with ``key`` and takes
+  The network of ``result.config`` starts from the init drawn with ``seed`` and takes
   ``steps x epochs`` plain SGD steps on the images, step ``t`` on the slice of
   :func:`step_batches` with step size ``result.step_sizes[t]``.
 
   Args:
     result: what :func:`distill_dd` returned.
-    key: PRNG key or int seed of the network's init.
+    seed: int seed or PRNG key of the network's init.
 
   Returns:
     The trained network's parameters; apply them with
@@ -162,7 +164,7 @@ def retrain_dd(result: SupervisedResult, key: PRNGKeyArray | int) -> PyTree:
   """
   if not isinstance(result, SupervisedResult) or result.config.get("method") != "dd":
     raise TypeError("result must be the SupervisedResult of distill_dd (config['method'] == 'dd').")
-  key, _ = base.as_key(key)
+  key, _ = base.as_key(seed)
   cfg = result.config
   net = get_network(cfg["network"], cfg["n_classes"], width=cfg["width"], depth=cfg["depth"])
   batches = np.tile(step_batches(cfg["n_classes"], cfg["ipc"], cfg["steps"]), (cfg["epochs"], 1))

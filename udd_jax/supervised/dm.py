@@ -10,7 +10,7 @@ Examples:
   >>> import numpy as np
   >>> rng = np.random.default_rng(0)
   >>> x, y = rng.normal(size=(40, 8, 8, 1)), np.arange(40) % 2
-  >>> result = distill_dm(x, y, ipc=2, key=0, network="mlp", width=4, iterations=3, batch_real=8,
+  >>> result = distill_dm(x, y, ipc=2, seed=0, network="mlp", width=4, iterations=3, batch_real=8,
   ...                     dsa_strategy="crop")
   >>> result.images.shape, result.labels.tolist(), len(result.history)
   ((4, 8, 8, 1), [0, 0, 1, 1], 3)
@@ -29,6 +29,7 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
+from udd_jax import _validation
 from udd_jax.supervised import augment as augment_lib
 from udd_jax.supervised import base, image_updates
 from udd_jax.supervised.labelled import class_data, initial_images
@@ -85,7 +86,7 @@ class _DMState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("network", "ipc", "batch_real", "dsa_strategy"))
-def _dm_step(state, key, data, lr_images, *, network, ipc, batch_real, dsa_strategy):
+def _dm_step(state, key, data, image_lr, *, network, ipc, batch_real, dsa_strategy):
   """One DM iteration: a fresh random network, the loss, one SGD(momentum) step on the images."""
   n_classes = data.starts.shape[0]
   k_net, k_real, k_aug = jax.random.split(key, 3)
@@ -95,13 +96,14 @@ def _dm_step(state, key, data, lr_images, *, network, ipc, batch_real, dsa_strat
   def loss_fn(images):
     return dm_loss(network, params, real, images.reshape(n_classes, ipc, *images.shape[1:]), **dsa_options)
 
-  images, opt_state, loss = image_updates.image_step(loss_fn, state.images, state.opt_state, lr_images)
+  images, opt_state, loss = image_updates.image_step(loss_fn, state.images, state.opt_state, image_lr)
   return _DMState(images, opt_state), {"loss": loss / n_classes}
 
 
+@_validation.renamed(key="seed", lr_images="image_lr")
 def distill_dm(
-    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int,
-    lr_images: float = 1.0, batch_real: int = 256, dsa: bool = True,
+    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int,
+    image_lr: float = 1.0, batch_real: int = 256, dsa: bool = True,
     dsa_strategy: str = augment_lib.DSA_STRATEGY_DIGITS, init: str = "real",
     preprocessing: dict[str, Any] | None = None, **common: Unpack[base.CommonOptions],
 ) -> SupervisedResult:
@@ -110,21 +112,22 @@ def distill_dm(
   Each iteration draws a fresh random init of ``network`` (never trained), samples
   ``batch_real`` real images per class, augments the real batch and the synthetic images
   of each class with one shared DSA transform, and takes one SGD step (momentum 0.5,
-  ``lr_images``) on :func:`dm_loss`.
+  ``image_lr``) on :func:`dm_loss`.
 
   Args:
     x: real images ``(n, H, W)`` or ``(n, H, W, C)``, preprocessed as the networks will
       see them.
     y: integer labels ``(n,)``.
     ipc: synthetic images per class.
-    key: PRNG key or int seed.
-    lr_images: step size of the SGD(momentum 0.5) on the images (DM's 1.0).
+    seed: int seed or PRNG key of the run.
+    image_lr: step size of the SGD(momentum 0.5) on the images (DM's 1.0).
     batch_real: real images per class per iteration (with replacement from a class with
       fewer images).
     dsa: augment with differentiable Siamese augmentation (DM's default).
     dsa_strategy: DSA operations; the default drops ``flip`` (digits); pass
       ``augment.DSA_STRATEGY`` for natural images.
-    init: ``"real"`` (random real images of each class) or ``"noise"`` (N(0, 1)).
+    init: ``"real"`` (random real images of each class) or ``"random"`` (random images:
+      N(0, 1) noise, the space of standardised inputs).
     preprocessing: recorded as ``config["preprocessing"]``.
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
       ``width``, ``depth``, ``iterations``, ``n_classes``, ``max_seconds``,
@@ -134,24 +137,24 @@ def distill_dm(
     A :class:`SupervisedResult`, ``ipc`` images per class (class-major), integer labels;
     ``history`` logs the loss averaged over classes (DM's ``loss_avg``).
   """
-  lr_images, batch_real = image_updates.check_options(
-      init=init, lr_images=lr_images, batch_real=batch_real, dsa=dsa, dsa_strategy=dsa_strategy,
+  image_lr, batch_real = image_updates.check_options(
+      init=init, image_lr=image_lr, batch_real=batch_real, dsa=dsa, dsa_strategy=dsa_strategy,
       preprocessing=preprocessing,
   )
-  s = base.setup(x, y, ipc=ipc, key=key, **(DEFAULTS | common))
+  s = base.setup(x, y, ipc=ipc, seed=seed, **(DEFAULTS | common))
   data = class_data(s.data.images, s.data.labels, s.data.n_classes)
   strategy = dsa_strategy if dsa else None
-  lr_images_arr = jnp.asarray(lr_images, s.dtype)
+  image_lr_arr = jnp.asarray(image_lr, s.dtype)
   key, k_init = jax.random.split(s.key)
   images = initial_images(data, k_init, s.ipc, init)
-  state = _DMState(images, image_updates.image_optimizer(lr_images).init(images))
+  state = _DMState(images, image_updates.image_optimizer(image_lr).init(images))
 
   def iteration(state, key):
-    return _dm_step(state, key, data, lr_images_arr, network=s.network, ipc=s.ipc, batch_real=batch_real,
+    return _dm_step(state, key, data, image_lr_arr, network=s.network, ipc=s.ipc, batch_real=batch_real,
                     dsa_strategy=strategy)
 
   state, log = s.run(iteration, state, key)
-  config = s.config("dm", log, dsa=dsa, dsa_strategy=strategy, lr_images=lr_images, batch_real=batch_real, init=init,
+  config = s.config("dm", log, dsa=dsa, dsa_strategy=strategy, image_lr=image_lr, batch_real=batch_real, init=init,
                     preprocessing=preprocessing)
   return SupervisedResult(images=np.asarray(state.images, np.float32), labels=np.asarray(s.labels()), config=config,
                           history=log.history)

@@ -47,7 +47,7 @@ def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str
             max_seconds: float | None, seed: int, workdir: pathlib.Path, options: dict[str, Any],
             preprocessing: dict[str, Any]) -> SupervisedResult:
   entry = REGISTRY[method]
-  kwargs = dict(ipc=ipc, key=seed, max_seconds=max_seconds, callback=_progress(method))
+  kwargs = dict(ipc=ipc, seed=seed, max_seconds=max_seconds, callback=_progress(method))
   if iterations:
     kwargs["iterations"] = iterations
   # The options may name another network to distil with than the one evaluated (DD's LeNet).
@@ -171,7 +171,7 @@ def _distilled_set(method, dataset, z_train, y_train, prepare, prep_config, *, i
     return artifacts.load_result(result_path)
   t0 = time.perf_counter()
   if method in CORESETS:
-    images, labels = coresets.coreset(z_train, y_train, ipc, method=method, key=seed)
+    images, labels = coresets.coreset(z_train, y_train, ipc, method=method, seed=seed)
     result = SupervisedResult(images=images, labels=labels,
                               config=dict(method=method, ipc=ipc, seed=base.as_key(seed, "seed")[1], iterations=0,
                                           seconds=time.perf_counter() - t0))
@@ -198,7 +198,7 @@ def _evaluation_rows(result, test, *, network, width, cross_arch, eval_dsa, eval
       if not eval_runs:
         break
       t0 = time.perf_counter()
-      out = train.evaluate_synset(result.images, result.labels, test, key=base.derived_key(seed, 1000), network=module, runs=eval_runs,
+      out = train.evaluate_synset(result.images, result.labels, test, seed=base.derived_key(seed, 1000), network=module, runs=eval_runs,
                                   epochs=eval_epochs, augment=dsa_fn if use_dsa else None)
       rows.append(dict(network=net, dsa=use_dsa, mean=float(out["mean"]), std=float(out["std"]),
                        accuracies=[float(a) for a in out["accuracies"]], seconds=time.perf_counter() - t0))

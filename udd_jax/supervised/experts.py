@@ -87,15 +87,16 @@ class Experts(NamedTuple):
   trained: list[int]
 
 
+@_validation.renamed(key="seed")
 def train_experts(
     x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, n_experts: int, epochs: int,
-    workdir: str | pathlib.Path, key: PRNGKeyArray | int, network: str = "convnet", width: int = 128, depth: int = 3,
+    workdir: str | pathlib.Path, seed: PRNGKeyArray | int, network: str = "convnet", width: int = 128, depth: int = 3,
     lr: float = 0.01, momentum: float = 0.0, batch_size: int = 256, n_classes: int | None = None,
     callback: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> Experts:
   """Trains MTT's experts on real data and saves their trajectories; resumable.
 
-  Expert ``i`` starts from the init drawn with ``fold_in(key, i)`` and takes ``epochs``
+  Expert ``i`` starts from the init drawn with ``fold_in(key, i)`` (``key`` the seed as a PRNG key) and takes ``epochs``
   shuffled passes of mini-batch SGD (MTT's buffer: ``lr`` 0.01, no momentum, batch 256).
   Its flat parameter vector before training and after every epoch goes to
   ``workdir/expert_{i:04d}.npz`` (``trajectory``: ``(epochs + 1, n_params)``,
@@ -110,7 +111,7 @@ def train_experts(
     n_experts: experts wanted in ``workdir`` (those present are kept).
     epochs: epochs per expert.
     workdir: the directory of the trajectories (created if needed).
-    key: PRNG key or int seed.
+    seed: int seed or PRNG key.
     network: ``"convnet"`` (MTT's), ``"lenet"`` or ``"mlp"``.
     width: ConvNet channels / MLP hidden units.
     depth: ConvNet blocks.
@@ -130,7 +131,7 @@ def train_experts(
   data = prepare_data(x, y, n_classes=n_classes)
   n_experts = _validation.check_positive_int(n_experts, "n_experts")
   epochs = _validation.check_positive_int(epochs, "epochs")
-  key, seed = base.as_key(key)
+  key, seed = base.as_key(seed)
   lr = _validation.check_positive_float(lr, "lr")
   momentum = _validation.check_positive_float(momentum, "momentum", allow_zero=True)
   if momentum >= 1:

@@ -88,10 +88,12 @@ def _initial_teacher(generator, syn_labels, k_gen, k_z, noise_dim, init_inner_lr
   }
 
 
+@_validation.renamed(key="seed", lr_generator="generator_lr", lr_curriculum="curriculum_lr",
+                     lr_inner_lr="inner_lr_lr")
 def distill_gtn(
-    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int,
+    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int,
     learner: str = "mlp", inner_steps: int = 10, n_inits: int = 1, noise_dim: int = 32, hidden: int = 128,
-    lr_generator: float = 1e-3, lr_curriculum: float = 1e-3, lr_inner_lr: float = 1e-2, init_inner_lr: float = 0.02,
+    generator_lr: float = 1e-3, curriculum_lr: float = 1e-3, inner_lr_lr: float = 1e-2, init_inner_lr: float = 0.02,
     batch_real: int = 256, **common: Unpack[base.CommonOptions],
 ) -> SupervisedResult:
   """Generative Teaching Network: a generator and its input curriculum meta-learned to teach.
@@ -101,22 +103,22 @@ def distill_gtn(
   ``n_inits`` fresh learners (vmapped) by ``inner_steps`` full-batch SGD steps on them
   with the learned step size, and takes their mean cross-entropy on a real batch as the
   meta-loss; Adam updates the generator, the curriculum and the log step size
-  (``lr_inner_lr = 0`` keeps the step size fixed).
+  (``inner_lr_lr = 0`` keeps the step size fixed).
 
   Args:
     x: real images ``(n, H, W)`` or ``(n, H, W, C)``, in the networks' input space.
     y: integer labels ``(n,)``.
     ipc: images per class of the distilled set (curriculum entries per class).
-    key: PRNG key or int seed.
+    seed: int seed or PRNG key of the run.
     learner: the learners' network: ``"mlp"`` (the smallest setting, cheap on a CPU),
       ``"lenet"`` or ``"convnet"``.
     inner_steps: unrolled SGD steps per learner.
     n_inits: fresh learners per iteration.
     noise_dim: dimension of each curriculum noise vector.
     hidden: the generator's hidden units.
-    lr_generator: Adam step size on the generator's parameters.
-    lr_curriculum: Adam step size on the curriculum.
-    lr_inner_lr: Adam step size on the learners' log step size.
+    generator_lr: Adam step size on the generator's parameters.
+    curriculum_lr: Adam step size on the curriculum.
+    inner_lr_lr: Adam step size on the learners' log step size.
     init_inner_lr: the learners' initial step size.
     batch_real: real images per iteration (at most ``n``).
     **common: the options of :func:`udd_jax.supervised.base.setup` but ``network``
@@ -128,11 +130,11 @@ def distill_gtn(
     step size in ``step_sizes`` (shape ``(1,)``; ``config["inner_steps"]`` steps), the
     meta-loss per iteration in ``history``.
   """
-  s = base.setup(x, y, ipc=ipc, key=key, network=learner, **(DEFAULTS | common))
+  s = base.setup(x, y, ipc=ipc, seed=seed, network=learner, **(DEFAULTS | common))
   inner_steps, n_inits, noise_dim, hidden = (_validation.check_positive_int(v, name) for v, name in (
       (inner_steps, "inner_steps"), (n_inits, "n_inits"), (noise_dim, "noise_dim"), (hidden, "hidden")))
-  lr_generator, lr_curriculum, lr_inner_lr = (_validation.check_positive_float(v, name, allow_zero=True) for v, name in (
-      (lr_generator, "lr_generator"), (lr_curriculum, "lr_curriculum"), (lr_inner_lr, "lr_inner_lr")))
+  generator_lr, curriculum_lr, inner_lr_lr = (_validation.check_positive_float(v, name, allow_zero=True) for v, name in (
+      (generator_lr, "generator_lr"), (curriculum_lr, "curriculum_lr"), (inner_lr_lr, "inner_lr_lr")))
   init_inner_lr = _validation.check_positive_float(init_inner_lr, "init_inner_lr")
   batch_real = min(_validation.check_positive_int(batch_real, "batch_real"), s.data.images.shape[0])
 
@@ -141,7 +143,7 @@ def distill_gtn(
   key, k_gen, k_z = jax.random.split(s.key, 3)
   teacher = _initial_teacher(generator, syn_labels, k_gen, k_z, noise_dim, init_inner_lr, s.dtype)
   optimizer = optax.partition(
-      {"generator": optax.adam(lr_generator), "curriculum": optax.adam(lr_curriculum), "log_inner_lr": optax.adam(lr_inner_lr)},
+      {"generator": optax.adam(generator_lr), "curriculum": optax.adam(curriculum_lr), "log_inner_lr": optax.adam(inner_lr_lr)},
       {"generator": jax.tree.map(lambda _: "generator", teacher["generator"]), "curriculum": "curriculum",
        "log_inner_lr": "log_inner_lr"})
   gtn_step = _make_gtn_step(
@@ -151,8 +153,8 @@ def distill_gtn(
   state, log = s.run(lambda st, k: gtn_step(st, k, s.data.images, s.data.labels), _GTNState(teacher, optimizer.init(teacher)), key)
   images = generator.apply({"params": state.teacher["generator"]}, state.teacher["curriculum"], syn_labels)
   config = s.config(
-      "gtn", log, inner_steps=inner_steps, n_inits=n_inits, noise_dim=noise_dim, hidden=hidden, lr_generator=lr_generator,
-      lr_curriculum=lr_curriculum, lr_inner_lr=lr_inner_lr, init_inner_lr=init_inner_lr, batch_real=batch_real,
+      "gtn", log, inner_steps=inner_steps, n_inits=n_inits, noise_dim=noise_dim, hidden=hidden, generator_lr=generator_lr,
+      curriculum_lr=curriculum_lr, inner_lr_lr=inner_lr_lr, init_inner_lr=init_inner_lr, batch_real=batch_real,
       preprocessing="none",
   )
   return SupervisedResult(

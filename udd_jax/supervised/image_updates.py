@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
 from udd_jax.supervised import augment as augment_lib
-from udd_jax.supervised.base import INITS
+from udd_jax.supervised.base import check_init
 from udd_jax.supervised.labelled import ClassData, sample_class_batches
 
 IMAGE_MOMENTUM = 0.5
@@ -30,18 +30,18 @@ def image_optimizer(lr: float | Array) -> optax.GradientTransformation:
 
 
 def check_options(
-    *, init: Any, lr_images: Any, batch_real: Any, dsa: Any, dsa_strategy: Any, preprocessing: Any
+    *, init: Any, image_lr: Any, batch_real: Any, dsa: Any, dsa_strategy: Any, preprocessing: Any
 ) -> tuple[float, int]:
-  """Checks the options DC, DSA and DM share; returns ``(lr_images, batch_real)``."""
-  _validation.check_choice(init, "init", INITS)
-  lr_images = _validation.check_positive_float(lr_images, "lr_images")
+  """Checks the options DC, DSA and DM share; returns ``(image_lr, batch_real)``."""
+  check_init(init)
+  image_lr = _validation.check_positive_float(image_lr, "image_lr")
   batch_real = _validation.check_positive_int(batch_real, "batch_real")
   augment_lib.parse_strategy(dsa_strategy)
   if preprocessing is not None and not isinstance(preprocessing, dict):
     raise TypeError(f"preprocessing must be a JSON-serialisable dict or None; got {type(preprocessing).__name__}.")
   if not isinstance(dsa, bool):
     raise TypeError(f"dsa must be a bool; got {type(dsa).__name__}.")
-  return lr_images, batch_real
+  return image_lr, batch_real
 
 
 def real_batches(
@@ -55,11 +55,11 @@ def real_batches(
 
 
 def image_step(
-    loss_fn: Callable[[Array], Scalar], images: Array, opt_state: optax.OptState, lr_images: Array
+    loss_fn: Callable[[Array], Scalar], images: Array, opt_state: optax.OptState, image_lr: Array
 ) -> tuple[Array, optax.OptState, Scalar]:
   """One step of :func:`image_optimizer` on ``loss_fn(images)``; returns the images, state and loss."""
   loss, grads = jax.value_and_grad(loss_fn)(images)
-  updates, opt_state = image_optimizer(lr_images).update(grads, opt_state, images)
+  updates, opt_state = image_optimizer(image_lr).update(grads, opt_state, images)
   return optax.apply_updates(images, updates), opt_state, loss
 
 

@@ -18,7 +18,7 @@ Examples:
   >>> import jax, jax.numpy as jnp
   >>> x = jnp.concatenate([jnp.zeros((5, 4, 4, 1)), jnp.ones((5, 4, 4, 1))])
   >>> y = jnp.array([0] * 5 + [1] * 5)
-  >>> result = distill_kip(x, y, ipc=1, key=jax.random.key(0), iterations=3)
+  >>> result = distill_kip(x, y, ipc=1, seed=jax.random.key(0), iterations=3)
   >>> result.images.shape, result.labels.shape
   ((2, 4, 4, 1), (2, 2))
   >>> kip_accuracy(result, (x, y))
@@ -132,8 +132,9 @@ def _train_step(state, step_key, data, table, counts, hyper, *, kernel_fn, learn
   return kip_step(state, x[idx], y[idx], kernel_fn=kernel_fn, optimizer=optax.adam(lr), reg=reg, learn_labels=learn_labels)
 
 
+@_validation.renamed(key="seed")
 def distill_kip(
-    x: Float[ArrayLike, "n H W *C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int,
+    x: Float[ArrayLike, "n H W *C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int,
     kernel: str = "fc", kind: str = "ntk", depth: int | None = None, w_var: float = 2.0, b_var: float = 1e-4,
     filter_size: int = 3, iterations: int = 1000, lr: float = 0.01, batch_target: int | None = None,
     learn_labels: bool = True, reg: float = 1e-6, init: str = "real", block_size: int | None = None,
@@ -152,7 +153,7 @@ def distill_kip(
       live in the same space.
     y: integer labels ``(n,)`` in ``[0, n_classes)``; every class must occur.
     ipc: images per class (>= 1).
-    key: PRNG key (or integer seed) for the initial support set and the target batches.
+    seed: int seed or PRNG key of the initial support set and the target batches.
     kernel, kind, depth, w_var, b_var, filter_size: the kernel (:func:`get_kernel`):
       ``"fc"`` or ``"conv"`` (ConvNet, flatten readout), ``"ntk"`` or ``"nngp"``, hidden
       layers / conv blocks (default 1 / 3), weight and bias variances, filter side (conv).
@@ -161,8 +162,8 @@ def distill_kip(
       of classes (default 1000 for ``"fc"``, 100 for ``"conv"``, at most ``n``).
     learn_labels: also learn the support labels.
     reg: ridge regularisation, relative to the mean diagonal of ``K_ss``.
-    init: ``"real"`` (random real images of each class) or ``"noise"`` (Gaussian noise
-      with the data's per-pixel mean and standard deviation).
+    init: ``"real"`` (random real images of each class) or ``"random"`` (random images:
+      Gaussian noise with the data's per-pixel mean and standard deviation).
     block_size: compute kernels ``block_size`` rows at a time (memory for ``"conv"``).
     preprocessing: how ``x`` was preprocessed, recorded in ``config["preprocessing"]``
       (a :class:`KipPreprocessing`, a ``udd_jax.Preprocessing`` or a JSON dict).
@@ -181,13 +182,13 @@ def distill_kip(
     ValueError, TypeError: bad arguments, before anything is compiled.
   """
   ipc = _validation.check_positive_int(ipc, "ipc")
-  key, _ = base.as_key(key)
+  key, _ = base.as_key(seed)
   kernel = _validation.check_choice(kernel, "kernel", KERNELS)
   kind = _validation.check_choice(kind, "kind", KINDS)
   depth = DEFAULT_DEPTH[kernel] if depth is None else _validation.check_positive_int(depth, "depth")
   budget = base.Budget.check(iterations, max_seconds, callback)
   lr, reg = _validation.check_positive_float(lr, "lr"), _validation.check_positive_float(reg, "reg", allow_zero=True)
-  init = _validation.check_choice(init, "init", base.INITS)
+  init = base.check_init(init)
   log_every, _ = _validation.check_positive_int(log_every, "log_every"), _validation.check_bool(learn_labels, "learn_labels")
   record_prep = _preprocessing_record(preprocessing)
   x_np, y_np, n_classes = _check_data(x, y, ipc, init)

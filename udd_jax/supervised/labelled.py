@@ -110,9 +110,9 @@ def sample_class_batches(data: ClassData, key: PRNGKeyArray, batch: int) -> Floa
 @functools.partial(jax.jit, static_argnames=("ipc", "init"))
 def initial_images(data: ClassData, key: PRNGKeyArray, ipc: int, init: str) -> Float[Array, "n H W C"]:
   """The starting set, class-major: ``ipc`` random real images per class (``"real"``) or
-  standard normal noise (``"noise"``, DC's ``torch.randn`` in the standardised space)."""
+  random images (``"random"``): standard normal noise, DC's ``torch.randn`` in the standardised space."""
   n_classes = data.starts.shape[0]
-  if init == "noise":
+  if init == "random":
     return jax.random.normal(key, (n_classes * ipc, *data.images.shape[1:]), data.images.dtype)
   return sample_class_batches(data, key, ipc).reshape(n_classes * ipc, *data.images.shape[1:])
 

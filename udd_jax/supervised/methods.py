@@ -20,22 +20,24 @@ from typing import Any
 
 import numpy as np
 
-from udd_jax.supervised import dc, dd, dm, experts, gtn, kip, mtt
+from udd_jax.supervised import base, dc, dd, dm, experts, gtn, kip, mtt
 from udd_jax.supervised.result import SupervisedResult
 
 
 def distill_mtt_with_experts(
-    x: np.ndarray, y: np.ndarray, *, key: int, workdir: pathlib.Path, network: str, width: int, **options: Any
+    x: np.ndarray, y: np.ndarray, *, seed: Any, workdir: pathlib.Path, network: str, width: int, **options: Any
 ) -> SupervisedResult:
   """MTT with its experts: trains the missing ones first (resumable: ``expert_dir`` may be shared by
   runs on the same data), then distils. Options ``expert_<name>`` go to ``train_experts`` (its
-  ``<name>``, e.g. ``expert_n_experts``, ``expert_epochs``); the experts use the seed ``key + 1``."""
+  ``<name>``, e.g. ``expert_n_experts``, ``expert_epochs``); the experts use the seed ``seed + 1``
+  (``fold_in(key, 1)`` for a PRNG key)."""
   expert_dir = pathlib.Path(options.pop("expert_dir", workdir / "experts"))
   expert_options = {k[len("expert_"):]: options.pop(k) for k in list(options) if k.startswith("expert_")}
   expert_options.setdefault("n_experts", 3)
   expert_options.setdefault("epochs", 5)
-  experts.train_experts(x, y, workdir=expert_dir, key=key + 1, network=network, width=width, **expert_options)
-  return mtt.distill_mtt(x, y, expert_dir=expert_dir, key=key, **options)
+  experts.train_experts(x, y, workdir=expert_dir, seed=base.derived_key(seed, 1), network=network, width=width,
+                        **expert_options)
+  return mtt.distill_mtt(x, y, expert_dir=expert_dir, seed=seed, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Method:
   """A distillation method as :func:`udd_jax.supervised.experiment.run` calls it.
 
   Attributes:
-    distill: ``distill(x, y, *, ipc, key, max_seconds, callback, [iterations], **options)``.
+    distill: ``distill(x, y, *, ipc, seed, max_seconds, callback, [iterations], **options)``.
     network: it takes the run's ``network`` and ``width``.
     preprocessing: it records the run's preprocessing (``preprocessing=``).
     workdir: it keeps files of its own in the run's workdir (``workdir=``).

@@ -128,10 +128,11 @@ def _make_mtt_step(network, unravel, optimizer, syn_labels, *, syn_steps, batch_
   return mtt_step
 
 
+@_validation.renamed(key="seed", lr_images="image_lr", lr_lr="student_lr_lr")
 def distill_mtt(
-    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, key: PRNGKeyArray | int,
+    x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int,
     expert_dir: str | pathlib.Path, syn_steps: int = 20, expert_epochs: int = 2, max_start_epoch: int | None = None,
-    lr_images: float = 100.0, lr_lr: float = 1e-5, init_student_lr: float = 0.01, batch_syn: int | None = None,
+    image_lr: float = 100.0, student_lr_lr: float = 1e-5, init_student_lr: float = 0.01, batch_syn: int | None = None,
     init: str = "real", remat: bool = True, iterations: int = 500, max_seconds: float | None = None,
     callback: base.Callback | None = None,
 ) -> SupervisedResult:
@@ -147,18 +148,19 @@ def distill_mtt(
       data the experts were trained on; used to initialise the set).
     y: integer labels ``(n,)``.
     ipc: images per class of the distilled set.
-    key: PRNG key or int seed.
+    seed: int seed or PRNG key of the run.
     expert_dir: the ``workdir`` of :func:`~udd_jax.supervised.experts.train_experts`;
       its network is the student's.
     syn_steps: student steps ``N`` per iteration.
     expert_epochs: expert epochs ``M`` the student must cover.
     max_start_epoch: start epochs are drawn below this; at most
       ``epochs - expert_epochs + 1`` (the default).
-    lr_images: step size on the images (large: the normalised loss has small gradients).
-    lr_lr: step size on the student step size.
+    image_lr: step size on the images (large: the normalised loss has small gradients).
+    student_lr_lr: step size on the student step size.
     init_student_lr: the student step size's initial value (MTT: the experts' lr).
     batch_syn: synthetic images per student step; all of them when None.
-    init: ``"real"`` (random real images of each class, MTT's default) or ``"noise"``.
+    init: ``"real"`` (random real images of each class, MTT's default) or ``"random"`` (random
+      images: N(0, 1) noise).
     remat: recompute each student step's activations in the backward pass (memory of
       one step instead of ``syn_steps``).
     iterations, max_seconds, callback: the budget, as in :func:`udd_jax.supervised.base.setup`.
@@ -167,13 +169,14 @@ def distill_mtt(
     A :class:`SupervisedResult`: class-major images and labels, the learned student step
     size in ``step_sizes`` ``(1,)``, per iteration the loss, expert and start epoch in ``history``.
   """
+  base.check_init(init)
   manifest, trajectories = load_experts(expert_dir)
-  s = _setup(x, y, manifest, ipc=ipc, key=key, init=init, iterations=iterations, max_seconds=max_seconds, callback=callback)
+  s = _setup(x, y, manifest, ipc=ipc, seed=seed, init=init, iterations=iterations, max_seconds=max_seconds, callback=callback)
   syn_steps = _validation.check_positive_int(syn_steps, "syn_steps")
   expert_epochs, max_start_epoch = _start_epochs(manifest["epochs"], expert_epochs, max_start_epoch)
-  lr_images, init_student_lr = (_validation.check_positive_float(v, n) for v, n in (
-      (lr_images, "lr_images"), (init_student_lr, "init_student_lr")))
-  lr_lr = _validation.check_positive_float(lr_lr, "lr_lr", allow_zero=True)
+  image_lr, init_student_lr = (_validation.check_positive_float(v, n) for v, n in (
+      (image_lr, "image_lr"), (init_student_lr, "init_student_lr")))
+  student_lr_lr = _validation.check_positive_float(student_lr_lr, "student_lr_lr", allow_zero=True)
   n_syn = s.ipc * s.data.n_classes
   batch_syn = n_syn if batch_syn is None else min(_validation.check_positive_int(batch_syn, "batch_syn"), n_syn)
   _, unravel = ravel_pytree(init_params(s.network, jax.random.key(0), s.image_shape))
@@ -181,7 +184,7 @@ def distill_mtt(
   key, k_init = jax.random.split(s.key)
   syn = {"images": _initial_images(s, k_init, init), "lr": jnp.asarray(init_student_lr, dtype=s.dtype)}
   # SGD with momentum 0.5 on both, as MTT.
-  optimizer = optax.partition({"images": optax.sgd(lr_images, momentum=0.5), "lr": optax.sgd(lr_lr, momentum=0.5)},
+  optimizer = optax.partition({"images": optax.sgd(image_lr, momentum=0.5), "lr": optax.sgd(student_lr_lr, momentum=0.5)},
                               {"images": "images", "lr": "lr"})
   mtt_step = _make_mtt_step(
       s.network, unravel, optimizer, jnp.asarray(s.labels()), syn_steps=syn_steps, batch_syn=batch_syn,
@@ -192,17 +195,16 @@ def distill_mtt(
   config = s.config(
       "mtt", log, expert_dir=str(expert_dir), n_experts=int(trajectories.shape[0]), expert_train_epochs=manifest["epochs"],
       expert_lr=manifest["lr"], syn_steps=syn_steps, expert_epochs=expert_epochs, max_start_epoch=max_start_epoch,
-      lr_images=lr_images, lr_lr=lr_lr, init_student_lr=init_student_lr, batch_syn=batch_syn, init=init, remat=remat,
-      preprocessing="none",
+      image_lr=image_lr, student_lr_lr=student_lr_lr, init_student_lr=init_student_lr, batch_syn=batch_syn, init=init,
+      remat=remat, preprocessing="none",
   )
   return SupervisedResult(images=np.asarray(state.syn["images"], dtype=np.float32), labels=s.labels(), config=config,
                           history=log.history, step_sizes=np.asarray(state.syn["lr"], dtype=np.float32).reshape(1))
 
 
-def _setup(x, y, manifest, *, ipc, key, init, **budget) -> base.Setup:
+def _setup(x, y, manifest, *, ipc, seed, init, **budget) -> base.Setup:
   """:func:`base.setup` with the experts' network; the images must have the experts' shape."""
-  _validation.check_choice(init, "init", base.INITS)
-  s = base.setup(x, y, ipc=ipc, key=key, network=manifest["network"], width=manifest["width"], depth=manifest["depth"],
+  s = base.setup(x, y, ipc=ipc, seed=seed, network=manifest["network"], width=manifest["width"], depth=manifest["depth"],
                  n_classes=manifest["n_classes"], min_per_class=ipc if init == "real" and isinstance(ipc, int) else 0,
                  **budget)
   if list(s.image_shape) != manifest["image_shape"]:
@@ -226,8 +228,8 @@ def _start_epochs(epochs: int, expert_epochs: Any, max_start_epoch: Any) -> tupl
 
 
 def _initial_images(s: base.Setup, key: PRNGKeyArray, init: str) -> Array:
-  """``ipc`` random real images of every class (a permutation per class), or N(0, 1) noise."""
-  if init == "noise":
+  """``ipc`` random real images of every class (a permutation per class), or (``"random"``) N(0, 1) noise."""
+  if init == "random":
     return jax.random.normal(key, (s.ipc * s.data.n_classes, *s.image_shape), dtype=s.dtype)
   labels = np.asarray(s.data.labels)
   keys = jax.random.split(key, s.data.n_classes)

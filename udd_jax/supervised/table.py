@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from udd_jax import _validation
 from udd_jax.data import load_dataset
 from udd_jax.driver import load_distilled
 from udd_jax.supervised import artifacts, compare, experiment
@@ -159,7 +160,8 @@ def cell_options(grid: Grid, dataset: str, ipc: int, method: str) -> dict:
   return options
 
 
-def probe_cells(root: pathlib.Path, *, data_dir: str | None, probe_ipcs: Sequence[int], seeds: int) -> None:
+@_validation.renamed(seeds="n_seeds")
+def probe_cells(root: pathlib.Path, *, data_dir: str | None, probe_ipcs: Sequence[int], n_seeds: int) -> None:
   """Adds ``feature_probe`` (the unsupervised protocol) to every evaluated cell lacking it.
 
   The set goes back to raw pixels through its standardisation; KIP's sets live in its ZCA
@@ -179,11 +181,11 @@ def probe_cells(root: pathlib.Path, *, data_dir: str | None, probe_ipcs: Sequenc
     if evaluation["method"] == "udd":
       source = load_distilled(result.config["source"])
       raw = np.asarray(source.images)
-      evaluation["feature_probe_own_recipe"] = compare.feature_probe(raw, train, test, seeds=seeds, recipe=source.recipe)
+      evaluation["feature_probe_own_recipe"] = compare.feature_probe(raw, train, test, n_seeds=n_seeds, recipe=source.recipe)
     else:
       prep = result.config["preprocessing"]
       raw = np.asarray(result.images)[..., 0] * prep["std"] + prep["mean"]
-    evaluation["feature_probe"] = compare.feature_probe(raw, train, test, seeds=seeds)
+    evaluation["feature_probe"] = compare.feature_probe(raw, train, test, n_seeds=n_seeds)
     path.write_text(json.dumps(evaluation, indent=1))
     print(f"{path.parent.name}: unsupervised protocol {100 * evaluation['feature_probe']['mean']:.2f}%", flush=True)
 

@@ -13,7 +13,7 @@ Examples:
   >>> import jax, jax.numpy as jnp
   >>> x = jnp.concatenate([jnp.zeros((4, 8, 8, 1)), jnp.ones((4, 8, 8, 1))])
   >>> y = jnp.array([0] * 4 + [1] * 4)
-  >>> report = evaluate_synset(x, y, (x, y), network="mlp", runs=2, key=jax.random.key(0), epochs=20)
+  >>> report = evaluate_synset(x, y, (x, y), network="mlp", runs=2, seed=jax.random.key(0), epochs=20)
   >>> report["accuracies"]
   [1.0, 1.0]
 """
@@ -242,11 +242,12 @@ def _prepare(network, images, labels, *, epochs=300, lr=0.01, momentum=0.9, weig
   return jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype), static
 
 
+@_validation.renamed(key="seed")
 def train_network(
     network: str | nn.Module,
     images: Float[ArrayLike, "n H W C"],
     labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
-    key: PRNGKeyArray | int,
+    seed: PRNGKeyArray | int,
     **options: Unpack[TrainOptions],
 ) -> PyTree:
   """Trains a fresh init of ``network`` from scratch on ``(images, labels)`` with the DC evaluation schedule.
@@ -257,7 +258,7 @@ def train_network(
     images: the training set, ``(n, H, W, C)``.
     labels: integer class labels ``(n,)`` (softmax cross-entropy) or float target vectors
       ``(n, C)`` (mean squared error on the logits).
-    key: PRNG key (or integer seed) of the init, the shuffling and the augmentation.
+    seed: int seed or PRNG key of the init, the shuffling and the augmentation.
     **options: the training options (defaults in parentheses):
       epochs: passes over the set (300); the learning rate drops to ``0.1 * lr`` at ``epochs // 2``.
       lr: initial learning rate (0.01).
@@ -279,7 +280,7 @@ def train_network(
     >>> jnp.argmax(logits, -1).tolist()
     [0, 0, 1, 1]
   """
-  params = train_networks(network, images, labels, as_key(key)[0][None], **options)
+  params = train_networks(network, images, labels, as_key(seed)[0][None], **options)
   return jax.tree.map(lambda a: a[0], params)
 
 
@@ -332,12 +333,13 @@ def accuracy(
   return correct / int(valid.sum())
 
 
+@_validation.renamed(key="seed")
 def evaluate_synset(
     images: Float[ArrayLike, "n H W C"],
     labels: Int[ArrayLike, " n"] | Float[ArrayLike, "n classes"],
     test: tuple[Float[ArrayLike, "m H W C"], Int[ArrayLike, " m"]],
     *,
-    key: PRNGKeyArray | int,
+    seed: PRNGKeyArray | int,
     network: str | nn.Module = "convnet",
     runs: int = 5,
     epochs: int = 300,
@@ -355,7 +357,8 @@ def evaluate_synset(
     images: the (distilled) training set ``(n, H, W, C)``, preprocessed like ``test``.
     labels: integer labels ``(n,)`` or float target vectors ``(n, C)``.
     test: the real test set ``(x_test, y_test)``, ``x_test`` of shape ``(m, H, W, C)``.
-    key: PRNG key (or integer seed); run ``r`` trains with ``jax.random.split(key, runs)[r]``.
+    seed: int seed or PRNG key; run ``r`` trains with ``jax.random.split(key, runs)[r]`` (``key``
+      the seed as a PRNG key).
     network: a name in :data:`NETWORKS` or a flax module (cross-architecture evaluation).
     runs: independent inits, trained one after the other.
     epochs, augment, lr, momentum, weight_decay, batch_size, n_classes: as in :func:`train_network`.
@@ -377,7 +380,7 @@ def evaluate_synset(
     raise ValueError(f"test x has images of shape {x_test.shape[1:]} but images are {images.shape[1:]}.")
   runs = _validation.check_positive_int(runs, "runs")
   module = _resolve_network(network, labels, n_classes, extra_max_label=int(y_test.max()))
-  keys = jax.random.split(as_key(key)[0], runs)
+  keys = jax.random.split(as_key(seed)[0], runs)
   params = train_networks(
       module, images, labels, keys, epochs=epochs, lr=lr, momentum=momentum,
       weight_decay=weight_decay, batch_size=batch_size, augment=augment,
