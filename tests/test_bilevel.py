@@ -86,6 +86,7 @@ def _implicit_run(problem, tasks, x, n_steps, same_batch=False, **options):
   return state, history
 
 
+@pytest.mark.slow
 def test_implicit_warm_started_adjoint_solves_the_same_systems():
   x, tasks, n_classes = digits_tasks(1)
   problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1)
@@ -142,6 +143,7 @@ def test_unrolled_gradient_wrt_step_sizes_matches_finite_differences():
     assert abs(g[i] - fd) <= 1e-6 * max(abs(fd), 1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("truncate", [None, 3])
 @pytest.mark.parametrize("remat", [False, True])
 def test_unroll_with_per_step_batches_matches_a_python_loop(remat, truncate):
@@ -267,6 +269,7 @@ def test_geometric_mu_schedule_drives_the_gap_to_zero():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner, weight_decay", [("ae", 0.0), ("score_matching", 1e-2)])
 def test_implicit_hypergradient_matches_finite_differences_on_grbm(inner, weight_decay):
   """Data from two clusters, so the fitted GRBM uses its hidden units and the minimum is strict.
@@ -348,6 +351,7 @@ def test_standardized_ridge_head_is_ridge_on_standardized_features_and_scale_fre
   np.testing.assert_array_equal(head.predict((), new, mask, fit_feats=feats, fit_labels=labels), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["softmax", "ridge", "standardized_ridge"])
 def test_vmap_over_tasks_equals_python_loop(head):
   rng = np.random.default_rng(1)
@@ -400,6 +404,7 @@ def digits_tasks(n_tasks):
   return x, tasks, [10, 2, 2][:n_tasks]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SOLVER_CASES)
 def test_jit_equals_no_jit_and_no_recompilation(name):
   x, tasks, n_classes = digits_tasks(3)
@@ -429,6 +434,7 @@ def test_jit_equals_no_jit_and_no_recompilation(name):
   assert len(traces) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_tasks", [1, 3])
 @pytest.mark.parametrize("name", SOLVER_CASES)
 def test_solvers_reduce_the_outer_loss_on_digits(name, n_tasks):
@@ -455,6 +461,7 @@ def test_solvers_reduce_the_outer_loss_on_digits(name, n_tasks):
   assert not jnp.allclose(final.images, state.images)
 
 
+@pytest.mark.slow
 def test_unrolled_with_several_inits_averages_their_hypergradients():
   x, tasks, n_classes = digits_tasks(1)
   problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1, head="ridge")
@@ -501,6 +508,7 @@ def with_ages(state, ages):
   return state._replace(age=jnp.asarray(ages, state.age.dtype))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner_optimizer, min_age", [("adam", 0), ("sgd", 0), ("adam", 8)])
 def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inner_optimizer, min_age):
   """One step's image gradient is grad_D of mean_i L(advance(L_in, w_i, s_i, D, opt, m)) over the counted learners."""
@@ -534,6 +542,7 @@ def test_pool_truncated_hypergradient_is_the_gradient_of_the_pool_objective(inne
   np.testing.assert_array_equal(new_state.age, [4, 14, 24])
 
 
+@pytest.mark.slow
 def test_pool_learners_restart_after_their_lifetime_and_stay_staggered():
   problem, images, batch = small_pool_problem(seed=1)
   solver = bilevel.Pool(pool_size=3, inner_steps=2, lifetime=6, inner_lr=0.05, head_steps=5)
@@ -569,6 +578,7 @@ def test_pool_learners_restart_after_their_lifetime_and_stay_staggered():
   assert restarts == [[], [2], [1], [0], [2], [1], [0], [2], [1]]
 
 
+@pytest.mark.slow
 def test_pool_learner_params_is_the_oldest_learner():
   problem, images, batch = small_pool_problem(seed=2)
   solver = bilevel.Pool(pool_size=4, inner_steps=3, lifetime=100, head_steps=5)
@@ -612,6 +622,7 @@ class RidgePoolProblem:
     return ()
 
 
+@pytest.mark.slow
 def test_pool_implicit_hypergradient_at_a_converged_learner_matches_oracle():
   D, t, B, c, _, _ = ridge_problem(seed=4)
   problem = RidgePoolProblem(D, t, B, c)
@@ -710,6 +721,7 @@ def test_solver_option_errors():
     bilevel.Penalty().init(problem, jax.random.key(0), jnp.zeros((3, 5)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner", udd_jax.INNER_LOSSES)
 def test_every_inner_loss_works_with_every_solver(inner):
   x, tasks, n_classes = digits_tasks(1)
@@ -723,6 +735,7 @@ def test_every_inner_loss_works_with_every_solver(inner):
     assert float(jnp.abs(new_state.images - state.images).max()) > 0, name
 
 
+@pytest.mark.slow
 def test_tasks_from_different_datasets(real_data_dir):
   """MNIST, Fashion-MNIST and USPS (resized to 28x28) as three tasks sharing one D."""
   tasks = []

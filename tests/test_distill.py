@@ -35,6 +35,7 @@ FAST_POOL = {k: v for k, v in FAST.items() if k not in ("solver", "unroll_steps"
 UNROLLED_ONLY = ("solver", "unroll_steps")  # what to drop from FAST to run another solver
 
 
+@pytest.mark.slow
 def test_pipeline_on_digits_writes_artifacts_and_beats_random_features(tmp_path):
   summary = experiment.run(
       dataset="digits", workdir=str(tmp_path), n_distill=20, n_hidden=16, steps=60, eval_every=30, eval_seeds=3,
@@ -58,6 +59,7 @@ def test_pipeline_on_digits_writes_artifacts_and_beats_random_features(tmp_path)
   assert "- standard: adam lr 0.003, >= 4000 full-batch steps until the gradient norm stops falling" in report
 
 
+@pytest.mark.slow
 def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
   (x, y), _ = digits
   result = udd_jax.distill(x, y, steps=10, seed=3, **FAST)
@@ -78,6 +80,7 @@ def test_result_carries_the_recipe_and_round_trips(digits, tmp_path):
   np.testing.assert_array_equal(loaded.preprocessing.apply(x[:5]), result.preprocessing.apply(x[:5]))
 
 
+@pytest.mark.slow
 def test_default_solver_is_the_pool_and_ships_the_standard_recipe(digits, tmp_path):
   (x, y), _ = digits
   result = udd_jax.distill(x, y, steps=10, seed=3, **FAST_POOL)
@@ -90,6 +93,7 @@ def test_default_solver_is_the_pool_and_ships_the_standard_recipe(digits, tmp_pa
   chex.assert_trees_all_equal(loaded.params, result.params)
 
 
+@pytest.mark.slow
 def test_load_distilled_errors(digits, tmp_path):
   with pytest.raises(FileNotFoundError, match="no distilled set"):
     udd_jax.load_distilled(tmp_path / "missing.npz")
@@ -117,6 +121,7 @@ def test_load_distilled_errors(digits, tmp_path):
     udd_jax.load_distilled(tmp_path / "bad_config.npz")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [FAST, FAST_POOL | dict(lifetime=20)], ids=["unrolled", "pool"])
 def test_resumed_run_equals_uninterrupted_run(digits, tmp_path, options):
   """The pool's lifetime of 20 inner steps: learners restart before, at and after the resume point."""
@@ -130,6 +135,7 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path, options):
   assert [json.loads(l)["step"] for l in lines] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_configuration(digits, tmp_path):
   (x, y), _ = digits
   udd_jax.distill(x, y, steps=5, workdir=tmp_path, **FAST)
@@ -137,6 +143,7 @@ def test_resume_refuses_another_configuration(digits, tmp_path):
     udd_jax.distill(x, y, steps=5, workdir=tmp_path, **(FAST | dict(n_hidden=8)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", list(udd_jax.bilevel.SOLVERS))
 def test_every_solver_through_distill_with_three_tasks(digits, solver):
   (x, y), _ = digits
@@ -153,12 +160,14 @@ def test_every_solver_through_distill_with_three_tasks(digits, solver):
   assert result.history[-1]["step"] == 10
 
 
+@pytest.mark.slow
 def test_tasks_as_pairs_of_datasets(digits):
   (x, y), (xt, yt) = digits
   result = udd_jax.distill([(x, y), (xt, yt % 2)], None, steps=5, **FAST)
   assert result.config["n_classes"] == [10, 2]
 
 
+@pytest.mark.slow
 def test_cosine_schedule_moves_the_images_less(digits):
   (x, y), _ = digits
   args = dict(FAST, log_every=1, checkpoint_every=1, steps=8, seed=1)
@@ -222,6 +231,7 @@ class ExplodingPenalty(udd_jax.Penalty):
     return optax.sgd(lambda count: jnp.where(count < self.good_steps, 1e-2, 1e30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("good_steps", [7, 0])
 def test_divergence_stops_with_a_clear_message(digits, tmp_path, good_steps):
   """A sane step size for ``good_steps`` steps, then 1e30: the run stops, the last good state stays on disk."""
@@ -317,6 +327,7 @@ def test_train_until_converged_stops_when_the_gradient_norm_stops_falling(monkey
   assert int(steps) == 200
 
 
+@pytest.mark.slow
 def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   """fit_logistic(standardize=False) minimises mean CE(f V + c) + l2/2 ||V||^2 on the raw features."""
   key_f, key_y = jax.random.split(jax.random.key(0))
@@ -336,6 +347,7 @@ def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   assert float(jnp.max(jnp.abs(other.kernel / other.scale[:, None] - V))) > 1e-3
 
 
+@pytest.mark.slow
 def test_recipe_transfers_to_another_learner_or_says_it_diverged(digits):
   """Plain-gradient step sizes rescale with K; a recipe that still diverges gives a marked row, never NaN accuracies."""
   sgd = udd_jax.Recipe("sgd", (0.2, 0.1), 2, 0.01)
@@ -367,6 +379,7 @@ def test_kmeans_recovers_separated_clusters():
   assert np.abs(np.sort(found, axis=0) - np.sort(centres, axis=0)).max() < 0.1
 
 
+@pytest.mark.slow
 def test_evaluate_report_and_errors(digits):
   (x, y), (xt, yt) = digits
   quick = udd_jax.Recipe("adam", 0.01, 100, 0.01, until_converged=True, max_steps=300)
@@ -396,6 +409,7 @@ def test_evaluate_report_and_errors(digits):
     udd_jax.evaluate(x[:3], (x, y), (xt, yt), n_hidden=8, seeds=2)
 
 
+@pytest.mark.slow
 def test_compare_solvers_and_seed_table_smoke(tmp_path):
   table = experiment.compare_solvers(
       dataset="digits", workdir=str(tmp_path / "cmp"), n_distill=10, n_hidden=8, budget_seconds=2.0,
@@ -424,6 +438,7 @@ def test_parse_options():
 # What a new user tried (issue 15): each gets a clear error or works.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [np.uint8, np.float32], ids=["uint8", "float"])
 def test_raw_pixels_are_refused_clearly(digits, scale):
   (x, y), _ = digits
@@ -454,6 +469,7 @@ def test_load_distilled_on_a_file_that_is_not_npz(tmp_path):
   assert "allow_pickle" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_another_configuration_names_the_setting_that_differs(digits, tmp_path):
   (x, y), _ = digits
   udd_jax.distill(x, y, steps=5, workdir=tmp_path, **FAST)
@@ -468,6 +484,7 @@ def test_unknown_option_lists_solver_and_problem_options(digits):
     udd_jax.distill(x, y, steps=5, bogus=1, **FAST)
 
 
+@pytest.mark.slow
 def test_a_key_runs_as_its_seed(digits):
   (x, y), _ = digits
   by_seed = udd_jax.distill(x, y, steps=5, seed=7, **FAST)
@@ -476,6 +493,7 @@ def test_a_key_runs_as_its_seed(digits):
   assert by_key.config["seed"] == [0, 7]
 
 
+@pytest.mark.slow
 def test_checkpoint_is_keyed_by_pytree_paths(digits, tmp_path):
   (x, y), _ = digits
   udd_jax.distill(x, y, steps=5, workdir=tmp_path, **FAST)
@@ -484,6 +502,7 @@ def test_checkpoint_is_keyed_by_pytree_paths(digits, tmp_path):
   assert {"state/step", "state/images", "state/params/W", "meta/history"} <= names
 
 
+@pytest.mark.slow
 def test_evaluate_takes_a_key_as_its_seed(digits):
   (x, y), (xt, yt) = digits
   short = udd_jax.Recipe("adam", 0.01, 20, 0.01)
@@ -492,6 +511,7 @@ def test_evaluate_takes_a_key_as_its_seed(digits):
   assert run(jax.random.key(3)).rows[0].accuracies == run(3).rows[0].accuracies
 
 
+@pytest.mark.slow
 def test_clip_images_keeps_d_within_the_real_range(digits):
   (x, y), _ = digits
   free = udd_jax.distill(x, y, steps=20, **(FAST | dict(image_lr=0.1)))
@@ -511,6 +531,7 @@ REPLAYED_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REPLAYED_RUNS))
 def test_a_run_replays_bit_for_bit_from_its_config_json(digits, tmp_path, name):
   """Every setting that decides D is a plain value in config.json: the record alone re-creates the set."""

@@ -83,6 +83,7 @@ def test_every_experiment_is_an_absl_app():
     assert "app.run(main)" in path.read_text(), f"{path.name} is not an absl app"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", APPS)
 def test_helpfull_lists_choices_and_defaults_and_starts_no_run(tmp_path, name):
   proc = run_app(name, "--helpfull", cwd=tmp_path)
@@ -102,6 +103,7 @@ def test_helpfull_lists_choices_and_defaults_and_starts_no_run(tmp_path, name):
       assert flag in out, flag
 
 
+@pytest.mark.slow
 def test_app_refuses_an_unknown_opt_before_loading_data(tmp_path):
   proc = run_app("distill", f"--workdir={tmp_path / 'run'}", "--opt=bogus=1", cwd=tmp_path)
   last = proc.stderr.strip().splitlines()[-1]
@@ -127,6 +129,7 @@ def test_finished_run_allows_more_steps_or_another_evaluation_and_names_other_ch
     experiment.finished_run(tmp_path / "run", request | dict(n_hidden=16, options=dict(mu=2.0)))
 
 
+@pytest.mark.slow
 def test_a_finished_run_asked_again_prints_its_report_and_recomputes_nothing(tmp_path, capsys):
   workdir = tmp_path / "run"
   summary = experiment.run(**(RUN | dict(workdir=str(workdir))))
@@ -159,6 +162,7 @@ def test_a_list_of_int_labels_is_one_task_and_a_list_of_arrays_is_several():
     arguments.tasks_from_inputs(x, [0, 1, 2])  # one label per example, or the error names the task
 
 
+@pytest.mark.slow
 def test_distill_takes_a_python_list_of_int_labels():
   (x, y), _ = udd_jax.load_dataset("digits")
   x = x.reshape(len(x), -1)[:200]
@@ -191,6 +195,7 @@ def test_error_line_is_one_line_and_names_the_flag_to_change(tmp_path):
   assert "--workdir" not in app_flags.error_line(FileNotFoundError(2, "No such file", "/elsewhere"), values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--n_distill=0"], "ValueError: n_distill must be a positive integer; got 0."),
     (["--workdir=/proc/x", "--steps=2", "--eval_seeds=0", "--eval_every=0"], "FileNotFoundError: --workdir=/proc/x: "),

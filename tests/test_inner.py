@@ -96,6 +96,7 @@ def per_sample_column_gradient(params, x, transposed_jacobian):
   return g_W
 
 
+@pytest.mark.slow
 def test_closed_form_gradient_is_the_per_sample_column_formula():
   """grad_{w_k} = (h_k I + h'_k x w_k^T) r per sample, averaged, for every column k.
 
@@ -110,6 +111,7 @@ def test_closed_form_gradient_is_the_per_sample_column_formula():
   assert max_rel_err(closed, per_sample_column_gradient(params, x, transposed_jacobian=False)) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", [udd_jax.ae_loss, udd_jax.score_matching_loss], ids=["ae", "score_matching"])
 def test_check_grads_order_two(loss):
   params, x = random_problem(6, 5, 4, seed=3)
@@ -131,6 +133,7 @@ def central_difference(f, x, direction, eps=1e-6):
   return (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", [udd_jax.ae_loss, udd_jax.score_matching_loss], ids=["ae", "score_matching"])
 def test_penalty_gradients_match_central_differences(loss):
   """d/dD and d/dw of ||grad_w L(w; D)||^2 by autodiff agree with central differences."""
@@ -150,6 +153,7 @@ def test_penalty_gradients_match_central_differences(loss):
     assert abs(analytic - fd) <= 1e-7 * max(abs(fd), 1.0)
 
 
+@pytest.mark.slow
 def test_penalty_gradient_wrt_data_elementwise():
   """Every entry of d penalty / dD, not just random directions, on a small problem."""
   params, x = random_problem(3, 4, 2, seed=7)
@@ -201,6 +205,7 @@ def test_denoising_score_matching_matches_its_expectation_in_the_linear_case():
   assert abs(udd_jax.denoising_score_matching_loss(params, x, jax.random.key(0), noise_std=0.3) - expected) > 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fn",
     [

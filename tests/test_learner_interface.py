@@ -125,6 +125,7 @@ def test_a_format_1_distilled_set_still_loads(tmp_path):
     assert {"params/W", "params/b", "params/a"} <= set(f.files) and "params_W" not in f.files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["pool", "implicit"])
 def test_a_second_learner_distills_evaluates_and_round_trips(digits, tmp_path, solver):
   (x, y), (xt, yt) = digits

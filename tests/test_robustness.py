@@ -106,6 +106,7 @@ def uninterrupted(tmp_path_factory, child_env):
   return udd_jax.load_distilled(workdir / "distilled.npz")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
 def test_interrupted_app_resumes_bit_for_bit(tmp_path, child_env, uninterrupted, sig):
   workdir = tmp_path / "run"
@@ -143,6 +144,7 @@ def test_interrupted_app_resumes_bit_for_bit(tmp_path, child_env, uninterrupted,
   assert [json.loads(line)["step"] for line in lines] == list(range(3, STEPS + 1, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, error", [
     ("--steps=-1", "ValueError: steps must be a positive integer; got -1"),
     ("--data_dir=MISSING", "FileNotFoundError: data_dir '{missing}' is not an existing directory"),
@@ -206,6 +208,7 @@ def test_stop_on_signal_installs_nothing_outside_the_main_thread():
   assert seen == [{}] and signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 @needs_main_thread
 def test_sigterm_during_distill_checkpoints_that_step(tmp_path, capsys):
   (x, y), _ = udd_jax.load_dataset("digits")

@@ -36,6 +36,7 @@ def _hand_sgd(net, params, images, labels, step_sizes, batches):
   return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_batches", [True, False])
 def test_unroll_sgd_equals_a_python_loop_of_sgd_steps(tiny, with_batches):
   net, params0, images, labels = tiny
@@ -51,6 +52,7 @@ def test_unroll_sgd_equals_a_python_loop_of_sgd_steps(tiny, with_batches):
   assert cross_entropy(net, got, images, labels) < cross_entropy(net, params0, images, labels) - 0.05
 
 
+@pytest.mark.slow
 def test_unroll_sgd_gradient_matches_finite_differences_and_remat_changes_nothing(tiny):
   net, params0, images, labels = tiny
   x_real = jax.random.normal(jax.random.key(3), (9, 8, 8, 1), dtype=jnp.float64)
@@ -114,6 +116,7 @@ def dd_run(digits3):
   return result, counter.messages, records
 
 
+@pytest.mark.slow
 def test_distill_dd_reduces_its_outer_loss_and_learns_step_sizes(dd_run):
   result, _, records = dd_run
   losses = np.array([h["loss"] for h in result.history])

@@ -50,6 +50,7 @@ def test_loss_matches_a_hand_computation(real):
   check_grads(lambda s: dm.dm_loss(MLP, params, real, s), (syn,), order=1, modes=["rev"])
 
 
+@pytest.mark.slow
 def test_loss_is_zero_when_the_synthetic_set_is_the_real_batch(real):
   params = float64_params(CONVNET, real[0])
 
@@ -64,6 +65,7 @@ def test_loss_is_zero_when_the_synthetic_set_is_the_real_batch(real):
   assert float(plain) > 1e-4 and float(augmented) > 1e-4
 
 
+@pytest.mark.slow
 def test_dm_decreases_the_loss_and_moves_the_images():
   x, y = blobs(20, seed=1)
   res = dm.distill_dm(x, y, ipc=2, seed=0, iterations=40, init="random", **RUN)

@@ -25,6 +25,7 @@ def unsupervised_set(digits, tmp_path_factory):
   return result.save(tmp_path_factory.mktemp("udd") / "distilled.npz")
 
 
+@pytest.mark.slow
 def test_run_distils_evaluates_and_only_reevaluates_a_finished_run(tmp_path, capsys):
   evaluation = experiment.run(method="dc", dataset="digits", data_dir=None, ipc=1, network="convnet", width=4,
                               iterations=2, workdir=str(tmp_path), cross_arch=("mlp",), **FAST_EVAL)
@@ -54,6 +55,7 @@ def test_nearest_labels_match_brute_force():
     compare.nearest_labels(queries[:, :3], train, labels)
 
 
+@pytest.mark.slow
 def test_udd_method_evaluates_an_unsupervised_set_with_nearest_labels(digits, unsupervised_set, tmp_path):
   evaluation = experiment.run(method="udd", dataset="digits", data_dir=None, ipc=1, network="mlp", workdir=str(tmp_path),
                               eval_dsa=False, options={"source": str(unsupervised_set)}, **FAST_EVAL)
@@ -75,6 +77,7 @@ def test_udd_method_errors(unsupervised_set, tmp_path):
                    options={"source": str(unsupervised_set)})
 
 
+@pytest.mark.slow
 def test_feature_probe_is_the_protocol_on_the_first_training_images(digits):
   (x, y), test = digits
   images = x[:20]

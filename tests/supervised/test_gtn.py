@@ -32,6 +32,7 @@ def gtn_run(digits3):
   )
 
 
+@pytest.mark.slow
 def test_distill_gtn_reduces_its_meta_loss_and_learns_the_step_size(gtn_run):
   losses = np.array([h["loss"] for h in gtn_run.history])
   assert len(losses) == 40
@@ -39,6 +40,7 @@ def test_distill_gtn_reduces_its_meta_loss_and_learns_the_step_size(gtn_run):
   assert gtn_run.step_sizes.shape == (1,) and gtn_run.step_sizes[0] > 0.06
 
 
+@pytest.mark.slow
 def test_distill_gtn_images_teach_a_fresh_learner(gtn_run, digits3):
   # The shipped images with the shipped step size train a new learner well above chance (1/3).
   r = gtn_run

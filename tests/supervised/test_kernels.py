@@ -103,6 +103,7 @@ def conv_monte_carlo():
   return x, monte_carlo(x, make=make, apply=conv_apply, seeds=256)
 
 
+@pytest.mark.slow
 def test_fc_kernel_matches_wide_random_networks():
   x = tiny_images(size=4, channels=1)
   make = functools.partial(fc_net, d=16, width=128, depth=2)
@@ -113,6 +114,7 @@ def test_fc_kernel_matches_wide_random_networks():
     assert_close_to_monte_carlo(fc_kernel(x, x, depth=1, kind="nngp", w_var=W_VAR, b_var=B_VAR), nngp_mc)
 
 
+@pytest.mark.slow
 def test_conv_kernel_matches_wide_random_networks(conv_monte_carlo):
   x, (nngp_mc, ntk_mc) = conv_monte_carlo
   assert_close_to_monte_carlo(conv_kernel(x, x, depth=2, kind="nngp", w_var=W_VAR, b_var=B_VAR), nngp_mc)
@@ -144,6 +146,7 @@ def test_fc_nngp_by_hand_for_orthogonal_and_parallel_inputs():
   np.testing.assert_allclose(ntk, expected + 2.0 * np.array([[0.5, 0.25, 0.5], [0.25, 0.5, 0.25], [0.5, 0.25, 0.5]]) * (x @ x.T), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_conv_kernel_with_1x1_filters_is_the_position_average_of_fc_kernels():
   # With 1x1 filters every position is an FC network on the channel vector and the flatten
   # readout averages over positions: an exact check of the position-diagonal recursion.
@@ -168,6 +171,7 @@ def test_kernel_matrices_are_symmetric_positive_semidefinite(name, kind):
   assert eigenvalues.min() < 1e-8 * eigenvalues.max()  # the duplicate makes it singular
 
 
+@pytest.mark.slow
 def test_blocked_kernel_equals_the_plain_one_with_gradients():
   x1 = jax.random.normal(jax.random.key(4), (7, 4, 4, 1))
   x2 = jax.random.normal(jax.random.key(5), (5, 4, 4, 1))
@@ -179,6 +183,7 @@ def test_blocked_kernel_equals_the_plain_one_with_gradients():
   np.testing.assert_allclose(grad(blocked), grad(plain), rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fc", "conv"])
 def test_kernel_gradients_match_finite_differences(name):
   x1 = jax.random.normal(jax.random.key(7), (3, 4, 4, 1))

@@ -76,6 +76,7 @@ def test_label_gradient_vanishes_at_the_least_squares_labels(name="fc"):
   assert scale > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_loss_gradient_wrt_support_images_matches_finite_differences(name):
   x_s, x_t = images(9, 3), images(10, 5)
@@ -89,6 +90,7 @@ def test_loss_gradient_wrt_support_images_matches_finite_differences(name):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learn_labels", [True, False])
 def test_kip_step_is_adam_on_the_loss_lowers_it_and_compiles_once(learn_labels):
   x_s, x_t = images(11, 4), images(12, 20)

@@ -129,6 +129,7 @@ def test_class_batches_are_balanced_and_distinct():
   assert set(out[0]) <= {1, 4} and set(out[2]) == {28}  # short classes: with replacement
 
 
+@pytest.mark.slow
 def test_dc_decreases_the_matching_loss_and_moves_the_images():
   x, y = blobs(20, seed=1)
   res = dc.distill_dc(x, y, ipc=2, seed=0, iterations=30, init="random", image_lr=0.5, outer_loop=2, inner_loop=2, **CONV)

@@ -30,6 +30,7 @@ MLP = networks.get_network("mlp", 3, width=16)
 SHARED = dict(epochs=5, lr=0.05, batch_size=4)
 
 
+@pytest.mark.slow
 def test_train_network_learns_blobs(data):
   (x, y), (xt, yt) = data
   params = train.train_network(SMALL_CONVNET, x, y, jax.random.key(0), epochs=100, lr=0.05, batch_size=8)
@@ -78,6 +79,7 @@ def _reference_training(module, x, y, key, *, epochs, lr, momentum, weight_decay
   return params
 
 
+@pytest.mark.slow
 def test_training_matches_python_reference_with_short_last_batch_and_augment(data):
   (x, y), _ = data  # 15 images in batches of 4: the last batch of every epoch has 3
 
@@ -132,6 +134,7 @@ def test_no_recompilation_for_new_key_or_hyperparameters(data):
   assert [f._cache_size() for f in steps] == sizes
 
 
+@pytest.mark.slow
 def test_evaluate_synset_matches_separate_runs_and_chunked_test(data):
   (x, y), (xt, yt) = data
   xt, yt = xt[:31], yt[:31]  # 31 test images in chunks of 8: a padded last chunk
