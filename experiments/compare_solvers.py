@@ -19,8 +19,7 @@ app_flags.define_enum_list("solvers", ["penalty", "value_function", "implicit", 
                            sorted(experiment.SOLVERS), "Solvers to compare.")
 flags.DEFINE_integer("eval_seeds", 3, "Fresh learner seeds of the final evaluation.")
 flags.DEFINE_integer("seed", 0, "Seed of every solver's run.")
-flags.DEFINE_string("workdir", None, "(required) Where everything is written.")
-flags.mark_flag_as_required("workdir")
+app_flags.define_workdir()
 
 
 @app_flags.one_line_errors

@@ -16,8 +16,7 @@ flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")
 flags.DEFINE_list("points", ["1", "100", "200"], "Outer steps at which to report.")
 flags.DEFINE_float("diversity", 0.1, "Weight of the diversity term in the second row.")
 flags.DEFINE_multi_string("opt", [], "For all three rows. " + app_flags.opt_help(experiment.JOINT_SOLVERS))
-flags.DEFINE_string("workdir", None, "(required) Where everything is written.")
-flags.mark_flag_as_required("workdir")
+app_flags.define_workdir()
 
 
 @app_flags.one_line_errors

@@ -29,7 +29,7 @@ flags.DEFINE_integer("width", 128, "Channels of the ConvNet (hidden units of the
 flags.DEFINE_integer("iterations", None, "Outer iterations of the method (default: the method's).")
 flags.DEFINE_float("max_seconds", None, "Wall-time budget of the distillation.")
 flags.DEFINE_integer("seed", 0, "Seed of the distillation (evaluation uses seed + 1000 onwards).")
-flags.DEFINE_string("workdir", None, "Where everything is written.", required=True)
+app_flags.define_workdir()
 flags.DEFINE_integer("eval_runs", 5, "Networks trained from scratch per evaluation row (0: no evaluation).")
 flags.DEFINE_integer("eval_epochs", 300, "Epochs of each evaluation training.")
 flags.DEFINE_bool("eval_dsa", True, "Also evaluate with DSA augmentation during training.")

@@ -111,6 +111,11 @@ class EnumListParser(flags.ListParser):
     return "comma separated list of enum"
 
 
+def define_workdir() -> None:
+  """The required ``--workdir`` flag every app writes its run into."""
+  flags.DEFINE_string("workdir", None, "(required) Where everything is written.", required=True)
+
+
 def define_enum_list(name: str, default: Sequence[str], choices: Sequence[str], help: str,  # noqa: A002 (absl's name)
                      flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
   """``flags.DEFINE_multi_enum`` for a comma-separated list (``--baselines=raw_pixels,kmeans``), choices in the help."""
