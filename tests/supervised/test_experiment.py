@@ -85,9 +85,9 @@ def test_feature_probe_is_the_protocol_on_the_first_training_images(digits):
   report = protocol.evaluate(images, (x[:500], y[:500]), test, n_hidden=8, n_seeds=2, baselines=())
   assert [(r.name, r.recipe) for r in report.rows] == [("distilled D", "standard")]  # the standard recipe, one row
   assert probe["accuracies"] == report.rows[0].accuracies and probe["n_train"] == 500
-  assert probe["recipe"] == protocol.STANDARD_RECIPE.to_config() == report.settings["recipes"]["standard"]
+  assert probe["recipe"] == udd_jax.STANDARD_RECIPE.to_config() == report.settings["recipes"]["standard"]
   assert probe["mean"] > 0.5  # ten classes: features of an AE fitted on 20 digits are far above chance
   # Another recipe replaces the standard one (a config dict is accepted) and is reported back.
-  quick = protocol.Recipe("adam", 0.01, 50, 0.01)
+  quick = udd_jax.Recipe("adam", 0.01, 50, 0.01)
   other = compare.feature_probe(images, (x, y), test, n_hidden=8, n_seeds=1, n_train=500, recipe=quick.to_config())
   assert other["recipe"] == quick.to_config() and len(other["accuracies"]) == 1
