@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import udd_jax
 from udd_jax import bilevel, training
+from udd_jax import inner as inner_lib
 from udd_jax.heads import linear as heads_lib
 
 # ---------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_unrolled_gradient_wrt_step_sizes_matches_finite_differences():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("truncate", [None, 3])
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, True, "segments"])
 def test_unroll_with_per_step_batches_matches_a_python_loop(remat, truncate):
   """Per-step data (here mini-batch indices) reach the loss as its third argument; remat changes no number."""
   D, t, B, c, _, outer = ridge_problem(seed=4)
@@ -170,6 +171,33 @@ def test_unroll_with_per_step_batches_matches_a_python_loop(remat, truncate):
   chex.assert_trees_all_close(grads, expected_grads, rtol=1e-10, atol=1e-13)
   if truncate is not None:
     assert not bool(jnp.any(grads[1][:8 - truncate])) and bool(jnp.all(grads[1][8 - truncate:] != 0))
+
+
+def test_segment_remat_gives_the_same_gradient_with_memory_growing_as_sqrt_t():
+  """Segments of floor(sqrt T) steps (T = 10: three of three and one left over): the same numbers, less memory."""
+  learner = inner_lib.get_inner_learner("ae")
+  images = jax.random.normal(jax.random.key(0), (20, 16))
+  w0 = learner.init(jax.random.key(1), 16, 8, init_scale=0.1, dtype=jnp.float64)
+  loss = lambda p, d: learner.loss(p, d, None)
+
+  def outer(d, steps, remat):
+    w = training.unroll(loss, w0, d, steps, transform=optax.scale_by_adam(), remat=remat)
+    return jnp.sum(jnp.tanh(w.W))
+
+  steps = jnp.linspace(0.01, 0.03, 10)
+  plain = jax.grad(outer, argnums=(0, 1))(images, steps, False)
+  chex.assert_trees_all_close(jax.grad(outer, argnums=(0, 1))(images, steps, "segments"), plain, rtol=1e-11, atol=1e-14)
+
+  def temp_bytes(n, remat):
+    grad = jax.jit(jax.grad(lambda d: outer(d, jnp.full(n, 0.01), remat)))
+    return grad.lower(images).compile().memory_analysis().temp_size_in_bytes
+
+  # XLA's plan for the backward pass: T times longer costs ~T times the memory per step, ~sqrt(T) by segments.
+  assert temp_bytes(400, "step") / temp_bytes(100, "step") > 3.0
+  assert temp_bytes(400, "segments") / temp_bytes(100, "segments") < 2.2
+  assert temp_bytes(400, "segments") < 0.3 * temp_bytes(400, "step")
+  with pytest.raises(ValueError, match=r"unknown remat 'layers'; valid options are \[False, True, 'step', 'segments'\]"):
+    training.unroll(loss, w0, images, steps, remat="layers")
 
 
 def test_unroll_remat_checkpoints_the_step_and_changes_no_number():
@@ -757,3 +785,20 @@ def test_tasks_from_different_datasets(real_data_dir):
   # Three 10-class tasks start at 3 log(10) = 6.91 and must all improve.
   assert losses[0] == pytest.approx(3 * np.log(10), rel=1e-3)
   assert np.mean(losses[-5:]) < 0.9 * losses[0]
+
+
+def test_unrolled_solver_with_segment_remat_takes_the_same_steps():
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=8, n_classes=n_classes, init_scale=0.1, head="ridge")
+  batch = bilevel.sample_batch(jax.random.key(1), tasks, 32)
+  states = []
+  for remat in (False, "segments"):
+    solver = bilevel.Unrolled(unroll_steps=12, remat=remat)
+    state = solver.init(problem, jax.random.key(0), x[:10])
+    for _ in range(2):
+      state, _ = solver.step(problem, state, batch)
+    states.append(state)
+  np.testing.assert_allclose(states[1].images, states[0].images, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(states[1].log_step_sizes, states[0].log_step_sizes, rtol=1e-10, atol=1e-12)
+  with pytest.raises(ValueError, match="unknown remat 'yes'"):
+    bilevel.Unrolled(remat="yes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -79,7 +80,7 @@ def unroll(
     transform: optax.GradientTransformation = optax.identity(),
     truncate: int | None = None,
     xs: Any = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> Any:
   """Differentiable inner training: ``len(step_sizes)`` steps of ``transform`` with a step size each.
 
@@ -99,8 +100,13 @@ def unroll(
     xs: optional per-step data, a pytree whose leaves have leading axis T (e.g. the
       (T, b) mini-batch indices of each step); step t passes ``xs[t]`` to ``loss_fn``
       as its third argument.
-    remat: recompute each step's intermediates in the backward pass
-      (``jax.checkpoint``) instead of storing them: memory of one step instead of T.
+    remat: what the backward pass keeps of the T steps it differentiates. ``False``: every
+      step's intermediates (memory grows with T times a step's activations). ``True`` or
+      ``"step"``: each step's input carry only, its intermediates recomputed
+      (``jax.checkpoint`` per step: T carries). ``"segments"``: the steps in about sqrt(T)
+      segments of about sqrt(T) steps; only the carries at segment boundaries are kept, and
+      a segment is recomputed step by step when its turn comes (about 2 sqrt(T) carries and
+      one step's intermediates: memory O(sqrt T), for one more forward pass of compute).
 
   Returns:
     The parameters after T steps, with the dtypes of ``params``.
@@ -126,6 +132,8 @@ def unroll(
     p = jax.tree.map(lambda w, u: (w - lr * u).astype(jnp.asarray(w).dtype), p, updates)
     return (p, s), None
 
+  if remat not in REMAT_MODES:
+    raise ValueError(f"unknown remat {remat!r}; valid options are {list(REMAT_MODES)}.")
   if remat:
     step = jax.checkpoint(step)
   # Without per-step data the scan runs over the step sizes alone, as it always did.
@@ -135,8 +143,31 @@ def unroll(
   if cut:
     carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[:cut], per_step))
     carry = jax.lax.stop_gradient(carry)
+  if remat == "segments":
+    return _segmented_scan(step, carry, jax.tree.map(lambda a: a[cut:], per_step), n_steps - cut)[0]
   carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[cut:], per_step))
   return carry[0]
+
+
+REMAT_MODES = (False, True, "step", "segments")
+
+
+def _segmented_scan(step: Callable[..., Any], carry: Any, per_step: Any, n: int) -> Any:
+  """``n`` steps as floor(sqrt n) checkpointed segments of floor(sqrt n) steps, then the few left over.
+
+  ``step`` is already checkpointed per step, so recomputing a segment in the backward pass
+  keeps one carry per step of that segment and one step's intermediates at a time.
+  """
+  length = max(1, math.isqrt(n))
+  n_segments = n // length
+
+  def segment(c, inputs):
+    return jax.lax.scan(step, c, inputs)[0], None
+
+  whole = jax.tree.map(lambda a: a[: n_segments * length].reshape((n_segments, length) + a.shape[1:]), per_step)
+  carry, _ = jax.lax.scan(jax.checkpoint(segment), carry, whole)
+  carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[n_segments * length:], per_step))
+  return carry
 
 
 def advance(

@@ -16,7 +16,7 @@ from udd_jax.bilevel.problem import TaskBatch
 from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, apply_updates, init_common
 from udd_jax.training import optimizers
 from udd_jax.training.recipes import Recipe
-from udd_jax.training.unroll import unroll
+from udd_jax.training.unroll import REMAT_MODES, unroll
 
 
 class UnrolledState(NamedTuple):
@@ -54,6 +54,10 @@ class Unrolled(FreshHeadsBase):
   a ridge head (``make_problem(head="ridge")``) is fitted in closed form and is
   the better match for this solver.
 
+  Memory: the backward pass keeps every inner step's intermediates unless ``remat`` says
+  otherwise (``"step"``: one carry per step; ``"segments"``: about 2 sqrt(T) carries,
+  :func:`~udd_jax.training.unroll.unroll`), for one more forward pass of compute.
+
   With ``n_inits > 1`` each step trains that many fresh inits (vmapped) and averages
   their task losses: a lower-variance hypergradient of the expected loss over inits,
   at ``n_inits`` times the cost.
@@ -75,6 +79,7 @@ class Unrolled(FreshHeadsBase):
   learn_step_size: bool = True
   truncate: int | None = None
   n_inits: int = 1
+  remat: bool | str = False
   name = "unrolled"
   default_steps = 300
 
@@ -86,6 +91,8 @@ class Unrolled(FreshHeadsBase):
     _validation.check_positive_float(self.inner_lr, "inner_lr")
     if self.truncate is not None:
       _validation.check_positive_int(self.truncate, "truncate")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"unknown remat {self.remat!r}; valid options are {list(REMAT_MODES)}.")
 
   def recipe(self, state: UnrolledState, init_scale: float, given: Recipe | None = None) -> Recipe:
     """The unroll itself, with the step sizes it learned: D is made for exactly this training (``given`` is ignored)."""
@@ -106,7 +113,8 @@ class Unrolled(FreshHeadsBase):
     transform = optimizers.direction(self.inner_optimizer)
 
     def train(images, log_lr):
-      train_one = lambda w0: unroll(inner, w0, images, jnp.exp(log_lr), transform=transform, truncate=self.truncate)
+      train_one = lambda w0: unroll(inner, w0, images, jnp.exp(log_lr), transform=transform, truncate=self.truncate,
+                                    remat=self.remat)
       return jax.vmap(train_one)(w0s)
 
     def fit_and_score(w_final, k):
