@@ -302,12 +302,26 @@ def test_train_until_converged_stops_when_the_gradient_norm_stops_falling(monkey
   """
   monkeypatch.setattr(recipes, "CONVERGENCE_CHUNK", 10)
 
+  grbm_learner = learners.GRBMLearner()
+
   @dataclasses.dataclass(frozen=True)
-  class Quadratic(learners.GRBMLearner):  # the GRBM's parameters, a quadratic loss
+  class Quadratic(learners.InnerLearner):  # the GRBM's parameters, a quadratic loss
     name: str = "quadratic"
+
+    def init(self, *args, **kwargs):
+      return grbm_learner.init(*args, **kwargs)
 
     def loss(self, params, x, key):
       return 0.5 * sum(jnp.sum((w - 1.0) ** 2) for w in params)
+
+    def features(self, params, x):
+      return grbm_learner.features(params, x)
+
+    def to_arrays(self, params):
+      return grbm_learner.to_arrays(params)
+
+    def from_arrays(self, arrays):
+      return grbm_learner.from_arrays(arrays)
 
   quadratic = Quadratic()
   images = jnp.zeros((6, 5), jnp.float64)

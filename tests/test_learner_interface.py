@@ -160,3 +160,13 @@ def test_distill_refuses_an_unknown_learner_name_before_compiling(digits):
   (x, y), _ = digits
   with pytest.raises(ValueError, match="unknown inner loss 'vae'"):
     udd_jax.distill(x, y, n_distill=10, n_hidden=8, inner="vae", steps=1, progress=False)
+
+
+def test_the_grbm_learner_checks_its_settings_however_it_is_made():
+  with pytest.raises(ValueError, match=r"unknown inner loss 'vae'; valid options are \['ae', 'denoising_score_matching'"):
+    learners.GRBMLearner(name="vae")
+  with pytest.raises(ValueError, match="sigma2 must be a finite positive number"):
+    learners.GRBMLearner(sigma2=-1.0)
+  with pytest.raises(ValueError, match="noise_std must be a finite positive number"):
+    learners.get_inner_learner("denoising_score_matching", noise_std=0.0)
+  assert learners.get_inner_learner("score_matching", sigma2=0.5) == learners.GRBMLearner("score_matching", 0.5)

@@ -93,6 +93,12 @@ class GRBMLearner(InnerLearner):
   sigma2: float = 1.0
   noise_std: float = 0.1
 
+  def __post_init__(self):
+    _validation.check_choice(self.name, "inner loss", INNER_LOSSES)
+    object.__setattr__(self, "sigma2", _validation.check_positive_float(self.sigma2, "sigma2"))
+    if self.name == "denoising_score_matching":
+      object.__setattr__(self, "noise_std", _validation.check_positive_float(self.noise_std, "noise_std"))
+
   def init(self, key, n_visible, n_hidden, *, init_scale=0.01, dtype=jnp.float32) -> grbm.GRBMParams:
     return grbm.init_params(key, n_visible, n_hidden, init_scale=init_scale, dtype=dtype)
 
@@ -149,8 +155,4 @@ def get_inner_learner(name: str | InnerLearner, *, sigma2: float = 1.0, noise_st
   """
   if isinstance(name, InnerLearner):
     return name
-  _validation.check_choice(name, "inner loss", INNER_LOSSES)
-  sigma2 = _validation.check_positive_float(sigma2, "sigma2")
-  if name == "denoising_score_matching":
-    noise_std = _validation.check_positive_float(noise_std, "noise_std")
-  return GRBMLearner(name=name, sigma2=sigma2, noise_std=noise_std)
+  return GRBMLearner(name=name, sigma2=sigma2, noise_std=noise_std)  # which checks every setting
