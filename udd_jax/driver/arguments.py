@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from udd_jax import _validation
@@ -331,8 +332,6 @@ def distill_arguments(config: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"config lacks {missing}: it is not a complete run config.")
   seed = config["seed"]
   if isinstance(seed, list):  # a key's data
-    import jax
-
     seed = jax.random.wrap_key_data(np.asarray(seed, np.uint32))
   arguments = {k: config[k] for k in _REPLAYED} | dict(config["problem_options"])
   arguments["solver"] = solvers_lib.get_solver(**config["solver_options"])

@@ -50,7 +50,8 @@ class LearnerStep(NamedTuple):
     adjoint: its adjoint for the next step (the implicit strategy's warm start).
     image_grad: the gradient of its task losses in D.
     outer_loss: its task losses.
-    stats: the strategy's own diagnostics (a dict of scalars; the same keys at every step).
+    stats: the strategy's own per-learner diagnostics (a dict of scalars), which its
+      ``summarise`` turns into the pool's metrics.
   """
 
   params: PyTree
@@ -70,7 +71,10 @@ class Truncated:
   """Backpropagation through the learner's ``inner_steps`` steps on D, from its current state (moments included)."""
 
   name = "truncated"
-  stat_names = ()
+
+  def summarise(self, stats: dict[str, Array], dtype: jnp.dtype) -> dict[str, Array]:
+    """Its diagnostics over the pool: none."""
+    return {}
 
   def __call__(self, pool: Pool, inner: InnerLoss, score: Score, params: PyTree, opt_state: optax.OptState,
                adjoint: PyTree, images: Array) -> LearnerStep:
@@ -87,7 +91,11 @@ class ImplicitAtLearner:
   """The implicit function theorem at the learner after its steps: CG on damped HVPs, warm-started from its last adjoint."""
 
   name = "implicit"
-  stat_names = ("cg_steps", "cg_residual", "cg_negative_curvature")
+
+  def summarise(self, stats: dict[str, Array], dtype: jnp.dtype) -> dict[str, Array]:
+    """Its diagnostics over the pool: mean CG steps, median residual, share of learners at negative curvature."""
+    return {"cg_steps": jnp.mean(stats["cg_steps"].astype(dtype)), "cg_residual": jnp.median(stats["cg_residual"]),
+            "cg_negative_curvature": jnp.mean(stats["cg_negative_curvature"].astype(dtype))}
 
   def __call__(self, pool: Pool, inner: InnerLoss, score: Score, params: PyTree, opt_state: optax.OptState,
                adjoint: PyTree, images: Array) -> LearnerStep:
@@ -100,11 +108,6 @@ class ImplicitAtLearner:
 
 
 HYPERGRADIENTS = {"truncated": Truncated(), "implicit": ImplicitAtLearner()}
-
-
-def _pool_metric(name: str, values: Array, dtype: jnp.dtype) -> Array:
-  """A strategy's per-learner diagnostic summarised over the pool (medians for residuals, else means)."""
-  return jnp.median(values) if name.endswith("residual") else jnp.mean(values.astype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,5 +230,5 @@ class Pool(FreshHeadsBase):
         "inner_grad_norm": optax.tree.norm(jax.grad(inner)(oldest, state.images)),
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    metrics |= {name: _pool_metric(name, value, dtype) for name, value in learners.stats.items()}
+    metrics |= strategy.summarise(learners.stats, dtype)
     return new_state, metrics
