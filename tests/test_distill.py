@@ -579,6 +579,8 @@ def test_settings_come_grouped_or_as_keywords_not_both(digits):
     udd_jax.distill(x, y, n_distill=5, problem={})
   with pytest.raises(TypeError, match="run must be a RunConfig or a dict of its fields; got int"):
     udd_jax.distill(x, y, n_distill=5, n_hidden=4, run=5)
+  with pytest.raises(TypeError, match=r"a solver config dict needs the solver's 'name' .*got the keys \['mu'\]"):
+    udd_jax.distill(x, y, n_distill=5, n_hidden=4, solver={"mu": 1.0})
   # A solver's record is a solver: the same run from the instance and from its config dict.
   solver = udd_jax.get_solver("penalty", mu=1.0, image_lr=0.05)
   runs = [udd_jax.distill(x, y, n_distill=5, n_hidden=4, steps=2, progress=False, solver=s)
@@ -589,6 +591,8 @@ def test_settings_come_grouped_or_as_keywords_not_both(digits):
 def test_optimisers_are_names_and_mu_is_data():
   with pytest.raises(TypeError, match=r"image_optimizer must be a string, one of \['adam', 'sgd'\]"):
     udd_jax.Penalty(image_optimizer=optax.adam(1e-2))
+  with pytest.raises(TypeError, match=r"unknown mu schedule field\(s\) \['start'\]"):
+    udd_jax.Penalty(mu={"kind": "constant", "start": 1.0})
   with pytest.raises(TypeError, match="mu must be a float or a MuSchedule"):
     udd_jax.Penalty(mu=lambda step: 1.0)
   with pytest.raises(ValueError, match="unknown inner_optimizer 'rmsprop'"):

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 
 from udd_jax import io
 from udd_jax.driver import loop
-from udd_jax.bilevel.solvers import get_solver
-from udd_jax.driver.arguments import DEFAULT_SOLVER, PROBLEM_OPTIONS, ProblemConfig, RunConfig, check_arguments, group_options
+from udd_jax.driver.arguments import DEFAULT_SOLVER, PROBLEM_OPTIONS, ProblemConfig, RunConfig, as_solver, check_arguments, group_options
 from udd_jax.driver.build import build
 from udd_jax.driver.probe import make_honest_probe
 from udd_jax.driver.result import DistillResult
@@ -82,8 +81,7 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
     True
   """
   problem, run_config, options = group_options(problem, run, options)
-  if isinstance(solver, dict):
-    solver = get_solver(**solver)
+  solver = as_solver(solver)
   problem_options = {k: getattr(problem, k) for k in PROBLEM_OPTIONS}
   settings = check_arguments(
       x, y, n_distill=n_distill, n_hidden=problem.n_hidden, inner=problem.inner, solver=solver, steps=run_config.steps,

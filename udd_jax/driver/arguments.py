@@ -101,6 +101,16 @@ def _as_config(cls: type, value: Any, name: str) -> Any:
   return cls(**value)
 
 
+def as_solver(value: Any) -> Any:
+  """A solver from a name, an instance, or its config dict (``solver.to_config()``, with its ``name``)."""
+  if isinstance(value, dict):
+    if "name" not in value:
+      raise TypeError(f"a solver config dict needs the solver's 'name' (one of {sorted(solvers_lib.SOLVERS)}); "
+                      f"got the keys {sorted(value)}.")
+    return solvers_lib.get_solver(**value)
+  return value
+
+
 def group_options(problem: Any, run: Any, options: dict[str, Any]) -> tuple[ProblemConfig, RunConfig, dict[str, Any]]:
   """``distill``'s options as (problem, run, the solver's options).
 
@@ -334,7 +344,7 @@ def distill_arguments(config: dict[str, Any]) -> dict[str, Any]:
   if isinstance(seed, list):  # a key's data
     seed = jax.random.wrap_key_data(np.asarray(seed, np.uint32))
   arguments = {k: config[k] for k in _REPLAYED} | dict(config["problem_options"])
-  arguments["solver"] = solvers_lib.get_solver(**config["solver_options"])
+  arguments["solver"] = as_solver(config["solver_options"])
   arguments["seed"] = seed
   if config.get("given_recipe") is not None:
     arguments["recipe"] = Recipe.from_config(config["given_recipe"])

@@ -81,6 +81,9 @@ def as_mu(value: Any) -> float | MuSchedule:
   if isinstance(value, MuSchedule):
     return value
   if isinstance(value, dict):
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(MuSchedule)})
+    if unknown:
+      raise TypeError(f"unknown mu schedule field(s) {unknown}; a mu schedule has kind, init, final and steps.")
     return MuSchedule(**value)
   if callable(value):
     raise TypeError("mu must be a float or a MuSchedule (udd_jax.mu_schedule(...)), so that the run's config can "
