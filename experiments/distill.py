@@ -13,6 +13,9 @@ it. A restarted run with the same workdir resumes from its last checkpoint. Ctrl
 chunk of --log_every steps, after writing a checkpoint; re-running the same command resumes (on
 CPU, bit for bit). Re-running a finished run prints its saved report and recomputes nothing
 (--rerun_evaluation evaluates it again).
+
+Several devices (--devices=4) or processes (--coordinator_address=host:port --num_processes=2
+--process_id=0, one command per process): docs/SCALING.md.
 """
 
 from absl import app, flags, logging
@@ -46,12 +49,14 @@ flags.DEFINE_list("transfer", [], "Cross-learner transfer rows, one per item: K=
                   "(K = 256; score matching); join the parts of one row with ;, e.g. 'K=256;inner=score_matching'.")
 flags.DEFINE_multi_string("opt", [], app_flags.opt_help())
 flags.DEFINE_bool("rerun_evaluation", False, "Evaluate a finished run again instead of printing its saved report.")
+app_flags.define_devices()
 
 
 @app_flags.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
+  app_flags.start_distributed(FLAGS)
   experiment.run(**app_flags.app_arguments(FLAGS, experiment.run, dataset=",".join(FLAGS.dataset),
                                            options=experiment.parse_options(FLAGS.opt)))
 

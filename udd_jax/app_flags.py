@@ -15,6 +15,7 @@ from absl import flags
 
 from udd_jax.driver.arguments import DRIVER_OPTIONS, PROBLEM_OPTIONS
 from udd_jax.experiment import SOLVERS, default_steps
+from udd_jax.sharding import ENV, initialize_distributed
 
 # The exceptions a bad flag value or a missing file raises in the library: reported in one line.
 USER_ERRORS = (ValueError, TypeError, OSError)
@@ -109,6 +110,20 @@ class EnumListParser(flags.ListParser):
 
   def flag_type(self) -> str:
     return "comma separated list of enum"
+
+
+def define_devices() -> None:
+  """``--devices`` and the three multi-process flags; :func:`start_distributed` reads the latter."""
+  flags.DEFINE_integer("devices", None, "Devices to split the work over: N (the first N), 0 (all JAX sees) or unset "
+                       "(one, or all when several processes run); docs/SCALING.md.")
+  flags.DEFINE_string("coordinator_address", None, f"host:port of process 0 of a multi-process run (or ${ENV['coordinator_address']}).")
+  flags.DEFINE_integer("num_processes", None, f"Number of processes of a multi-process run (or ${ENV['num_processes']}).")
+  flags.DEFINE_integer("process_id", None, f"This process's index in [0, num_processes) (or ${ENV['process_id']}).")
+
+
+def start_distributed(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+  """Starts ``jax.distributed`` when the flags or the environment ask for a multi-process run (before any JAX work)."""
+  return initialize_distributed(flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id)
 
 
 def define_workdir() -> None:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+
 from udd_jax import _validation, io, reporting
 from udd_jax.bilevel.solvers import SOLVERS
 from udd_jax.data.loading import BUILTIN_DATASETS, load_dataset, resolve_data_dir  # noqa: F401 (the apps' choices)
@@ -22,6 +24,7 @@ from udd_jax.driver import DEFAULT_SOLVER, INITS, config_differences, distill
 from udd_jax.driver.arguments import LR_SCHEDULES, solver_and_options
 from udd_jax.evaluation import BASELINES, evaluate
 from udd_jax.inner import INNER_LOSSES
+from udd_jax.sharding import is_primary
 
 JOINT_SOLVERS = ("penalty", "value_function")
 RUN_FILE = "run.json"  # written last by run(): the request and summary of a finished run
@@ -177,7 +180,7 @@ def finished_run(workdir: str | pathlib.Path, request: Mapping[str, Any]) -> tup
   return saved["summary"], changed
 
 
-def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint):
+def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint, devices):
   """D on each task (every baseline on the first, only raw pixels and random W on the others), with transfer rows."""
   report = None
   for j, (name, (train, test)) in enumerate(zip(names, splits)):
@@ -185,11 +188,12 @@ def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baseline
         result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, n_seeds=n_seeds,
         preprocessing=result.preprocessing, joint_params=result.params if joint else None,
         baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
+        devices=devices,
     )
     for t in transfers:
       k, loss = t.get("n_hidden", n_hidden), t.get("inner", inner)
       other = evaluate(result.images, train, test, n_hidden=k, inner=loss, recipe=result.recipe, recipe_n_hidden=n_hidden,
-                       n_seeds=n_seeds, preprocessing=result.preprocessing, baselines=())
+                       n_seeds=n_seeds, preprocessing=result.preprocessing, baselines=(), devices=devices)
       for row in other.rows:
         row.name = f"transfer to K={k}, {loss}: {row.name}"
         part.rows.append(row)
@@ -202,15 +206,40 @@ def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baseline
   return report
 
 
+def run_devices(devices: int | None, eval_seeds: int) -> int | None:
+  """The ``devices`` argument of the run's ``distill`` and ``evaluate`` from the app's ``--devices``.
+
+  None: one device, or every device when several processes run; 0: every device JAX sees;
+  N: the first N.
+
+  Raises:
+    ValueError: a negative count, or ``eval_seeds`` that the devices do not divide (the
+      evaluation splits its seeds across them).
+  """
+  if devices is None and jax.process_count() > 1 or devices == 0:
+    devices = jax.device_count()
+  if devices is None:
+    return None
+  _validation.check_positive_int(devices, "devices")
+  if eval_seeds % devices:
+    raise ValueError(f"eval_seeds ({eval_seeds}) must be a multiple of the number of devices ({devices}): the "
+                     "evaluation splits its seeds across them.")
+  return devices
+
+
 def run(
     *, dataset: str, workdir: str, n_distill: int, n_hidden: int, data_dir: str | None = None, inner: str = "ae",
     solver: str | None = None, steps: int | None = None, seed: Any = 0, batch_size: int = 2048, init: str = "real",
     preprocessing: str = "none", eval_every: int = 100, eval_seeds: int = 5, baselines: Sequence[str] = BASELINES,
     transfer: Sequence[str] = (), options: dict[str, Any] | None = None, lr_schedule: str | None = None,
     progress: bool = True, log_every: int = 10, checkpoint_every: int = 50, max_seconds: float | None = None,
-    rerun_evaluation: bool = False,
+    rerun_evaluation: bool = False, devices: int | None = None,
 ) -> dict[str, Any]:
   """Runs one distillation end to end and writes its artifacts into ``workdir``.
+
+  ``devices`` is how many devices the distillation and the evaluation split their work
+  over (:func:`run_devices`; docs/SCALING.md); in a multi-process run only process 0
+  writes files and prints the report.
 
   ``dataset`` may name several datasets separated by commas: they become tasks sharing
   one D (resized to the first one's image size), and D is evaluated on each.
@@ -236,6 +265,7 @@ def run(
       baselines=baselines, options=options,
   )
   transfers = [parse_transfer(t) for t in transfer]
+  devices = run_devices(devices, eval_seeds)
   names = [n.strip() for n in dataset.split(",") if n.strip()]
   solver = solver or DEFAULT_SOLVER
   request = dict(dataset=",".join(names), n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver,
@@ -259,11 +289,12 @@ def run(
       *inputs, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps, seed=seed,
       workdir=workdir_path, batch_size=batch_size, init=init, preprocessing=preprocessing, eval_every=eval_every,
       eval_data=(x_train, y_train, x_test, y_test) if eval_every else None, progress=progress, log_every=log_every,
-      checkpoint_every=checkpoint_every, max_seconds=max_seconds, **options,
+      checkpoint_every=checkpoint_every, max_seconds=max_seconds, devices=devices, **options,
   )
   distill_seconds, t1 = time.perf_counter() - t0, time.perf_counter()
   report = _evaluate_tasks(result, names, splits if eval_seeds else [], n_hidden=n_hidden, inner=inner,
-                           n_seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS)
+                           n_seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS,
+                           devices=devices)
   summary = dict(dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
                  honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds,
                  eval_seconds=time.perf_counter() - t1, joint_accuracy=None)
@@ -271,6 +302,8 @@ def run(
     honest = report.rows[0]  # D, converged learner with the standard recipe: the headline
     summary.update(honest_accuracy=honest.mean, honest_std=honest.std,
                    joint_accuracy=next((r.mean for r in report.rows if r.name.startswith("jointly")), None))
+  if not is_primary():  # the other processes of a multi-process run write nothing
+    return summary
   table = reporting.write_run_files(
       workdir_path, result, report, summary, title=f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}",
       image_title=f"distilled set ({solver}, {dataset})")

@@ -1,7 +1,8 @@
 """Files that survive a kill: atomic writes, versioned ``.npz`` artifacts, pytree checkpoints.
 
 Every writer in the library goes through :func:`atomic_write`: a file is always either
-the old one or the complete new one. Checkpoints store a pytree's leaves under their
+the old one or the complete new one. In a multi-process run (``jax.distributed``) only
+process 0 writes; arrays split across processes are gathered first (:func:`host_tree`). Checkpoints store a pytree's leaves under their
 pytree paths (``images``, ``opt_state/0/mu``, ...), so a restore names the leaf that does
 not fit instead of an index.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from udd_jax._version import __version__
 
@@ -31,6 +33,7 @@ __all__ = [
     "restore_pytree",
     "pytree_arrays",
     "pytree_from_arrays",
+    "host_tree",
 ]
 
 
@@ -46,8 +49,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> pathl
   the rename stays on one file system); it is flushed and fsynced, then renamed over
   ``path``. A kill at any moment leaves at worst a stray ``.tmp`` file, which readers
   ignore and the next write replaces.
+
+  In a multi-process run, only process 0 writes; the others return ``path`` at once.
   """
   path = pathlib.Path(path)
+  if jax.process_index() != 0:
+    return path
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   try:
@@ -104,13 +111,33 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
+def host_tree(tree: Any) -> Any:
+  """``tree`` with its arrays on the host: numpy arrays, and typed PRNG keys as keys on this process's device.
+
+  An array split across the processes of a multi-process run is gathered from all of
+  them, so every process must call this at the same point (a collective).
+  """
+
+  def one(leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    is_key = jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(leaf) if is_key else leaf
+    if not (data.is_fully_addressable or data.is_fully_replicated):
+      data = multihost_utils.process_allgather(data, tiled=True)
+    data = np.asarray(data)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf)) if is_key else data
+
+  return jax.tree.map(one, tree)
+
+
 def pytree_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-  """The leaves of ``tree`` as host arrays keyed by ``prefix`` + their pytree path.
+  """The leaves of ``tree`` as host arrays keyed by ``prefix`` + their pytree path (:func:`host_tree`).
 
   Typed PRNG keys are stored as their raw key data.
   """
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(host_tree(tree))[0]:
     if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     out[prefix + _path_name(path)] = np.asarray(leaf)

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from udd_jax import io
 from udd_jax.driver import loop
 from udd_jax.driver.arguments import DEFAULT_SOLVER, PROBLEM_OPTIONS, ProblemConfig, RunConfig, as_solver, check_arguments, group_options
-from udd_jax.driver.build import build
+from udd_jax.driver.build import build, check_layout
 from udd_jax.driver.probe import make_honest_probe
 from udd_jax.driver.result import DistillResult
+from udd_jax.sharding import make_layout
 from udd_jax.training.recipes import Recipe
 
 
@@ -28,7 +29,8 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
             solver: Any = DEFAULT_SOLVER, run: RunConfig | dict[str, Any] | None = None,
             recipe: Recipe | dict[str, Any] | None = None, workdir: str | os.PathLike | None = None,
             eval_data: tuple[Any, Any, Any, Any] | None = None,
-            callback: Callable[[int, dict[str, float]], None] | None = None, **options: Any) -> DistillResult:
+            callback: Callable[[int, dict[str, float]], None] | None = None, devices: Any = None,
+            **options: Any) -> DistillResult:
   """Distils real labelled data into ``n_distill`` unlabeled points for an unsupervised learner.
 
   The settings come in three groups: the problem (:class:`ProblemConfig`: the learner and
@@ -58,6 +60,11 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
       there; SIGINT / SIGTERM then stop the run after a checkpoint (docs/ERRORS.md).
     eval_data: ``(x_train, y_train, x_test, y_test)`` for the honest probe of ``eval_every``.
     callback: called as ``callback(step, metrics)`` after each logged chunk.
+    devices: where the run works: None (one device, the default), a device count, a list of
+      jax devices or a one-axis ``jax.sharding.Mesh``. The pool solver splits its learners
+      across them (``pool_size`` a multiple of their number), every other solver the real
+      batch (``batch_size`` likewise); the results agree with one device's to float
+      round-off, and a checkpoint resumes on any number of devices (docs/SCALING.md).
     **options: fields of ``problem`` and ``run``, and the solver's options.
 
   Returns:
@@ -91,7 +98,10 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
       progress=run_config.progress, callback=callback, max_seconds=run_config.max_seconds,
       eval_every_seconds=run_config.eval_every_seconds,
       options=options | problem_options | dict(clip_images=run_config.clip_images))
-  run = build(settings)
+  layout = make_layout(devices)
+  if layout is not None:
+    check_layout(layout, settings.solver, settings.batch_size)
+  run = build(settings, layout)
   workdir = loop.check_workdir(pathlib.Path(workdir)) if workdir is not None else None
   state, history = run.state, []
   if workdir is not None:
@@ -101,11 +111,12 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
       loop.save_checkpoint(workdir, state, history)
   probe = None
   if (settings.eval_every or settings.eval_every_seconds) and eval_data is not None:
-    probe = make_honest_probe(eval_data, run.prep, run.problem, run.n_classes[0], settings.solver,
-                              settings.init_scale, settings.recipe, jax.random.fold_in(settings.key, PROBE_STREAM))
+    honest = make_honest_probe(eval_data, run.prep, run.problem, run.n_classes[0], settings.solver,
+                               settings.init_scale, settings.recipe, jax.random.fold_in(settings.key, PROBE_STREAM))
+    probe = honest if layout is None else lambda st: honest(io.host_tree(st))
   # The chunk donates the state's buffers; solver states may alias one array twice (the
   # value function starts w' at w), so give every leaf its own buffer first.
-  state, history = loop.run_loop(run, workdir, jax.tree.map(jnp.copy, state), history, probe)
+  state, history = loop.run_loop(run, workdir, run.place(jax.tree.map(jnp.copy, state)), history, probe)
   result = run.result(state, history)
   if workdir is not None:
     result.save(workdir / "distilled.npz")

@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from udd_jax import io
 from udd_jax.bilevel import problem as problem_lib
 from udd_jax.data.clustering import kmeans
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.driver.arguments import Settings
 from udd_jax.driver.result import DistillResult
+from udd_jax.sharding import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +30,16 @@ class Run:
   config: dict[str, Any]
   state: Any
   run_chunk: Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array], dict[str, Any]]]
+  layout: Layout | None = None
+
+  def place(self, state: Any) -> Any:
+    """``state`` (e.g. restored from a checkpoint on the host) on the run's devices, as the chunk expects it."""
+    return state if self.layout is None else self.layout.put(state, state_shardings(self.layout, self.settings.solver, state))
 
   def result(self, state: Any, history: list[dict[str, float]]) -> DistillResult:
     """The distilled set of ``state``, in the input's value space, with the recipe it ships."""
     s = self.settings
+    state = io.host_tree(state)
     config = dict(self.config)
     config["recipe"] = s.solver.recipe(state, s.init_scale, s.recipe).to_config()
     return DistillResult(
@@ -64,13 +72,35 @@ def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> 
   ) | ({"clip_images": True} if s.clip_images else {})
 
 
-def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Array):
-  """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags."""
-  solver = s.solver
+def state_shardings(layout: Layout, solver: Any, state: Any) -> Any:
+  """Where each leaf of a solver's state lives: its ``member_fields`` split on their leading axis, the rest replicated."""
+  shardings = jax.tree.map(lambda _: layout.replicated, state)
+  return shardings._replace(**{f: jax.tree.map(lambda _: layout.split(), getattr(state, f)) for f in solver.member_fields})
 
-  def chunk(state, start):
+
+def check_layout(layout: Layout, solver: Any, batch_size: int) -> None:
+  """Raises a ValueError, before anything is compiled, unless the axis the run splits fits the devices."""
+  if solver.member_fields:
+    layout.check_divides(solver.n_members, f"the {solver.name} solver's pool_size")
+  else:
+    layout.check_divides(batch_size, "batch_size")
+
+
+def _chunk_fn(s: Settings, problem: Any, layout: Layout | None, state: Any):
+  """``log_every`` solver steps in one ``lax.scan``, with their mean metrics and finiteness flags.
+
+  The chunk takes the batches' key and the real tasks as arguments (placed once, replicated on a mesh). On a
+  mesh its state keeps :func:`state_shardings`, and a solver without a pool has its real
+  batch split across the devices.
+  """
+  solver = s.solver
+  split_batch = layout is not None and not solver.member_fields
+
+  def chunk(state, start, k_batches, device_tasks):
     def body(st, i):
       batch = problem_lib.sample_batch(jax.random.fold_in(k_batches, i), device_tasks, s.batch_size)
+      if split_batch:
+        batch = jax.lax.with_sharding_constraint(batch, problem_lib.TaskBatch(layout.split(1), layout.split(1)))
       return solver.step(problem, st, batch)
 
     state, per_step = jax.lax.scan(body, state, start + jnp.arange(s.log_every))
@@ -86,11 +116,19 @@ def _chunk_fn(s: Settings, problem: Any, device_tasks: tuple, k_batches: jax.Arr
     )
     return state, metrics, finite
 
-  return jax.jit(chunk, donate_argnums=0)
+  if layout is None:
+    return jax.jit(chunk, donate_argnums=0)
+  shardings = state_shardings(layout, solver, state)
+  return jax.jit(chunk, donate_argnums=0, in_shardings=(shardings, layout.replicated, layout.replicated, layout.replicated),
+                 out_shardings=(shardings, layout.replicated, layout.replicated))
 
 
-def build(s: Settings) -> Run:
-  """Preprocesses the tasks, makes the problem, initialises D and the solver's state, jits the chunk."""
+def build(s: Settings, layout: Layout | None = None) -> Run:
+  """Preprocesses the tasks, makes the problem, initialises D and the solver's state, jits the chunk.
+
+  With a ``layout``, the state and the real tasks are placed on its devices (every
+  process of a multi-process run builds the same values).
+  """
   image_shape = s.tasks[0][0].shape[1:]
   prep = fit_preprocessing(s.tasks[0][0], method=s.preprocessing)
   z_tasks = [(prep.apply(xj), yj) for xj, yj in s.tasks]
@@ -105,5 +143,13 @@ def build(s: Settings) -> Run:
   images0 = initial_images(s.init, k_init_images, z_tasks[0][0], s.n_distill)
   state = s.solver.init(problem, k_state, images0)
   device_tasks = tuple((jnp.asarray(zj), jnp.asarray(yj)) for zj, yj in z_tasks)
+  if layout is not None:
+    state = layout.put(state, state_shardings(layout, s.solver, state))
+    k_batches, device_tasks = layout.put((k_batches, device_tasks))
+  chunk = _chunk_fn(s, problem, layout, state)
+
+  def run_chunk(st, start):
+    return chunk(st, start if layout is None else layout.put(start), k_batches, device_tasks)
+
   return Run(settings=s, problem=problem, prep=prep, n_classes=n_classes, config=_config(s, n_classes, image_shape),
-             state=state, run_chunk=_chunk_fn(s, problem, device_tasks, k_batches))
+             state=state, run_chunk=run_chunk, layout=layout)

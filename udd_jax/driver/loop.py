@@ -14,9 +14,11 @@ from typing import Any, NoReturn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from udd_jax import io
 from udd_jax.driver.build import Run
+from udd_jax.sharding import is_primary
 
 
 class Progress:
@@ -122,6 +124,7 @@ def check_workdir(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def save_checkpoint(workdir: pathlib.Path, state: Any, history: list[dict[str, float]]) -> None:
+  """Writes the checkpoint (every process gathers the state; only process 0 writes)."""
   io.save_pytree(workdir / "checkpoint.npz", state, history=history)
 
 
@@ -139,7 +142,8 @@ def resume(workdir: pathlib.Path, config: dict[str, Any], state: Any) -> tuple[A
   """
   ckpt = workdir / "checkpoint.npz"
   if not ckpt.is_file():  # a fresh run, or one killed before its first checkpoint: start over
-    (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    if is_primary():
+      (workdir / "metrics.jsonl").unlink(missing_ok=True)
     return state, []
   saved_config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else None
   if saved_config is not None:
@@ -199,8 +203,8 @@ def run_loop(run: Run, workdir: pathlib.Path | None, state: Any, history: list[d
              probe: Callable[[Any], dict[str, float]] | None) -> Any:
   """Runs chunks until ``steps`` (or ``max_seconds``), logging, probing and checkpointing; returns the final state."""
   s = run.settings
-  bar, schedule = Progress(s.steps, int(state.step), s.progress), _Schedule(s)
-  metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None else None
+  bar, schedule = Progress(s.steps, int(state.step), s.progress and is_primary()), _Schedule(s)
+  metrics_file = open(workdir / "metrics.jsonl", "a") if workdir is not None and is_primary() else None
   # With a workdir, SIGINT / SIGTERM stop the run at the end of the current chunk, after a checkpoint.
   stop = StopOnSignal().install() if workdir is not None else None
   t_start, step = time.perf_counter(), int(state.step)
@@ -215,12 +219,12 @@ def run_loop(run: Run, workdir: pathlib.Path | None, state: Any, history: list[d
       diverged = first_non_finite(finite, record, step0, step)
       if diverged is not None:
         stop_diverged(*diverged, workdir, run)
-      record["step"], record["wall_time"] = step, time.perf_counter() - t_start
+      record["step"], record["wall_time"] = step, _agreed(time.perf_counter() - t_start)
       out_of_time = s.max_seconds is not None and record["wall_time"] >= s.max_seconds
       if probe is not None and schedule.due(step, record["wall_time"], out_of_time):
         record.update(probe(state))
       history.append(record)
-      checkpointed = metrics_file is not None and _log(metrics_file, workdir, state, history, record, s)
+      checkpointed = workdir is not None and _log(metrics_file, workdir, state, history, record, s)
       bar.report(step, record)
       if s.callback is not None:
         s.callback(step, record)
@@ -236,10 +240,18 @@ def run_loop(run: Run, workdir: pathlib.Path | None, state: Any, history: list[d
   return state, history
 
 
+def _agreed(wall_time: float) -> float:
+  """Process 0's wall time on every process, so that time-based decisions (probe, budget) agree across processes."""
+  if jax.process_count() == 1:
+    return wall_time
+  return float(multihost_utils.broadcast_one_to_all(np.float64(wall_time)))
+
+
 def _log(metrics_file, workdir: pathlib.Path, state: Any, history: list[dict[str, float]], record: dict[str, float], s: Any) -> bool:
-  """Appends the record to metrics.jsonl and checkpoints when due; returns whether it checkpointed."""
-  metrics_file.write(json.dumps(record) + "\n")
-  metrics_file.flush()
+  """Appends the record to metrics.jsonl (process 0) and checkpoints when due; returns whether it checkpointed."""
+  if metrics_file is not None:
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
   step = record["step"]
   if step % s.checkpoint_every < s.log_every or step >= s.steps:
     save_checkpoint(workdir, state, history)

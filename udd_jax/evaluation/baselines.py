@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from udd_jax import io
 from udd_jax.data.clustering import kmeans
 from udd_jax.evaluation import logistic
 from udd_jax.evaluation.report import Row
@@ -72,7 +73,7 @@ class Probe:
     ``params`` are stacked over seeds; ``raw`` is ``(train, test)`` inputs with a leading axis of 1.
     """
     f_train, f_test = (self.features(params, self.z_train), self.features(params, self.z_test)) if raw is None else raw
-    out = [np.asarray(probe_accuracies(f_train, self.y_train, f_test, self.y_test, self.head_l2, n_classes=self.n_classes,
+    out = [io.host_tree(probe_accuracies(f_train, self.y_train, f_test, self.y_test, self.head_l2, n_classes=self.n_classes,
                                        standardize=std, max_steps=self.head_steps)).tolist() for std in (False, True)]
     return out[0], out[1]
 

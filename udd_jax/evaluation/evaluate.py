@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.evaluation.baselines import BASELINES, LearnerRows, Probe, baseline_rows
 from udd_jax.evaluation.report import EvaluationReport, Row
 from udd_jax.inner import learners
+from udd_jax.sharding import Layout, make_layout
 from udd_jax.training.recipes import STANDARD_RECIPE, Recipe, retrain_many
 
 
@@ -46,6 +48,7 @@ def evaluate(
     seed: int | jax.Array = 10_000,
     sigma2: float = 1.0,
     noise_std: float = 0.1,
+    devices: Any = None,
 ) -> EvaluationReport:
   """Honest evaluation of a distilled set D (docs/METHOD.md section 5).
 
@@ -81,6 +84,10 @@ def evaluate(
     head_steps: L-BFGS iteration budget of each head.
     seed: base of the evaluation PRNG stream: an int seed or a PRNG key.
     sigma2, noise_std: inner-loss hyperparameters.
+    devices: where the rows' fresh seeds run: None (one device, the default), a device
+      count, a list of jax devices or a one-axis ``jax.sharding.Mesh``; ``n_seeds`` must be a
+      multiple of their number. The seeds are split across the devices, the real data
+      replicated; accuracies agree with one device's to float round-off (docs/SCALING.md).
 
   Returns:
     An :class:`EvaluationReport`; ``print(report)`` shows the markdown table and the recipes.
@@ -98,10 +105,17 @@ def evaluate(
       n_seeds, n_hidden, convergence_factor, seed, head_l2, head_steps)
   train, test, images = _check_data(images, train, test, baselines)
   recipe, recipes = _resolve_recipes(recipe, standard_recipe, n_hidden, recipe_n_hidden)
+  layout = make_layout(devices)
+  if layout is not None:
+    layout.check_divides(n_seeds, "n_seeds")
   probe, d_images = _prepare(images, train, test, inner, preprocessing, joint_params, head_l2=head_l2,
                              head_steps=head_steps, sigma2=sigma2, noise_std=noise_std)
   keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
-  learner_rows = _learner_rows(probe, keys, recipes, recipe, n_hidden=n_hidden, convergence_factor=convergence_factor)
+  if layout is not None:  # the real data and D on every device, the seeds split across them
+    probe = dataclasses.replace(probe, **layout.put({f: getattr(probe, f) for f in ("z_train", "y_train", "z_test", "y_test")}))
+    d_images, keys = layout.put(d_images), layout.put(keys, layout.split())
+  learner_rows = _learner_rows(probe, keys, recipes, recipe, n_hidden=n_hidden, convergence_factor=convergence_factor,
+                               layout=layout)
   rows = _rows(probe, learner_rows, d_images, joint_params, baselines, keys, n_hidden=n_hidden,
                init_scale=standard_recipe.init_scale)
   return EvaluationReport(rows, _settings(probe, recipes, n_distill=d_images.shape[0], n_seeds=n_seeds, n_hidden=n_hidden))
@@ -200,10 +214,12 @@ def _resolve_recipes(recipe: Recipe | dict[str, Any] | None, standard_recipe: Re
 
 
 def _learner_rows(probe: Probe, keys: PRNGKeyArray, recipes: list[tuple[str, Recipe]], recipe: Recipe, *,
-                  n_hidden: int, convergence_factor: int) -> LearnerRows:
+                  n_hidden: int, convergence_factor: int, layout: Layout | None) -> LearnerRows:
   """``learner_rows(name, sets)``: re-trains on each of ``sets`` (S, N, d) with each recipe and probes the features."""
 
   def learner_rows(name: str, sets: Array, note: str = "") -> list[Row]:
+    if layout is not None:
+      sets = layout.put(sets, layout.split())
     variants = [(name, label, r, None) for label, r in recipes]
     if convergence_factor:
       steps = convergence_factor * recipe.steps

@@ -118,6 +118,9 @@ class SolverBase:
     name: the solver's name in :data:`~udd_jax.bilevel.solvers.SOLVERS`.
     default_steps: outer steps of a distillation run that does not say.
     default_head: the task head a distillation run uses unless told (``"ridge"`` or ``"softmax"``).
+    member_fields: the state's fields stacked over independent learners (leading axis
+      :attr:`n_members`), which a device mesh splits; a solver without them has its real
+      batch split instead (docs/SCALING.md).
   """
 
   diversity: float = 0.0
@@ -130,6 +133,12 @@ class SolverBase:
   default_steps: ClassVar[int] = 600
   default_head: ClassVar[str] = "softmax"
   diversity_in_objective: ClassVar[bool] = False
+  member_fields: ClassVar[tuple[str, ...]] = ()
+
+  @property
+  def n_members(self) -> int:
+    """The length of the leading axis of :attr:`member_fields` (0: the solver has none)."""
+    return 0
 
   def __post_init__(self):
     _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)

@@ -152,6 +152,11 @@ class Pool(FreshHeadsBase):
   cg_tol: float = 1e-6
   name = "pool"
   default_steps = 500
+  member_fields = ("params", "opt_state", "age", "adjoint")
+
+  @property
+  def n_members(self) -> int:
+    return self.pool_size
 
   def __post_init__(self):
     super().__post_init__()
