@@ -93,6 +93,22 @@ def test_train_experts_resumes(experts, digits3, tmp_path):
   assert more.paths[2] == workdir / "expert_0002.npz"
 
 
+def test_train_experts_host_and_scan_loops_take_the_same_steps(experts, digits3, tmp_path):
+  x, y = digits3  # float64 (x64 is on): 431 images in batches of 64, the last 47 dropped every epoch
+  workdir, made, _ = experts  # the host loop's, when the default backend is the CPU
+  scan = experts_lib.train_experts(x, y, n_experts=2, workdir=tmp_path, loop="scan", **EXPERT_ARGS)
+  host = experts_lib.train_experts(x, y, n_experts=2, workdir=tmp_path / "host", loop="host", **EXPERT_ARGS)
+  for h, s in zip(host.paths, scan.paths):
+    with np.load(h) as a, np.load(s) as b:
+      assert a["trajectory"].dtype == np.float64
+      np.testing.assert_allclose(a["trajectory"], b["trajectory"], rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-12)
+  # The loop is not an argument a resumed directory must agree on; an unknown one is refused.
+  assert experts_lib.train_experts(x, y, n_experts=2, workdir=workdir, loop="scan", **EXPERT_ARGS).trained == []
+  with pytest.raises(ValueError, match=r"unknown loop 'gpu'; valid options are \['auto', 'host', 'scan'\]"):
+    experts_lib.train_experts(x, y, n_experts=2, workdir=workdir, loop="gpu", **EXPERT_ARGS)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [(dict(lr=0.1), "lr: 0.05 on disk vs 0.1"), (dict(epochs=4), "epochs"), (dict(seed=1), "seed"),

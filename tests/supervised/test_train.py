@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from udd_jax import training
 from udd_jax.supervised import networks, train
 
 from .images import blob_images
@@ -94,6 +95,33 @@ def test_training_matches_python_reference_with_short_last_batch_and_augment(dat
   assert not np.allclose(without_augment["classifier"]["kernel"], got["classifier"]["kernel"])
 
 
+@pytest.mark.parametrize("labels", ["integer", "soft"])
+def test_host_and_scan_loops_take_the_same_steps(data, labels):
+  (x, y), (xt, yt) = data  # float64; 15 images in batches of 4: a padded last batch every epoch
+  if labels == "soft":
+    y = np.eye(3)[y]
+
+  def augment(xb, key):
+    return xb + 0.02 * (jax.random.key_data(key)[-1] % 11).astype(xb.dtype)
+
+  options = dict(epochs=3, lr=0.05, batch_size=4, momentum=0.9, weight_decay=5e-4, augment=augment)
+  host = train.train_network(MLP, x, y, jax.random.key(7), loop="host", **options)
+  scan = train.train_network(MLP, x, y, jax.random.key(7), loop="scan", **options)
+  assert jax.tree.structure(host) == jax.tree.structure(scan)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), host, scan)
+  start = train.train_network(MLP, x, y, jax.random.key(7), loop="scan", **(options | dict(epochs=1)))
+  assert not np.allclose(start["classifier"]["kernel"], scan["classifier"]["kernel"])  # the epochs did train
+  if labels == "integer":
+    reports = [train.evaluate_synset(x, y, (xt, yt), seed=1, network=MLP, runs=2, loop=loop, **options)
+               for loop in ("host", "scan")]
+    assert reports[0]["accuracies"] == reports[1]["accuracies"]
+
+
+def test_auto_loop_is_the_host_loop_on_the_cpu():
+  assert training.resolve_loop("auto") == ("host" if jax.default_backend() == "cpu" else "scan")
+  assert [training.resolve_loop(loop) for loop in ("host", "scan")] == ["host", "scan"]
+
+
 def test_vmapped_runs_equal_separate_runs(data):
   (x, y), _ = data
   keys = jax.random.split(jax.random.key(5), 2)
@@ -180,6 +208,7 @@ def test_network_outputs_cover_labels_and_test_labels():
         (dict(augment="dsa"), TypeError, "augment must be a function"),
         (dict(seed="seed"), TypeError, "seed must be a PRNG key"),
         (dict(network="mlp", n_classes=2), ValueError, "n_classes=2 but the labels need at least 3 classes"),
+        (dict(loop="gpu"), ValueError, r"unknown loop 'gpu'; valid options are \['auto', 'host', 'scan'\]"),
     ],
 )
 def test_train_network_errors(data, kwargs, error, match):
@@ -202,6 +231,8 @@ def test_evaluate_synset_errors(data):
     train.evaluate_synset(x, y, (xt, yt), seed=0, runs=0)
   with pytest.raises(ValueError, match="the network has 3 outputs but the labels need 5 classes"):
     train.evaluate_synset(x, y, (xt, np.full(90, 4)), seed=0, network=MLP)
+  with pytest.raises(ValueError, match=r"unknown loop 'python'; valid options are \['auto', 'host', 'scan'\]"):
+    train.evaluate_synset(x, y, (xt, yt), seed=0, loop="python")
   with pytest.raises(ValueError, match="keys must be a 1-d array"):
     train.train_networks(MLP, x, y, jax.random.key(0))
 

@@ -9,6 +9,19 @@ for an outer cotangent ``v = dL/dw*``,
 forward-over-reverse differentiation of ``grad_w f``, the single source of truth
 for optimality. Damping keeps the system positive definite where the inner problem
 is not convex.
+
+Matmul precision. On GPU and TPU, JAX's default matmul precision for float32 is reduced
+(TF32 on NVIDIA tensor cores, one bf16 pass on TPU: about three significant digits).
+CG is sensitive to it: its recursion assumes the operator is the same symmetric matrix
+at every iteration, and a Hessian-vector product rounded to ~1e-3 stalls the residual
+near that level and can report spurious negative curvature. So :func:`hvp`,
+:func:`conjugate_gradient`, :func:`solve_adjoint`, :func:`mixed_vjp` and the functions
+built on them trace their matmuls and convolutions under
+``jax.default_matmul_precision(precision)``, ``precision`` defaulting to
+:data:`PRECISION` (``"highest"``: full float32). The context applies when the
+computation is traced, so it holds inside ``jit``; ``precision=None`` leaves JAX's
+ambient default. On CPU, float32 matmuls run at full precision whatever the setting, so
+no number changes there (docs/CORRECTNESS.md, "Matmul precision on accelerators").
 """
 
 from __future__ import annotations
@@ -20,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Scalar
+
+PRECISION: str = "highest"
+"""The matmul precision of the adjoint computation (see the module docstring)."""
 
 
 class LinearSolveStats(NamedTuple):
@@ -38,13 +54,15 @@ class LinearSolveStats(NamedTuple):
   negative_curvature: Array
 
 
-def hvp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, t: Any) -> Any:
-  """Hessian-vector product ``H_ww(w, theta) t`` by forward-over-reverse."""
-  return jax.jvp(lambda p: jax.grad(f)(p, theta), (w,), (t,))[1]
+def hvp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, t: Any, *, precision: str | None = PRECISION) -> Any:
+  """Hessian-vector product ``H_ww(w, theta) t`` by forward-over-reverse, at matmul ``precision``."""
+  with jax.default_matmul_precision(precision):
+    return jax.jvp(lambda p: jax.grad(f)(p, theta), (w,), (t,))[1]
 
 
 def conjugate_gradient(
-    matvec: Callable[[Any], Any], b: Any, *, tol: float, max_steps: int, x0: Any = None
+    matvec: Callable[[Any], Any], b: Any, *, tol: float, max_steps: int, x0: Any = None,
+    precision: str | None = PRECISION,
 ) -> tuple[Any, Array, Array, Array]:
   """CG for ``A x = b`` on pytrees, stopping at ``||r|| <= tol ||b||`` or at negative curvature.
 
@@ -62,11 +80,18 @@ def conjugate_gradient(
     x0: starting point (zero if None, or if its residual ``||b - A x0||`` is not below
       ``||b||``). A warm start costs one extra ``matvec`` for that residual; it can make
       ``x0`` the answer with no iteration at all.
+    precision: matmul precision under which ``matvec`` and the inner products are
+      traced (:data:`PRECISION` by default; None for JAX's ambient default).
 
   Returns:
     ``(x, num_steps, negative_curvature, residual)``, ``residual`` being ``||r|| / ||b||``
     of the CG recursion (equal to ``||b - A x|| / ||b||`` in exact arithmetic).
   """
+  with jax.default_matmul_precision(precision):
+    return _conjugate_gradient(matvec, b, tol=tol, max_steps=max_steps, x0=x0)
+
+
+def _conjugate_gradient(matvec, b, *, tol, max_steps, x0):
   bb = optax.tree.vdot(b, b)
   threshold = (tol**2) * bb
 
@@ -107,28 +132,34 @@ def conjugate_gradient(
 
 
 def solve_adjoint(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3, tol: float = 1e-5,
-                  max_steps: int = 50, init: Any = None) -> tuple[Any, LinearSolveStats]:
+                  max_steps: int = 50, init: Any = None,
+                  precision: str | None = PRECISION) -> tuple[Any, LinearSolveStats]:
   """Solves ``(H_ww + damping I) u = v`` by conjugate gradients from ``init`` (zero if None).
 
+  Every matmul of the solve runs at ``precision`` (:data:`PRECISION` by default).
   Returns ``u`` and diagnostics.
   """
 
   def matvec(t):
-    return optax.tree.add_scale(hvp(f, w, theta, t), damping, t)
+    return optax.tree.add_scale(hvp(f, w, theta, t, precision=precision), damping, t)
 
-  u, steps, negative, residual = conjugate_gradient(matvec, v, tol=tol, max_steps=max_steps, x0=init)
+  u, steps, negative, residual = conjugate_gradient(matvec, v, tol=tol, max_steps=max_steps, x0=init,
+                                                    precision=precision)
   return u, LinearSolveStats(num_steps=steps, residual=residual, negative_curvature=negative)
 
 
-def mixed_vjp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, u: Any) -> Any:
-  """``-(d^2 f / dtheta dw) u``: the hypergradient once the adjoint ``u`` is known."""
-  _, vjp_theta = jax.vjp(lambda th: jax.grad(f)(w, th), theta)
-  (g_theta,) = vjp_theta(u)
+def mixed_vjp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, u: Any, *,
+              precision: str | None = PRECISION) -> Any:
+  """``-(d^2 f / dtheta dw) u``: the hypergradient once the adjoint ``u`` is known, at matmul ``precision``."""
+  with jax.default_matmul_precision(precision):
+    _, vjp_theta = jax.vjp(lambda th: jax.grad(f)(w, th), theta)
+    (g_theta,) = vjp_theta(u)
   return jax.tree.map(jnp.negative, g_theta)
 
 
 def implicit_hypergradient(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3,
-                           tol: float = 1e-5, max_steps: int = 50) -> tuple[Any, LinearSolveStats]:
+                           tol: float = 1e-5, max_steps: int = 50,
+                           precision: str | None = PRECISION) -> tuple[Any, LinearSolveStats]:
   """``dL/dtheta`` through ``w*(theta)`` given the outer cotangent ``v = dL/dw`` at ``w = w*``.
 
   Args:
@@ -139,12 +170,14 @@ def implicit_hypergradient(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, 
     damping: added to the Hessian's diagonal.
     tol: CG relative tolerance.
     max_steps: CG iteration budget.
+    precision: matmul precision of the solve and the mixed product (:data:`PRECISION`
+      by default; None for JAX's ambient default).
 
   Returns:
     ``(dL/dtheta, LinearSolveStats)``.
   """
-  u, stats = solve_adjoint(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps)
-  return mixed_vjp(f, w, theta, u), stats
+  u, stats = solve_adjoint(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps, precision=precision)
+  return mixed_vjp(f, w, theta, u, precision=precision), stats
 
 
 def implicit_argmin(
@@ -154,6 +187,7 @@ def implicit_argmin(
     damping: float = 1e-3,
     tol: float = 1e-5,
     max_steps: int = 50,
+    precision: str | None = PRECISION,
 ) -> Callable[[Any, Any], Any]:
   """Wraps an inner solver as a function ``w*(w_init, theta)`` differentiable in ``theta``.
 
@@ -166,7 +200,7 @@ def implicit_argmin(
   Args:
     f: inner objective ``f(w, theta) -> scalar``.
     solve: ``solve(w_init, theta) -> w*``, any (non-differentiated) inner solver.
-    damping, tol, max_steps: as for :func:`implicit_hypergradient`.
+    damping, tol, max_steps, precision: as for :func:`implicit_hypergradient`.
 
   Returns:
     ``argmin(w_init, theta) -> w*``; its gradient with respect to ``w_init`` is zero.
@@ -182,7 +216,8 @@ def implicit_argmin(
 
   def bwd(residuals, v):
     w, w_init, theta = residuals
-    g_theta, _ = implicit_hypergradient(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps)
+    g_theta, _ = implicit_hypergradient(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps,
+                                        precision=precision)
     return jax.tree.map(jnp.zeros_like, w_init), g_theta
 
   argmin.defvjp(fwd, bwd)

@@ -27,6 +27,7 @@ from udd_jax import _validation, io
 from udd_jax.supervised import base
 from udd_jax.supervised.labelled import prepare_data
 from udd_jax.supervised.networks import cross_entropy, get_network, init_params
+from udd_jax.training import loops
 
 MANIFEST = "experts.json"
 FORMAT_VERSION = 1
@@ -48,28 +49,31 @@ def _data_fingerprint(images: Array, labels: Array) -> str:
   return digest.hexdigest()
 
 
-def _make_train_epoch(network, unravel, optimizer, *, n_batches, batch_size):
-  """One shuffled pass of mini-batch SGD: a host loop over one jitted step.
+def _make_train_epoch(network, unravel, optimizer, *, n_batches, batch_size, loop):
+  """One shuffled pass of mini-batch SGD, by the resolved ``loop``.
 
-  Not one ``lax.scan`` over the epoch, for the reason given in
-  :func:`udd_jax.supervised.train.train_network` (convolutions in loop bodies are slow on the CPU).
+  ``"host"``: a host loop over one jitted step, for the reason given in
+  :mod:`udd_jax.training.loops` (convolutions in loop bodies are slow on the CPU);
+  ``"scan"``: one jitted ``lax.scan`` over the epoch's steps (GPU and TPU). Both take the
+  same steps.
   """
 
   def loss_fn(flat, x, y):
     return cross_entropy(network, unravel(flat), x, y)
 
-  @jax.jit
-  def sgd_step(flat, opt_state, x, y):
+  def step(flat, opt_state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(flat, x, y)
     updates, opt_state = optimizer.update(grads, opt_state, flat)
     return optax.apply_updates(flat, updates), opt_state, loss
+
+  sgd_step = jax.jit(step)
 
   @functools.partial(jax.jit, static_argnums=1)
   def batch_order(key, n):
     # The last incomplete batch is dropped so that every step has one shape.
     return jax.random.permutation(key, n)[: n_batches * batch_size].reshape(n_batches, batch_size)
 
-  def train_epoch(flat, opt_state, key, x, y):
+  def host_epoch(flat, opt_state, key, x, y):
     order = np.asarray(batch_order(key, x.shape[0]))
     losses = []
     for idx in order:
@@ -77,7 +81,19 @@ def _make_train_epoch(network, unravel, optimizer, *, n_batches, batch_size):
       losses.append(loss)
     return flat, opt_state, jnp.mean(jnp.stack(losses))
 
-  return train_epoch
+  @jax.jit
+  def scan_over_batches(flat, opt_state, order, x, y):
+    def body(carry, idx):
+      flat, opt_state, loss = step(*carry, x[idx], y[idx])
+      return (flat, opt_state), loss
+
+    (flat, opt_state), losses = jax.lax.scan(body, (flat, opt_state), order)
+    return flat, opt_state, jnp.mean(losses)
+
+  def scan_epoch(flat, opt_state, key, x, y):
+    return scan_over_batches(flat, opt_state, batch_order(key, x.shape[0]), x, y)
+
+  return scan_epoch if loop == "scan" else host_epoch
 
 
 class Experts(NamedTuple):
@@ -92,7 +108,7 @@ def train_experts(
     x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, n_experts: int, epochs: int,
     workdir: str | pathlib.Path, seed: PRNGKeyArray | int, network: str = "convnet", width: int = 128, depth: int = 3,
     lr: float = 0.01, momentum: float = 0.0, batch_size: int = 256, n_classes: int | None = None,
-    callback: Callable[[int, int, dict[str, float]], None] | None = None,
+    callback: Callable[[int, int, dict[str, float]], None] | None = None, loop: str = "auto",
 ) -> Experts:
   """Trains MTT's experts on real data and saves their trajectories; resumable.
 
@@ -120,6 +136,10 @@ def train_experts(
     batch_size: mini-batch size (at most ``n``).
     n_classes: number of classes; ``max(y) + 1`` when None.
     callback: called as ``callback(expert, epoch, record)`` after every epoch trained.
+    loop: how an epoch's steps run: ``"auto"`` (``"host"`` on the CPU, ``"scan"`` on GPU
+      and TPU), ``"host"`` (a host loop over one jitted step) or ``"scan"`` (one
+      ``lax.scan``). Both take the same steps; it is not one of the arguments a resumed
+      directory must agree on.
 
   Returns:
     :class:`Experts`: the paths of all ``n_experts`` files and the indices trained by
@@ -139,6 +159,7 @@ def train_experts(
   batch_size = min(_validation.check_positive_int(batch_size, "batch_size"), data.images.shape[0])
   if callback is not None and not callable(callback):
     raise TypeError(f"callback must be callable as callback(expert, epoch, record); got {type(callback).__name__}.")
+  loop = loops.resolve_loop(loop)
   net = get_network(network, data.n_classes, width=width, depth=depth)
   image_shape = tuple(data.images.shape[1:])
   template, unravel = ravel_pytree(init_params(net, jax.random.key(0), image_shape))
@@ -149,7 +170,7 @@ def train_experts(
       "batch_size": batch_size, "seed": seed, "data_sha256": _data_fingerprint(data.images, data.labels)})
   optimizer = optax.sgd(lr, momentum=momentum or None)
   train_epoch = _make_train_epoch(
-      net, unravel, optimizer, n_batches=data.images.shape[0] // batch_size, batch_size=batch_size
+      net, unravel, optimizer, n_batches=data.images.shape[0] // batch_size, batch_size=batch_size, loop=loop
   )
   paths, trained = [_expert_path(directory, i) for i in range(n_experts)], []
   for i, path in enumerate(paths):

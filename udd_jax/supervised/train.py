@@ -5,9 +5,11 @@ decay 5e-4, learning rate 0.01 divided by 10 half-way, mini-batches of 256 reshu
 epoch, 300 epochs. Integer labels train with softmax cross-entropy; float label vectors
 (learned labels, KIP) with the mean squared error on the logits, as KIP trains its networks.
 
-A training run is a host loop over one jitted SGD step (compiled once per network, set size
-and schedule); runs follow one another with the same compiled step. On the CPU this is far
-faster for ConvNets than one ``lax.scan`` over the whole run (see :func:`_train_one`).
+A training run is, on the CPU, a host loop over one jitted SGD step (compiled once per
+network, set size and schedule), far faster there for ConvNets than one ``lax.scan`` over the
+whole run; on GPU and TPU it is that one ``lax.scan``, with no dispatch per step (the ``loop``
+option, :func:`udd_jax.training.resolve_loop`). Runs follow one another with the same
+compiled code, and both loops take the same steps.
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -36,6 +38,7 @@ from jaxtyping import ArrayLike, Float, Int, PRNGKeyArray, PyTree
 from udd_jax import _validation
 from udd_jax.supervised.base import as_key, as_keys
 from udd_jax.supervised.networks import NETWORKS, get_network
+from udd_jax.training import loops
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 LR_DECAY = 0.1
@@ -99,8 +102,7 @@ def _init(key: jax.Array, example: jax.Array, *, network: nn.Module) -> tuple[Py
   return jax.tree.map(lambda p: p.astype(example.dtype), params), k_data
 
 
-@functools.partial(jax.jit, static_argnames=("n", "batch", "steps_per_epoch"))
-def _epoch_batches(k_data: jax.Array, epoch: jax.Array, *, n: int, batch: int, steps_per_epoch: int):
+def _batches(k_data: jax.Array, epoch: jax.Array, *, n: int, batch: int, steps_per_epoch: int):
   """The epoch's mini-batch indices ``(steps, batch)`` (a fresh permutation, padded) and augmentation keys."""
   k_perm, k_aug = jax.random.split(jax.random.fold_in(k_data, epoch))
   padding = steps_per_epoch * batch - n
@@ -108,12 +110,13 @@ def _epoch_batches(k_data: jax.Array, epoch: jax.Array, *, n: int, batch: int, s
   return order.reshape(steps_per_epoch, batch), jax.random.split(k_aug, steps_per_epoch)
 
 
+_epoch_batches = jax.jit(_batches, static_argnames=("n", "batch", "steps_per_epoch"))
+
 _STATIC = ("network", "epochs", "steps_per_epoch", "augment")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0, 1))
-def _train_step(params, opt_state, images, labels, idx, weights, k_aug, hyper, *, network, epochs, steps_per_epoch,
-                augment):
+def _sgd_step(params, opt_state, images, labels, idx, weights, k_aug, hyper, *, network, epochs, steps_per_epoch,
+              augment):
   """One SGD step on the mini-batch ``images[idx]`` (padding rows have weight 0)."""
   tx = eval_optimizer(epochs=epochs, steps_per_epoch=steps_per_epoch, **hyper)
   x = images[idx]
@@ -124,13 +127,35 @@ def _train_step(params, opt_state, images, labels, idx, weights, k_aug, hyper, *
   return optax.apply_updates(params, updates), opt_state
 
 
-def _train_one(key, images, labels, hyper, *, network, epochs, batch_size, augment) -> PyTree:
-  """One training run from the init drawn from ``key``.
+_train_step = jax.jit(_sgd_step, static_argnames=_STATIC, donate_argnums=(0, 1))
 
-  The loop over epochs and mini-batches runs on the host around one jitted step: XLA:CPU
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "n", "batch"), donate_argnums=(0, 1))
+def _train_scan(params, opt_state, images, labels, weights, k_data, hyper, *, network, epochs, steps_per_epoch, augment,
+                n, batch):
+  """The whole run as one ``lax.scan`` over epochs of a ``lax.scan`` over their steps; returns ``(params, opt_state)``."""
+  static = dict(network=network, epochs=epochs, steps_per_epoch=steps_per_epoch, augment=augment)
+
+  def epoch_body(carry, epoch):
+    order, aug_keys = _batches(k_data, epoch, n=n, batch=batch, steps_per_epoch=steps_per_epoch)
+
+    def step_body(carry, xs):
+      idx, w, k_aug = xs
+      return _sgd_step(*carry, images, labels, idx, w, k_aug, hyper, **static), None
+
+    return jax.lax.scan(step_body, carry, (order, weights, aug_keys))[0], None
+
+  return jax.lax.scan(epoch_body, (params, opt_state), jnp.arange(epochs))[0]
+
+
+def _train_one(key, images, labels, hyper, *, network, epochs, batch_size, augment, loop) -> PyTree:
+  """One training run from the init drawn from ``key``, by the resolved ``loop`` (``"host"`` or ``"scan"``).
+
+  ``"host"`` loops over epochs and mini-batches on the host around one jitted step: XLA:CPU
   runs convolutions inside ``scan``/``while`` bodies an order of magnitude slower than as a
   jitted step of their own (jax-ml/jax#12868; docs/BENCHMARKS.md (g)), and a ConvNet step
-  is long enough that the dispatch costs nothing in comparison.
+  is long enough that the dispatch costs nothing in comparison. ``"scan"`` compiles the run
+  into one ``lax.scan``, the fast choice on GPU and TPU, where per-step dispatch is the cost.
   """
   n = images.shape[0]
   batch = min(batch_size, n)
@@ -141,6 +166,9 @@ def _train_one(key, images, labels, hyper, *, network, epochs, batch_size, augme
   params, k_data = _init(key, images[:1], network=network)
   opt_state = eval_optimizer(epochs=epochs, steps_per_epoch=steps_per_epoch, **hyper).init(params)
   static = dict(network=network, epochs=epochs, steps_per_epoch=steps_per_epoch, augment=augment)
+  if loop == "scan":
+    params, _ = _train_scan(params, opt_state, images, labels, weights, k_data, hyper, n=n, batch=batch, **static)
+    return params
   for epoch in range(epochs):
     order, aug_keys = _epoch_batches(k_data, epoch, n=n, batch=batch, steps_per_epoch=steps_per_epoch)
     for s in range(steps_per_epoch):
@@ -229,16 +257,17 @@ class TrainOptions(TypedDict, total=False):
   batch_size: int
   augment: Augment | None
   n_classes: int | None
+  loop: str
 
 
 def _prepare(network, images, labels, *, epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, augment=None,
-             n_classes=None):
+             n_classes=None, loop="auto"):
   """Checks a training run's arguments: the device arrays, the traced hyperparameters and the static options."""
   images = _check_images(images)
   labels = _check_targets(labels, images.shape[0])
   module = _resolve_network(network, labels, n_classes)
   hyper = _check_options(epochs, lr, momentum, weight_decay, batch_size, augment)
-  static = dict(network=module, epochs=epochs, batch_size=batch_size, augment=augment)
+  static = dict(network=module, epochs=epochs, batch_size=batch_size, augment=augment, loop=loops.resolve_loop(loop))
   return jnp.asarray(images), jnp.asarray(labels), _hyper_arrays(hyper, images.dtype), static
 
 
@@ -268,6 +297,9 @@ def train_network(
       augment: optional pure function ``(x, key) -> x`` applied to every mini-batch (e.g.
       DSA with a fixed strategy).
       n_classes: outputs of a network given by name (default: the largest label + 1).
+      loop: ``"auto"`` (the default: ``"host"`` on the CPU, ``"scan"`` on GPU and TPU),
+      ``"host"`` (a host loop over one jitted step) or ``"scan"`` (one ``lax.scan`` over
+      the run); both take the same steps.
 
   Returns:
     The trained flax parameters.
@@ -350,6 +382,7 @@ def evaluate_synset(
     batch_size: int = 256,
     n_classes: int | None = None,
     test_chunk: int = TEST_CHUNK,
+    loop: str = "auto",
 ) -> dict[str, Any]:
   """DC-BENCH evaluation of a set: ``runs`` networks trained from scratch on it, tested on real data.
 
@@ -361,7 +394,7 @@ def evaluate_synset(
       the seed as a PRNG key).
     network: a name in :data:`NETWORKS` or a flax module (cross-architecture evaluation).
     runs: independent inits, trained one after the other.
-    epochs, augment, lr, momentum, weight_decay, batch_size, n_classes: as in :func:`train_network`.
+    epochs, augment, lr, momentum, weight_decay, batch_size, n_classes, loop: as in :func:`train_network`.
     test_chunk: test images per forward pass.
 
   Returns:
@@ -383,7 +416,7 @@ def evaluate_synset(
   keys = jax.random.split(as_key(seed)[0], runs)
   params = train_networks(
       module, images, labels, keys, epochs=epochs, lr=lr, momentum=momentum,
-      weight_decay=weight_decay, batch_size=batch_size, augment=augment,
+      weight_decay=weight_decay, batch_size=batch_size, augment=augment, loop=loop,
   )
   accuracies = accuracy(module, params, x_test.astype(images.dtype), y_test, chunk=test_chunk)
   return dict(

@@ -1,5 +1,7 @@
 """Training an inner learner: differentiable unrolls, warm-started solves, and the recipes that re-train on D."""
 
+from udd_jax.training.loops import LOOPS as LOOPS
+from udd_jax.training.loops import resolve_loop as resolve_loop
 from udd_jax.training.optimizers import OPTIMIZERS as OPTIMIZERS
 from udd_jax.training.optimizers import optimizer as optimizer
 from udd_jax.training.recipes import CONVERGENCE_CHUNK as CONVERGENCE_CHUNK
