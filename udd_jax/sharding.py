@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["AXIS", "Layout", "make_layout", "initialize_distributed", "is_primary"]
+__all__ = ["AXIS", "ENV", "Layout", "make_layout", "initialize_distributed", "is_primary"]
 
 AXIS = "devices"
 
