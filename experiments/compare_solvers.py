@@ -20,12 +20,14 @@ app_flags.define_enum_list("solvers", ["penalty", "value_function", "implicit", 
 flags.DEFINE_integer("eval_seeds", 3, "Fresh learner seeds of the final evaluation.")
 flags.DEFINE_integer("seed", 0, "Seed of every solver's run.")
 app_flags.define_workdir()
+app_flags.define_devices()
 
 
 @app_flags.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
+  app_flags.start_distributed(FLAGS)
   experiment.compare_solvers(**app_flags.app_arguments(FLAGS, experiment.compare_solvers))
 
 

@@ -318,13 +318,14 @@ def compare_solvers(
     *, dataset: str, workdir: str, n_distill: int, n_hidden: int, budget_seconds: float,
     solvers: Sequence[str] = ("penalty", "value_function", "implicit", "unrolled", "pool"), data_dir: str | None = None,
     inner: str = "ae", eval_seeds: int = 3, seed: Any = 0, options: dict[str, dict[str, Any]] | None = None,
+    devices: int | None = None,
 ) -> str:
   """Every solver on the same wall-time budget: one table and one figure.
 
   Each solver distils for ``budget_seconds`` (probing its honest accuracy along the way),
   then is evaluated with ``eval_seeds`` fresh learners. ``seed`` is an int or a PRNG key.
-  Writes ``comparison.md``, ``comparison.png`` and ``comparison.json`` into ``workdir``;
-  returns the table.
+  Writes ``comparison.md``, ``comparison.png`` and ``comparison.json`` into ``workdir``
+  (process 0 only, in a multi-process run); returns the table. ``devices`` as for :func:`run`.
   """
   check_run_args(dataset=dataset, workdir=workdir, n_distill=n_distill, n_hidden=n_hidden, data_dir=data_dir,
                  inner=inner, seed=seed, eval_seeds=eval_seeds)
@@ -336,6 +337,7 @@ def compare_solvers(
     check_options(name, (options or {}).get(name, {}))
   if eval_seeds == 0:
     raise ValueError("eval_seeds must be a positive integer for a comparison; got 0.")
+  devices = run_devices(devices, eval_seeds)
 
   (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir=data_dir)
   root = pathlib.Path(workdir)
@@ -346,16 +348,18 @@ def compare_solvers(
     result = distill(
         x_train, y_train, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=name, steps=10**9, seed=seed,
         workdir=root / name, max_seconds=budget_seconds, eval_every=0, eval_every_seconds=budget_seconds / 6,
-        eval_data=(x_train, y_train, x_test, y_test), progress=False, **(options or {}).get(name, {}),
+        eval_data=(x_train, y_train, x_test, y_test), progress=False, devices=devices, **(options or {}).get(name, {}),
     )
     report = evaluate(
         result.images, (x_train, y_train), (x_test, y_test), n_hidden=n_hidden, inner=inner, recipe=result.recipe,
-        n_seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(), joint_params=result.params,
+        n_seeds=eval_seeds, preprocessing=result.preprocessing, baselines=(), joint_params=result.params, devices=devices,
     )
     lines.append(reporting.comparison_line(name, result, report))
     curves[name] = [(h["wall_time"], h["honest_accuracy"]) for h in result.history if "honest_accuracy" in h]
     rows.append(dict(solver=name, history=result.history, evaluation=report.to_dict()))
   table = "\n".join(lines)
+  if not is_primary():
+    return table
   reporting.comparison_figure(curves, root / "comparison.png", title=f"{dataset}, |D| = {n_distill}, K = {n_hidden}, {inner}")
   (root / "comparison.md").write_text(table + "\n")
   (root / "comparison.json").write_text(json.dumps(rows))
