@@ -17,6 +17,39 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
 
+
+def _solve(a: Array, b: Array) -> Array:
+  return jax.scipy.linalg.solve(a, b, assume_a="pos")
+
+
+# Batched (vmapped) calls of these run one system at a time: XLA:CPU's batched LAPACK kernels
+# spread a batch over the intra-op thread pool, and two simulated CPU devices doing so at
+# once deadlock in jaxlib 0.10 (docs/SCALING.md). One system at a time is the same LAPACK
+# call per system, so nothing changes on one device.
+_solve_one_at_a_time = jax.custom_batching.sequential_vmap(_solve)
+_solve_vjp_one_at_a_time = jax.custom_batching.sequential_vmap(lambda a, b, ct: jax.vjp(_solve, a, b)[1](ct))
+
+
+@jax.custom_vjp
+def spd_solve(a: Float[Array, "K K"], b: Float[Array, "K C"]) -> Float[Array, "K C"]:
+  """``a^-1 b`` for a symmetric positive definite ``a`` (Cholesky), one system at a time under ``vmap``.
+
+  Its gradient is JAX's own of ``jax.scipy.linalg.solve(a, b, assume_a="pos")``, computed
+  one system at a time as well.
+  """
+  return _solve_one_at_a_time(a, b)
+
+
+def _spd_solve_fwd(a, b):
+  return _solve_one_at_a_time(a, b), (a, b)
+
+
+def _spd_solve_bwd(residuals, ct):
+  return _solve_vjp_one_at_a_time(*residuals, ct)
+
+
+spd_solve.defvjp(_spd_solve_fwd, _spd_solve_bwd)
+
 HEADS = ("softmax", "ridge", "standardized_ridge")
 _MASKED_LOGIT = -1e9
 
@@ -89,7 +122,7 @@ class RidgeHead:
     targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
     n = feats.shape[0]
     gram = f1.T @ f1 / n + self.l2 * jnp.eye(f1.shape[1], dtype=feats.dtype)
-    return jax.scipy.linalg.solve(gram, f1.T @ targets / n, assume_a="pos")
+    return spd_solve(gram, f1.T @ targets / n)
 
   def loss(self, params: tuple[()], feats: Array, labels: Array, class_mask: Array) -> Scalar:
     del params

@@ -195,9 +195,14 @@ class Pool(FreshHeadsBase):
                      self.image_transform().init(images), key)
 
   def learner_params(self, state: PoolState) -> PyTree:
-    """The oldest learner of the pool: the one nearest to convergence."""
-    oldest = jnp.argmax(state.age)
-    return jax.tree.map(lambda a: a[oldest], state.params)
+    """The oldest learner of the pool: the one nearest to convergence.
+
+    Picked by a one-hot contraction over the pool axis (exact: one term is the learner, the
+    others are zeros), which a device mesh that splits the pool turns into one all-reduce
+    of a single learner instead of an all-gather of the whole pool.
+    """
+    oldest = jax.nn.one_hot(jnp.argmax(state.age), self.pool_size, dtype=jnp.result_type(*jax.tree.leaves(state.params)))
+    return jax.tree.map(lambda a: jnp.tensordot(oldest.astype(a.dtype), a, axes=1), state.params)
 
   def step(self, problem: Problem, state: PoolState, batch: TaskBatch) -> tuple[PoolState, Metrics]:
     key, k_fresh, k_inner, k_heads = jax.random.split(state.key, 4)
