@@ -46,6 +46,17 @@ def distill() -> dict:
   return out
 
 
+def wide_pool() -> dict:
+  """MNIST, K = 128, a pool of 8 split over 2 devices (4 learners each): the run that deadlocked XLA:CPU.
+
+  Needs the real data (``$UDD_DATA_DIR``), and fails without it.
+  """
+  (x, y), _ = udd_jax.load_dataset("mnist")
+  kw = COMMON | dict(n_distill=100, n_hidden=128, batch_size=256, pool_size=8, steps=10, log_every=10)
+  one = udd_jax.distill(x[:5000], y[:5000], **kw)
+  return _differences(one, udd_jax.distill(x[:5000], y[:5000], devices=2, **kw))
+
+
 def placement() -> dict:
   """Where a built run's state lives, before and after one chunk, for the pool and for a batch-split solver."""
   x, y, _, _ = _digits()
@@ -117,6 +128,6 @@ def evaluate() -> dict:
 
 if __name__ == "__main__":
   scenario = sys.argv[1]
-  result = {"distill": distill, "placement": placement, "evaluate": evaluate}.get(scenario)
+  result = {"distill": distill, "placement": placement, "evaluate": evaluate, "wide_pool": wide_pool}.get(scenario)
   result = resume(sys.argv[2]) if scenario == "resume" else result()
   print(json.dumps({"devices": jax.device_count(), "result": result}))

@@ -802,3 +802,20 @@ def test_unrolled_solver_with_segment_remat_takes_the_same_steps():
   np.testing.assert_allclose(states[1].log_step_sizes, states[0].log_step_sizes, rtol=1e-10, atol=1e-12)
   with pytest.raises(ValueError, match="unknown remat 'yes'"):
     bilevel.Unrolled(remat="yes")
+
+
+def test_spd_solve_one_system_at_a_time_equals_jax_solve_and_its_gradient():
+  """The ridge head's solve (sequential under vmap) against jax.scipy.linalg.solve, values and gradients, float64."""
+  spd_solve = heads_lib.spd_solve
+  x = jax.random.normal(jax.random.key(0), (3, 2, 7, 5))  # batch dims 3 x 2 of (7, 5) designs
+  b = jax.random.normal(jax.random.key(1), (3, 2, 5, 4))
+
+  def loss(solve, x, b):
+    a = jnp.swapaxes(x, -1, -2) @ x + 0.1 * jnp.eye(5)
+    return jnp.sum(jnp.sin(jax.vmap(jax.vmap(solve))(a, b)))
+
+  reference = lambda a, rhs: jax.scipy.linalg.solve(a, rhs, assume_a="pos")
+  np.testing.assert_allclose(jax.jit(loss, static_argnums=0)(spd_solve, x, b), loss(reference, x, b), rtol=1e-12)
+  for argnum in (1, 2):
+    np.testing.assert_allclose(jax.grad(loss, argnum)(spd_solve, x, b), jax.grad(loss, argnum)(reference, x, b),
+                               rtol=1e-10, atol=1e-12)
