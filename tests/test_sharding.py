@@ -218,3 +218,12 @@ def test_the_app_maps_its_devices_flag():
     experiment.run_devices(2, 5)
   with pytest.raises(ValueError, match="devices"):
     experiment.run_devices(-1, 4)
+
+
+def test_a_one_device_layout_places_arrays_and_keeps_a_key_s_implementation():
+  layout = sharding.make_layout(1)
+  key = jax.random.key(3, impl="rbg")
+  placed = layout.put({"key": key, "x": np.arange(4.0)}, {"key": layout.replicated, "x": layout.split()})
+  assert jax.random.key_impl(placed["key"]) == jax.random.key_impl(key)
+  np.testing.assert_array_equal(jax.random.key_data(placed["key"]), jax.random.key_data(key))
+  assert placed["x"].sharding.spec == jax.sharding.PartitionSpec(sharding.AXIS)

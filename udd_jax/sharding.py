@@ -74,7 +74,8 @@ class Layout:
 
     def one(leaf, sharding):
       if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(leaf), sharding))
+        return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(leaf), sharding),
+                                        impl=jax.random.key_impl(leaf))
       return jax.device_put(leaf, sharding)
 
     return jax.tree.map(one, tree, shardings)
