@@ -603,3 +603,31 @@ def test_optimisers_are_names_and_mu_is_data():
     solver = udd_jax.get_solver(name)
     assert udd_jax.get_solver(**solver.to_config()) == solver
     assert json.loads(json.dumps(solver.to_config())) == solver.to_config()
+
+
+def test_the_report_says_where_d_stands_against_each_baseline_in_points_and_against_the_spread():
+  Row = evaluation.Row
+  rows = [
+      Row("mnist: distilled D", [0.900, 0.905, 0.895], recipe="standard"),
+      Row("mnist: distilled D", [0.80, 0.81], recipe="D's recipe"),
+      Row("mnist: raw pixels", [0.9083]),
+      Row("mnist: random untrained W", [0.80, 0.81]),
+      Row("mnist: random real subset of 20", [0.85, 0.86], recipe="D's recipe"),
+      Row("mnist: k-means centroids (20)", [0.9044, 0.90], recipe="standard"),
+      Row("mnist: jointly learned w (not a re-trained learner)", [0.99]),
+      Row("usps: distilled D", [], recipe="standard"),  # diverged: no verdict
+      Row("usps: raw pixels", [0.95]),
+      Row("transfer to K=64, ae: distilled D", [0.7, 0.72], recipe="standard"),
+  ]
+  report = evaluation.EvaluationReport(rows, dict(n_test=10000, recipes={}))
+  found = {(c["task"], c["baseline"]): c for c in report.comparisons()}
+  assert set(found) == {("mnist", "raw pixels"), ("mnist", "random untrained W"), ("mnist", "k-means centroids (20)")}
+  assert found["mnist", "raw pixels"]["exceeds"] and found["mnist", "raw pixels"]["difference"] < 0
+  assert found["mnist", "random untrained W"]["exceeds"] and found["mnist", "random untrained W"]["difference"] > 0
+  kmeans_row = found["mnist", "k-means centroids (20)"]
+  assert not kmeans_row["exceeds"]
+  np.testing.assert_allclose(kmeans_row["spread"], np.hypot(np.std([0.900, 0.905, 0.895]), np.std([0.9044, 0.90])))
+  text = str(report)
+  assert "Test set: 10000 images (one image = 0.01 points)." in text
+  assert "- D (mnist) against raw pixels: -0.83 points (90.00 vs 90.83), below it" in text
+  assert "k-means centroids (20), standard recipe: -0.22 points (90.00 vs 90.22), level with it" in text

@@ -304,11 +304,11 @@ def run(
                    joint_accuracy=next((r.mean for r in report.rows if r.name.startswith("jointly")), None))
   if not is_primary():  # the other processes of a multi-process run write nothing
     return summary
-  table = reporting.write_run_files(
-      workdir_path, result, report, summary, title=f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}",
-      image_title=f"distilled set ({solver}, {dataset})")
+  title = f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}"
+  table = reporting.write_run_files(workdir_path, result, report, summary, title=title,
+                                    image_title=f"distilled set ({solver}, {dataset})")
   io.atomic_write_text(workdir_path / RUN_FILE, json.dumps(dict(request=_as_json(request), summary=summary), indent=1))
-  print(table)
+  print(f"# {title}\n\n{table}")
   honest_text = "no final evaluation" if report is None else f"honest accuracy {100 * honest.mean:.2f} +- {100 * honest.std:.2f}%"
   print(f"\n{honest_text} | distillation {distill_seconds:.0f} s | report: {workdir_path / 'report.md'}")
   return summary

@@ -15,8 +15,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def image_grid(images: np.ndarray, path: str | pathlib.Path, *, title: str = "", clip: tuple[float, float] | None = (0.0, 1.0)) -> None:
-  """Saves a grid of grey images (N, H, W); values are clipped to ``clip`` for display."""
+def image_grid(images: np.ndarray, path: str | pathlib.Path, *, title: str = "",
+               clip: tuple[float, float] | None = (0.0, 1.0), colorbar: bool = False) -> None:
+  """Saves a grid of grey images (N, H, W) on one grey scale.
+
+  ``clip`` fixes the scale (values outside are clipped for display); None uses the images'
+  own range, so nothing is clipped. ``colorbar`` adds the scale's bar.
+  """
   images = np.asarray(images)
   if images.ndim == 2:
     side = int(math.isqrt(images.shape[1]))
@@ -24,12 +29,16 @@ def image_grid(images: np.ndarray, path: str | pathlib.Path, *, title: str = "",
   n = images.shape[0]
   cols = int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + (0.4 if title else 0)), squeeze=False)
-  vmin, vmax = clip if clip is not None else (images.min(), images.max())
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8 + (0.8 if colorbar else 0), rows * 0.8 + (0.4 if title else 0)),
+                           squeeze=False)
+  vmin, vmax = clip if clip is not None else (float(images.min()), float(images.max()))
+  shown = None
   for i, ax in enumerate(axes.flat):
     ax.axis("off")
     if i < n:
-      ax.imshow(np.clip(images[i], vmin, vmax), cmap="gray", vmin=vmin, vmax=vmax)
+      shown = ax.imshow(np.clip(images[i], vmin, vmax), cmap="gray", vmin=vmin, vmax=vmax)
+  if colorbar and shown is not None:
+    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8)
   if title:
     fig.suptitle(title)
   fig.savefig(path, dpi=80, bbox_inches="tight")
@@ -110,7 +119,9 @@ def write_run_files(workdir: pathlib.Path, result: Any, report: Any, summary: di
 
   ``result`` is the run's ``DistillResult``, ``report`` its ``EvaluationReport`` or None (no final evaluation).
   """
-  image_grid(result.images, workdir / "distilled.png", title=image_title)
+  images = np.asarray(result.images)
+  image_grid(images, workdir / "distilled.png", clip=None, colorbar=True,
+             title=f"{image_title}\nin its own range [{images.min():.2g}, {images.max():.2g}] (nothing clipped)")
   image_shape = result.images.shape[1:]
   filters = result.learner.filters(result.params)
   if result.preprocessing.method == "none" and len(image_shape) == 2 and filters is not None:

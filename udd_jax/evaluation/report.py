@@ -75,12 +75,59 @@ class EvaluationReport:
                    f"| {len(r.accuracies)} | {steps} | {loss} | {gnorm} | {r.note} |")
     return "\n".join(lines)
 
+  def comparisons(self) -> list[dict[str, Any]]:
+    """D's headline row against each baseline of its task: the difference and whether it exceeds the seeds' spread.
+
+    The headline is a task's ``distilled D`` row with the standard recipe; its baselines are
+    the task's rows that did not re-train a learner on D (raw pixels, random W, subsets,
+    k-means, full data, supervised). A difference counts when it exceeds the spread
+    ``sqrt(std_D^2 + std_baseline^2)`` of the two rows' seeds (population std over seeds; a
+    one-seed row has none). A row without accuracies (diverged) is left out.
+    """
+    out = []
+    for head in self.rows:
+      prefix, found, _ = head.name.rpartition("distilled D")
+      if not found or head.name != prefix + "distilled D" or head.recipe != "standard" or not head.accuracies:
+        continue
+      if prefix.startswith("transfer"):
+        continue
+      for other in self.rows:
+        if not other.name.startswith(prefix) or "distilled D" in other.name or not other.accuracies:
+          continue
+        if other.name[len(prefix):].startswith(("jointly", "transfer")) or other.recipe == "D's recipe":
+          continue
+        difference = head.mean - other.mean
+        spread = float(np.hypot(head.std, other.std))
+        out.append(dict(task=prefix.rstrip(": "), baseline=other.name[len(prefix):], recipe=other.recipe,
+                        difference=difference, spread=spread, exceeds=abs(difference) > spread,
+                        distilled=head.mean, other=other.mean))
+    return out
+
+  def verdict_markdown(self) -> str:
+    """One line per baseline: D above, below or level with it, in points, against the seeds' spread."""
+    lines = []
+    n_test = self.settings.get("n_test")
+    if n_test:
+      lines.append(f"Test set: {n_test} images (one image = {100 / n_test:.2g} points).")
+    for c in self.comparisons():
+      where = f" ({c['task']})" if c["task"] else ""
+      recipe = f", {c['recipe']} recipe" if c["recipe"] else ""
+      if c["exceeds"]:
+        word = "above" if c["difference"] > 0 else "below"
+        judgement = f"{word} it, by more than the seeds' spread ({100 * c['spread']:.2f})"
+      else:
+        judgement = f"level with it: within the seeds' spread ({100 * c['spread']:.2f})"
+      lines.append(f"- D{where} against {c['baseline']}{recipe}: {100 * c['difference']:+.2f} points "
+                   f"({100 * c['distilled']:.2f} vs {100 * c['other']:.2f}), {judgement}.")
+    return "\n".join(lines)
+
   def recipes_markdown(self) -> str:
     """Which recipe is which: the settings of the standard recipe and of D's own."""
     return "\n".join(f"- {name}: {Recipe.from_config(cfg).describe()}" for name, cfg in self.settings["recipes"].items())
 
   def __str__(self) -> str:
-    return self.to_markdown() + "\n\n" + self.recipes_markdown()
+    verdict = self.verdict_markdown()
+    return self.to_markdown() + "\n\n" + self.recipes_markdown() + ("\n\n" + verdict if verdict else "")
 
   def to_dict(self) -> dict[str, Any]:
     return dict(settings=self.settings, rows=[dataclasses.asdict(r) | dict(mean=r.mean, std=r.std) for r in self.rows])
