@@ -819,3 +819,18 @@ def test_spd_solve_one_system_at_a_time_equals_jax_solve_and_its_gradient():
   for argnum in (1, 2):
     np.testing.assert_allclose(jax.grad(loss, argnum)(spd_solve, x, b), jax.grad(loss, argnum)(reference, x, b),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_ridge_ce_head_is_the_cross_entropy_of_the_fitted_ridge_scores():
+  """head="ridge_ce": the ridge fit of head="ridge", judged by softmax CE at temperature 0.1 (absent classes masked)."""
+  head = heads_lib.get_head("ridge_ce")
+  feats = jax.random.normal(jax.random.key(0), (40, 6))
+  labels = jax.random.randint(jax.random.key(1), (40,), 0, 3)
+  mask = jnp.array([True, True, True, False])
+  design = np.concatenate([np.asarray(feats), np.ones((40, 1))], axis=1)
+  targets = np.eye(4)[np.asarray(labels)]
+  beta = np.linalg.solve(design.T @ design / 40 + 1e-3 * np.eye(7), design.T @ targets / 40)
+  logits = (design @ beta / 0.1)[:, :3]
+  expected = np.mean(np.log(np.sum(np.exp(logits), axis=1)) - logits[np.arange(40), np.asarray(labels)])
+  np.testing.assert_allclose(head.loss((), feats, labels, mask), expected, rtol=1e-10)
+  assert heads_lib.get_head("ridge").temperature is None

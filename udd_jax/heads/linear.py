@@ -50,7 +50,7 @@ def _spd_solve_bwd(residuals, ct):
 
 spd_solve.defvjp(_spd_solve_fwd, _spd_solve_bwd)
 
-HEADS = ("softmax", "ridge", "standardized_ridge")
+HEADS = ("softmax", "ridge", "standardized_ridge", "ridge_ce")
 _MASKED_LOGIT = -1e9
 
 
@@ -100,10 +100,16 @@ class RidgeHead:
   ``standardize`` the features are first centred and scaled to unit variance with the
   fitting batch's statistics (as the evaluation probe does), so the penalty weighs every
   hidden unit alike whatever its scale.
+
+  With a ``temperature`` (the head ``"ridge_ce"``: 0.1), the loss is instead the softmax
+  cross-entropy of the fitted scores divided by it, ``mean_i CE([f_i, 1] beta* / t, y_i)``:
+  the closed-form head judged by the probe's own loss, as in distillation for linear
+  probes (docs/METHOD.md section 3).
   """
 
   l2: float = 1e-3
   standardize: bool = False
+  temperature: float | None = None
   has_params = False
 
   def init(self, key: PRNGKeyArray, n_features: int, n_classes: int, dtype=jnp.float32) -> tuple[()]:
@@ -128,8 +134,11 @@ class RidgeHead:
     del params
     beta = self.fit(feats, labels, class_mask)
     targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
-    residual = self._design(feats, feats) @ beta - targets
-    return jnp.mean(jnp.sum(residual**2, axis=1)) + self.l2 * jnp.sum(beta**2)
+    scores = self._design(feats, feats) @ beta
+    if self.temperature is not None:
+      logits = jnp.where(class_mask, scores / self.temperature, _MASKED_LOGIT)
+      return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    return jnp.mean(jnp.sum((scores - targets)**2, axis=1)) + self.l2 * jnp.sum(beta**2)
 
   def predict(self, params: tuple[()], feats: Array, class_mask: Array, *, fit_feats: Array, fit_labels: Array) -> Array:
     del params
@@ -141,7 +150,7 @@ Head = SoftmaxHead | RidgeHead
 
 
 def get_head(name: str | Head, *, l2: float | None = None) -> Head:
-  """Returns the head called ``name`` (``"softmax"``, ``"ridge"`` or ``"standardized_ridge"``).
+  """Returns the head called ``name`` (``"softmax"``, ``"ridge"``, ``"standardized_ridge"`` or ``"ridge_ce"``).
 
   A head object passes through unchanged.
   """
@@ -151,6 +160,8 @@ def get_head(name: str | Head, *, l2: float | None = None) -> Head:
   kwargs = {} if l2 is None else {"l2": _validation.check_positive_float(l2, "head_l2", allow_zero=True)}
   if name == "softmax":
     return SoftmaxHead(**kwargs)
+  if name == "ridge_ce":
+    return RidgeHead(temperature=0.1, **kwargs)
   return RidgeHead(standardize=name == "standardized_ridge", **kwargs)
 
 
