@@ -33,14 +33,20 @@ BASELINES = ("raw_pixels", "random_w", "random_subset", "kmeans", "full_data", "
 @functools.partial(jax.jit, static_argnames=("n_classes", "standardize", "max_steps", "method"))
 def probe_accuracies(feats_train, y_train, feats_test, y_test, l2, *, n_classes, standardize, max_steps,
                      method="newton") -> Array:
-  """Accuracies of converged logistic heads (``fit_logistic``'s ``method``), vmapped over a leading seed axis."""
+  """Accuracies of converged logistic heads (``fit_logistic``'s ``method``), one per entry of a leading seed axis.
 
-  def one(ftr, fte):
+  The seeds' heads are fitted one after another (``lax.map``): vmapped, their solver loops
+  would run in lockstep, each seed waiting for the slowest at every level of the loops,
+  and the Newton heads took 2-5 times longer (docs/BENCHMARKS.md section (j)).
+  """
+
+  def one(feats):
+    ftr, fte = feats
     head = logistic.fit_logistic(ftr, y_train, n_classes, l2=l2, standardize=standardize, max_steps=max_steps,
                                  method=method)
     return logistic.accuracy(head, fte, y_test)
 
-  return jax.vmap(one)(feats_train, feats_test)
+  return jax.lax.map(one, (feats_train, feats_test))
 
 
 @dataclasses.dataclass

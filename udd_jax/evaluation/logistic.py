@@ -65,15 +65,18 @@ def fit_logistic(
   Jit- and vmap-friendly (``lax.while_loop``s).
 
   ``method="newton"`` (the default) takes damped Newton steps: the exact Hessian of the
-  ``(K + 1) C`` weights and biases, a Cholesky solve (one system at a time under ``vmap``)
-  and a backtracking line search on the objective's decrease, computed without
-  cancellation. It reuses a Hessian for further steps while each one at least halves the
-  gradient norm, and, on more than ``2 coarse_rows`` rows, first solves the problem on
-  ``coarse_rows`` evenly strided rows as a start: both only save Hessians, each ``~2 n
-  ((K + 1) C)^2`` FLOPs; the answer is the full problem's minimiser either way. The
-  softmax is invariant to adding one vector to every class's weights; the cross-entropy's
-  Hessian is made definite along those directions by a term that leaves the steps
-  unchanged. ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search).
+  ``(K + 1) C`` weights and biases and its Cholesky factor (one matrix at a time under
+  ``vmap``), conjugate gradients on the current Hessian (exact Hessian-vector products)
+  preconditioned by that factor, and a backtracking line search on the objective's
+  decrease, computed without cancellation. A Hessian costs ``~2 n ((K + 1) C)^2`` FLOPs
+  and a Hessian-vector product ``~4 n (K + 1) C``, so a factor is reused while each step
+  still cuts the gradient norm by 10%; the first one, at zero, is a Kronecker product
+  (every probability is 1/C). On more than ``2 coarse_rows`` rows the problem is first
+  solved on ``coarse_rows`` evenly strided rows, as a start. None of this moves the
+  optimum: each step is a descent step for the full objective. The softmax is
+  invariant to adding one vector to every class's weights; the Hessian is made definite
+  along those directions by a term that leaves the steps unchanged.
+  ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search), the solver before.
 
   Args:
     feats: features (n, K).
