@@ -32,7 +32,7 @@ BASELINES = ("raw_pixels", "random_w", "random_subset", "kmeans", "full_data", "
 
 @functools.partial(jax.jit, static_argnames=("n_classes", "standardize", "max_steps", "method"))
 def probe_accuracies(feats_train, y_train, feats_test, y_test, l2, *, n_classes, standardize, max_steps,
-                     method="newton") -> Array:
+                     method="auto") -> Array:
   """Accuracies of converged logistic heads (``fit_logistic``'s ``method``), one per entry of a leading seed axis.
 
   The seeds' heads are fitted one after another (``lax.map``): vmapped, their solver loops
@@ -71,7 +71,7 @@ class Probe:
   n_classes: int
   head_l2: float
   head_steps: int
-  head_method: str = "newton"
+  head_method: str = "auto"
   features: Callable[[Any, Array], Array] = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):

@@ -23,7 +23,7 @@ from jaxtyping import Array, PRNGKeyArray
 from udd_jax import _validation
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.evaluation.baselines import BASELINES, LearnerRows, Probe, baseline_rows
-from udd_jax.evaluation.logistic import METHODS
+from udd_jax.evaluation.logistic import METHODS, NEWTON_MAX_WEIGHTS
 from udd_jax.evaluation.report import EvaluationReport, Row
 from udd_jax.inner import learners
 from udd_jax.sharding import Layout, make_layout
@@ -52,7 +52,7 @@ def evaluate(
     sigma2: float = 1.0,
     noise_std: float = 0.1,
     devices: Any = None,
-    head_method: str = "newton",
+    head_method: str = "auto",
     progress: bool = True,
 ) -> EvaluationReport:
   """Honest evaluation of a distilled set D (docs/METHOD.md section 5).
@@ -98,8 +98,10 @@ def evaluate(
       count, a list of jax devices or a one-axis ``jax.sharding.Mesh``; ``n_seeds`` must be a
       multiple of their number. The seeds are split across the devices, the real data
       replicated; accuracies agree with one device's to float round-off (docs/SCALING.md).
-    head_method: the heads' solver, ``"newton"`` (the default) or ``"lbfgs"`` (the one
-      before it; the same optimum to its tolerance, docs/BENCHMARKS.md section (j)).
+    head_method: the heads' solver, :func:`udd_jax.evaluation.fit_logistic`'s ``method``:
+      ``"auto"`` (Newton on up to 2560 weights and biases, e.g. K = 128 features and 10
+      classes; L-BFGS on more, e.g. raw pixels), ``"newton"`` or ``"lbfgs"`` (the solver
+      before; the same optimum to its tolerance, docs/BENCHMARKS.md section (j)).
     progress: print a line per finished row to stderr.
 
   Returns:
@@ -179,8 +181,9 @@ def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int
   return dict(
       n_distill=int(n_distill), n_hidden=n_hidden, inner=probe.learner.name, n_seeds=n_seeds,
       recipes={label: r.to_config() for label, r in recipes},
-      head=f"multinomial logistic, {'Newton' if probe.head_method == 'newton' else 'L-BFGS'}, mean CE + head_l2/2 "
-           "||V||^2; raw features (headline) and standardised",
+      head=f"multinomial logistic ({probe.head_method}: newton up to {NEWTON_MAX_WEIGHTS} weights, else lbfgs), "
+           "mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised" if probe.head_method == "auto" else
+           f"multinomial logistic ({probe.head_method}), mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised",
       head_l2=probe.head_l2, head_steps=probe.head_steps, n_train=int(probe.z_train.shape[0]),
       n_test=int(probe.z_test.shape[0]),
   )

@@ -14,7 +14,10 @@ import optax
 from jaxtyping import Array, Float, Int
 
 
-METHODS = ("newton", "lbfgs")
+METHODS = ("auto", "newton", "lbfgs")
+# "auto" takes Newton up to this many weights and biases, (K + 1) C: a Hessian costs ~2 n ((K + 1) C)^2
+# FLOPs, which paid at K = 128 (1290) and cost several times L-BFGS's time on 784 raw pixels (7850).
+NEWTON_MAX_WEIGHTS = 2560
 
 
 class LogisticHead(NamedTuple):
@@ -51,7 +54,7 @@ def fit_logistic(
     standardize: bool = True,
     max_steps: int = 500,
     tol: float = 1e-5,
-    method: str = "newton",
+    method: str = "auto",
     coarse_rows: int | None = 8192,
 ) -> LogisticHead:
   """Fits a multinomial logistic regression until ``||grad|| <= tol``.
@@ -77,6 +80,8 @@ def fit_logistic(
   invariant to adding one vector to every class's weights; the Hessian is made definite
   along those directions by a term that leaves the steps unchanged.
   ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search), the solver before.
+  ``method="auto"`` (the default) is Newton for at most ``NEWTON_MAX_WEIGHTS`` weights
+  and biases ``(K + 1) C``, L-BFGS above (docs/BENCHMARKS.md section (j)).
 
   Args:
     feats: features (n, K).
@@ -87,7 +92,7 @@ def fit_logistic(
     max_steps: iteration budget (Newton steps, or L-BFGS iterations).
     tol: stop at this gradient norm (of the objective in the standardised basis, over
       weights and biases).
-    method: ``"newton"`` or ``"lbfgs"``.
+    method: ``"auto"``, ``"newton"`` or ``"lbfgs"``.
     coarse_rows: Newton only: rows of the coarse start (None: none).
 
   Returns:
@@ -118,6 +123,8 @@ def fit_logistic(
   penalty = jnp.concatenate([l2 * penalty_weight, jnp.zeros((1,), feats.dtype)])[:, None]
   problem = _Problem(z1, jax.nn.one_hot(labels, n_classes, dtype=feats.dtype), penalty)
   theta = jnp.zeros((n_feats + 1, n_classes), feats.dtype)
+  if method == "auto":
+    method = "newton" if (n_feats + 1) * n_classes <= NEWTON_MAX_WEIGHTS else "lbfgs"
   if method == "lbfgs":
     theta, steps, gnorm = _lbfgs(z1[:, :-1], problem.onehot, l2, penalty_weight, theta, max_steps=max_steps, tol=tol)
   else:
@@ -140,9 +147,9 @@ def objective(head: LogisticHead, feats: Float[Array, "n K"], labels: Int[Array,
 
 
 def _gradient(problem: _Problem, theta: Array) -> tuple[Array, Array]:
-  """The gradient at ``theta`` and the class probabilities of every row."""
-  p = jax.nn.softmax(problem.z1 @ theta, axis=-1)
-  return problem.z1.T @ (p - problem.onehot) / problem.z1.shape[0] + problem.penalty * theta, p
+  """The gradient at ``theta`` and the class log-probabilities of every row."""
+  log_p = jax.nn.log_softmax(problem.z1 @ theta, axis=-1)
+  return problem.z1.T @ (jnp.exp(log_p) - problem.onehot) / problem.z1.shape[0] + problem.penalty * theta, log_p
 
 
 def _hessian(problem: _Problem, theta: Array, chunk: int = 8192) -> Array:
@@ -188,17 +195,18 @@ def _hessian_at_zero(problem: _Problem) -> Array:
   return jnp.kron(classes, gram) + jnp.diag(jnp.tile(problem.penalty[:, 0], c)) + class_sums
 
 
-def _decrease(problem: _Problem, theta: Array, direction: Array, logit_step: Array, p: Array, t: Array) -> Array:
+def _decrease(problem: _Problem, theta: Array, direction: Array, logit_step: Array, log_p: Array, t: Array) -> Array:
   """``f(theta + t direction) - f(theta)``, computed without cancellation (``logit_step = z1 direction``).
 
-  Per row, ``lse(l + t s) - lse(l) = log(sum_c p_c exp(t s_c))``, as ``log1p(sum_c p_c
+  Per row, ``lse(l + t s) - lse(l) = lse_c(log p_c + t s_c)``, as ``log1p(sum_c p_c
   expm1(t s_c))`` for small steps: accurate near the optimum, where the objective itself
-  changes by less than its rounding.
+  changes by less than its rounding. Large steps use the log-probabilities: a class whose
+  probability underflows to 0 may dominate after the step.
   """
   a = t * logit_step
   top = jnp.max(a, axis=1)
-  large = top + jnp.log(jnp.sum(p * jnp.exp(a - top[:, None]), axis=1))
-  small = jnp.log1p(jnp.sum(p * jnp.expm1(jnp.minimum(a, 1.0)), axis=1))
+  large = jax.nn.logsumexp(log_p + a, axis=1)
+  small = jnp.log1p(jnp.sum(jnp.exp(log_p) * jnp.expm1(jnp.minimum(a, 1.0)), axis=1))
   lse = jnp.where(top > 1.0, large, small)
   ce = jnp.mean(lse) - t * jnp.mean(jnp.sum(logit_step * problem.onehot, axis=1))
   return ce + t * jnp.sum(problem.penalty * theta * direction) + 0.5 * t**2 * jnp.sum(problem.penalty * direction**2)
@@ -234,7 +242,8 @@ def _newton(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line
   d = k1 * c
 
   def step(carry, factor):
-    theta, g, p, i, gnorm, _, _ = carry
+    theta, g, log_p, i, gnorm, _, _ = carry
+    p = jnp.exp(log_p)
     precondition = lambda r: _cho_solve(factor, r.T.reshape(d, 1)).reshape(c, k1).T
     direction = _pcg(lambda v: _hvp(problem, p, v), precondition, -g, forcing * gnorm, cg_steps)
     logit_step = problem.z1 @ direction
@@ -242,12 +251,12 @@ def _newton(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line
 
     def search(s):
       t, _, k = s
-      ok = _decrease(problem, theta, direction, logit_step, p, t) <= 1e-4 * t * slope
+      ok = _decrease(problem, theta, direction, logit_step, log_p, t) <= 1e-4 * t * slope
       return jnp.where(ok, t, 0.5 * t), ok, k + 1
 
     t, ok, _ = jax.lax.while_loop(lambda s: ~s[1] & (s[2] < line_search_steps), search,
                                   (jnp.ones((), theta.dtype), jnp.asarray(False), 0))
-    new_theta = theta + jnp.where(ok, t, 0.0) * direction
+    new_theta = jnp.where(ok, theta + t * direction, theta)  # not 0 * direction: a failed solve may be NaN
     new_g, new_p = _gradient(problem, new_theta)
     return new_theta, new_g, new_p, i + 1, jnp.sqrt(jnp.sum(new_g**2)), ~ok, gnorm
 
@@ -256,21 +265,21 @@ def _newton(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line
     return (i < max_steps) & (gnorm > tol) & ~stalled
 
   def steps_with(carry, h):
-    # A relative jitter at float32's resolution keeps the factor finite on a singular Hessian (l2 = 0 and a
-    # constant feature); the conjugate gradients use the exact products, so it changes no fixed point.
-    factor = _cholesky(h + 1e-6 * jnp.mean(jnp.diagonal(h)) * jnp.eye(d, dtype=h.dtype))
+    # A relative jitter keeps the float32 factor finite on a singular or badly conditioned Hessian (l2 = 0 and
+    # a constant feature; tiny l2); the conjugate gradients use the exact products, so it moves no fixed point.
+    factor = _cholesky(h + 1e-4 * jnp.mean(jnp.diagonal(h)) * jnp.eye(d, dtype=h.dtype))
     carry = step(carry, factor)
     return jax.lax.while_loop(lambda s: going(s) & (s[4] <= reuse_ratio * s[6]), lambda s: step(s, factor), carry)
 
   if from_zero:
     # Every row's probabilities are 1/C. Written out, not as softmax(z1 @ 0): XLA:CPU (jaxlib 0.10.2,
     # single-threaded) miscompiled that product's gradient under jit(vmap) into NaNs.
-    p = jnp.full(problem.onehot.shape, 1.0 / c, theta.dtype)
-    g = problem.z1.T @ (p - problem.onehot) / problem.z1.shape[0]
+    log_p = jnp.full(problem.onehot.shape, -jnp.log(c), theta.dtype)
+    g = problem.z1.T @ (jnp.exp(log_p) - problem.onehot) / problem.z1.shape[0]
   else:
-    g, p = _gradient(problem, theta)
+    g, log_p = _gradient(problem, theta)
   gnorm = jnp.sqrt(jnp.sum(g**2))
-  carry = (theta, g, p, jnp.asarray(0), gnorm, jnp.asarray(False), gnorm)
+  carry = (theta, g, log_p, jnp.asarray(0), gnorm, jnp.asarray(False), gnorm)
   if from_zero:  # the Hessian is a Kronecker product there, ~C^2 times cheaper
     carry = jax.lax.cond(going(carry), lambda: steps_with(carry, _hessian_at_zero(problem)), lambda: carry)
   theta, _, _, steps, gnorm, _, _ = jax.lax.while_loop(going, lambda s: steps_with(s, _hessian(problem, s[0])), carry)
