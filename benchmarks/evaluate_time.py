@@ -52,7 +52,6 @@ def main() -> None:
   parser.add_argument("--methods", default="lbfgs,newton-map,newton", help="head solvers, the reference first; '<method>-map' runs the seeds one by one")
   parser.add_argument("--n_train", type=int, default=None, help="real rows for the heads (a smoke run; default all)")
   parser.add_argument("--tag", default="", help="appended to the JSON's name")
-  parser.add_argument("--coarse_rows", type=int, default=8192, help="Newton's coarse start (0: none)")
   args = parser.parse_args()
   meta = machine()
 
@@ -75,8 +74,7 @@ def main() -> None:
     reference = None
     for method in args.methods.split(","):
       one = functools.partial(udd_jax.evaluation.fit_logistic, labels=yj, n_classes=10, l2=2e-5,
-                              standardize=standardize, max_steps=args.head_steps, method=method.removesuffix("-map"),
-                              coarse_rows=args.coarse_rows or None)
+                              standardize=standardize, max_steps=args.head_steps, method=method.removesuffix("-map"))
       # "<method>-map": the seeds one after the other (lax.map) instead of vmapped in lockstep.
       fit = jax.jit(functools.partial(jax.lax.map, one) if method.endswith("-map") else jax.vmap(one))
       t0 = time.perf_counter()
@@ -105,7 +103,7 @@ def main() -> None:
       print(f"{name:44s} first {r['first_s']:7.1f} s  second {r['second_s']:7.1f} s  "
             + " ".join(f"{k}={v:.4g}" for k, v in r.items() if k not in ("first_s", "second_s")))
   RESULTS.mkdir(exist_ok=True)
-  (RESULTS / f"evaluate_time{args.tag}{'_quick' if args.n_train else ''}.json").write_text(json.dumps(dict(machine=meta, n_seeds=args.n_seeds, coarse_rows=args.coarse_rows, rows=rows), indent=1))
+  (RESULTS / f"evaluate_time{args.tag}{'_quick' if args.n_train else ''}.json").write_text(json.dumps(dict(machine=meta, n_seeds=args.n_seeds, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ def test_newton_reaches_the_lbfgs_optimum(standardize):
   reference = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, max_steps=5000, tol=1e-11,
                                     method="lbfgs")
   f_ref = float(logistic.objective(reference, feats, labels, l2=l2, standardize=standardize))
-  for coarse_rows in (None, 100):  # from zero, and from the optimum on 100 of the 400 rows
-    head = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, tol=tol, coarse_rows=coarse_rows)
+  for method in ("auto", "newton"):  # auto: Newton for 7 x 4 weights and biases
+    head = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, tol=tol, method=method)
     f_new = float(logistic.objective(head, feats, labels, l2=l2, standardize=standardize))
     assert abs(f_new - f_ref) <= 1e-8 * f_ref
     assert float(head.grad_norm) <= tol

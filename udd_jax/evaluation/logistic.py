@@ -55,7 +55,6 @@ def fit_logistic(
     max_steps: int = 500,
     tol: float = 1e-5,
     method: str = "auto",
-    coarse_rows: int | None = 8192,
 ) -> LogisticHead:
   """Fits a multinomial logistic regression until ``||grad|| <= tol``.
 
@@ -74,9 +73,8 @@ def fit_logistic(
   decrease, computed without cancellation. A Hessian costs ``~2 n ((K + 1) C)^2`` FLOPs
   and a Hessian-vector product ``~4 n (K + 1) C``, so a factor is reused while each step
   still cuts the gradient norm by 10%; the first one, at zero, is a Kronecker product
-  (every probability is 1/C). On more than ``2 coarse_rows`` rows the problem is first
-  solved on ``coarse_rows`` evenly strided rows, as a start. None of this moves the
-  optimum: each step is a descent step for the full objective. The softmax is
+  (every probability is 1/C). Neither moves the optimum: each step is a descent step for
+  the objective. The softmax is
   invariant to adding one vector to every class's weights; the Hessian is made definite
   along those directions by a term that leaves the steps unchanged.
   ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search), the solver before.
@@ -93,7 +91,6 @@ def fit_logistic(
     tol: stop at this gradient norm (of the objective in the standardised basis, over
       weights and biases).
     method: ``"auto"``, ``"newton"`` or ``"lbfgs"``.
-    coarse_rows: Newton only: rows of the coarse start (None: none).
 
   Returns:
     The head; ``num_steps`` and ``grad_norm`` report the solve.
@@ -128,12 +125,7 @@ def fit_logistic(
   if method == "lbfgs":
     theta, steps, gnorm = _lbfgs(z1[:, :-1], problem.onehot, l2, penalty_weight, theta, max_steps=max_steps, tol=tol)
   else:
-    coarse = coarse_rows is not None and n > 2 * coarse_rows
-    if coarse:
-      stride = n // coarse_rows
-      coarse = _Problem(z1[::stride][:coarse_rows], problem.onehot[::stride][:coarse_rows], penalty)
-      theta, _, _ = _newton(coarse, theta, max_steps=max_steps, tol=tol, from_zero=True)
-    theta, steps, gnorm = _newton(problem, theta, max_steps=max_steps, tol=tol, from_zero=not coarse)
+    theta, steps, gnorm = _newton(problem, theta, max_steps=max_steps, tol=tol, from_zero=True)
   return LogisticHead(mean, scale, theta[:n_feats], theta[n_feats], steps, gnorm)
 
 
