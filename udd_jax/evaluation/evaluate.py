@@ -62,7 +62,8 @@ def evaluate(
   (Adam 3e-3, full batch, at least 4000 steps and until the gradient norm stops falling,
   init 0.01), and D's own ``recipe`` (omitted when it is the standard one). Each is
   probed by a converged multinomial logistic head (mean cross-entropy + ``head_l2/2
-  ||V||^2``, solved by Newton's method, :func:`udd_jax.evaluation.fit_logistic`) fitted on
+  ||V||^2``, solved by Newton's method or, above 2560 weights as on raw pixels, L-BFGS:
+  :func:`udd_jax.evaluation.fit_logistic`) fitted on
   the features of every real training image, on the raw features (the headline,
   ``Row.accuracies``) and on standardised ones.
 

@@ -66,7 +66,7 @@ def fit_logistic(
   penalty ``l2/2 sum_k ||W_k||^2 / s_k^2``): the same minimiser, better conditioned.
   Jit- and vmap-friendly (``lax.while_loop``s).
 
-  ``method="newton"`` (the default) takes damped Newton steps: the exact Hessian of the
+  ``method="newton"`` takes damped Newton steps: the exact Hessian of the
   ``(K + 1) C`` weights and biases and its Cholesky factor (one matrix at a time under
   ``vmap``), conjugate gradients on the current Hessian (exact Hessian-vector products)
   preconditioned by that factor, and a backtracking line search on the objective's
@@ -74,12 +74,13 @@ def fit_logistic(
   and a Hessian-vector product ``~4 n (K + 1) C``, so a factor is reused while each step
   still cuts the gradient norm by 10%; the first one, at zero, is a Kronecker product
   (every probability is 1/C). Neither moves the optimum: each step is a descent step for
-  the objective. The softmax is
-  invariant to adding one vector to every class's weights; the Hessian is made definite
-  along those directions by a term that leaves the steps unchanged.
-  ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search), the solver before.
-  ``method="auto"`` (the default) is Newton for at most ``NEWTON_MAX_WEIGHTS`` weights
-  and biases ``(K + 1) C``, L-BFGS above (docs/BENCHMARKS.md section (j)).
+  the objective. The softmax is invariant to adding one vector to every class's weights;
+  the Hessian is made definite along those directions by a term that leaves the steps
+  unchanged. Vmapped, the seeds' loops run in lockstep; the probe fits its seeds one
+  after another. ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search),
+  the solver before. ``method="auto"`` (the default) is Newton for at most
+  ``NEWTON_MAX_WEIGHTS`` weights and biases ``(K + 1) C``, L-BFGS above
+  (docs/BENCHMARKS.md section (j)).
 
   Args:
     feats: features (n, K).
