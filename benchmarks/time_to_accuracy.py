@@ -6,7 +6,8 @@ class defaults, K = 128, the solver's ``default_steps`` unless ``--steps``) with
 ``--budget_seconds`` of wall time is spent (``distill``'s ``max_seconds``), or after
 ``--steps``, and reports which. The probe is the evaluation protocol's with one fresh
 seed: a fresh learner re-trained on D with the shipped recipe, a logistic head fitted on
-all real training images (``fit_logistic``'s default 500 L-BFGS steps), accuracy on the
+all real training images (``fit_logistic``'s defaults: Newton for K = 128, at most 500 steps; L-BFGS
+until 2026-12-07, docs/BENCHMARKS.md section (j)), accuracy on the
 whole test set. (distill's own training-curve probe uses 10k/10k images and 300 head
 steps and reads about a point lower; ``--cheap_probe`` uses it.)
 

@@ -347,7 +347,8 @@ def test_raw_feature_head_is_the_raw_problem_solved_in_a_better_basis():
   key_f, key_y = jax.random.split(jax.random.key(0))
   scales = jnp.asarray([1.0, 0.01, 10.0, 1e-4], jnp.float64)
   feats = jax.random.normal(key_f, (300, 4), jnp.float64) * scales + 0.5
-  labels = jnp.argmax(feats[:, :3] / scales[:3] + 0.5 * jax.random.normal(key_y, (300, 3), jnp.float64), axis=1)
+  # The signal without the offset: feats / scales put every label in one class, a problem with no minimiser.
+  labels = jnp.argmax((feats[:, :3] - 0.5) / scales[:3] + 0.5 * jax.random.normal(key_y, (300, 3), jnp.float64), axis=1)
   l2 = 1e-3
   head = evaluation.fit_logistic(feats, labels, 3, l2=l2, standardize=False, max_steps=2000, tol=1e-10)
   V, c = head.kernel / head.scale[:, None], head.bias - (head.mean / head.scale) @ head.kernel  # back to the raw basis

@@ -180,7 +180,8 @@ def finished_run(workdir: str | pathlib.Path, request: Mapping[str, Any]) -> tup
   return saved["summary"], changed
 
 
-def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint, devices):
+def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint, devices,
+                    progress):
   """D on each task (every baseline on the first, only raw pixels and random W on the others), with transfer rows."""
   report = None
   for j, (name, (train, test)) in enumerate(zip(names, splits)):
@@ -188,12 +189,13 @@ def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baseline
         result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, n_seeds=n_seeds,
         preprocessing=result.preprocessing, joint_params=result.params if joint else None,
         baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
-        devices=devices,
+        devices=devices, progress=progress,
     )
     for t in transfers:
       k, loss = t.get("n_hidden", n_hidden), t.get("inner", inner)
       other = evaluate(result.images, train, test, n_hidden=k, inner=loss, recipe=result.recipe, recipe_n_hidden=n_hidden,
-                       n_seeds=n_seeds, preprocessing=result.preprocessing, baselines=(), devices=devices)
+                       n_seeds=n_seeds, preprocessing=result.preprocessing, baselines=(), devices=devices,
+                       progress=progress)
       for row in other.rows:
         row.name = f"transfer to K={k}, {loss}: {row.name}"
         part.rows.append(row)
@@ -294,7 +296,7 @@ def run(
   distill_seconds, t1 = time.perf_counter() - t0, time.perf_counter()
   report = _evaluate_tasks(result, names, splits if eval_seeds else [], n_hidden=n_hidden, inner=inner,
                            n_seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS,
-                           devices=devices)
+                           devices=devices, progress=progress)
   summary = dict(dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
                  honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds,
                  eval_seconds=time.perf_counter() - t1, joint_accuracy=None)

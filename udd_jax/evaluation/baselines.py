@@ -30,15 +30,23 @@ from udd_jax.inner import learners
 BASELINES = ("raw_pixels", "random_w", "random_subset", "kmeans", "full_data", "supervised")
 
 
-@functools.partial(jax.jit, static_argnames=("n_classes", "standardize", "max_steps"))
-def probe_accuracies(feats_train, y_train, feats_test, y_test, l2, *, n_classes, standardize, max_steps) -> Array:
-  """Accuracies of converged logistic heads, vmapped over a leading seed axis of the features."""
+@functools.partial(jax.jit, static_argnames=("n_classes", "standardize", "max_steps", "method"))
+def probe_accuracies(feats_train, y_train, feats_test, y_test, l2, *, n_classes, standardize, max_steps,
+                     method="auto") -> Array:
+  """Accuracies of converged logistic heads (``fit_logistic``'s ``method``), one per entry of a leading seed axis.
 
-  def one(ftr, fte):
-    head = logistic.fit_logistic(ftr, y_train, n_classes, l2=l2, standardize=standardize, max_steps=max_steps)
+  The seeds' heads are fitted one after another (``lax.map``): vmapped, their solver loops
+  would run in lockstep, each seed waiting for the slowest at every level of the loops,
+  and the Newton heads took 2-5 times longer (docs/BENCHMARKS.md section (j)).
+  """
+
+  def one(feats):
+    ftr, fte = feats
+    head = logistic.fit_logistic(ftr, y_train, n_classes, l2=l2, standardize=standardize, max_steps=max_steps,
+                                 method=method)
     return logistic.accuracy(head, fte, y_test)
 
-  return jax.vmap(one)(feats_train, feats_test)
+  return jax.lax.map(one, (feats_train, feats_test))
 
 
 @dataclasses.dataclass
@@ -50,7 +58,8 @@ class Probe:
     z_train, y_train, z_test, y_test: real data in the learner's input space.
     n_classes: number of classes.
     head_l2: L2 of the logistic head.
-    head_steps: L-BFGS iteration budget of each head.
+    head_steps: iteration budget of each head (Newton steps or L-BFGS iterations).
+    head_method: the heads' solver, :func:`udd_jax.evaluation.fit_logistic`'s ``method``.
     features: the learner's features, jitted and vmapped over a leading seed axis of the params.
   """
 
@@ -62,6 +71,7 @@ class Probe:
   n_classes: int
   head_l2: float
   head_steps: int
+  head_method: str = "auto"
   features: Callable[[Any, Array], Array] = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
@@ -74,7 +84,8 @@ class Probe:
     """
     f_train, f_test = (self.features(params, self.z_train), self.features(params, self.z_test)) if raw is None else raw
     out = [io.host_tree(probe_accuracies(f_train, self.y_train, f_test, self.y_test, self.head_l2, n_classes=self.n_classes,
-                                       standardize=std, max_steps=self.head_steps)).tolist() for std in (False, True)]
+                                       standardize=std, max_steps=self.head_steps,
+                                       method=self.head_method)).tolist() for std in (False, True)]
     return out[0], out[1]
 
 
@@ -135,6 +146,7 @@ def baseline_rows(
     n: int,
     n_hidden: int,
     init_scale: float,
+    on_row: Callable[[Row], None] = lambda row: None,
 ) -> list[Row]:
   """The rows of ``baselines``, in the order of :data:`BASELINES`.
 
@@ -147,16 +159,19 @@ def baseline_rows(
     n: size of D (of the subsets and the number of centroids).
     n_hidden: the learner's number of hidden units.
     init_scale: scale of the random untrained learner and of the full-data learner's init.
+    on_row: called with each row computed here as it is done (``learner_rows`` reports its own).
   """
   rows: list[Row] = []
   z_train = probe.z_train
   if "raw_pixels" in baselines:
     raw_accs, std_accs = probe(raw=(z_train[None], probe.z_test[None]))
     rows.append(Row("raw pixels", raw_accs, accuracies_standardized=std_accs))
+    on_row(rows[-1])
   if "random_w" in baselines:
     init = lambda k: probe.learner.init(k, z_train.shape[1], n_hidden, init_scale=init_scale, dtype=z_train.dtype)
     raw_accs, std_accs = probe(jax.vmap(init)(keys))
     rows.append(Row("random untrained W", raw_accs, note=f"init {init_scale} N(0, 1)", accuracies_standardized=std_accs))
+    on_row(rows[-1])
   if "random_subset" in baselines:
     subsets = jax.vmap(lambda k: z_train[jax.random.choice(k, z_train.shape[0], (n,), replace=False)])(
         jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
@@ -165,10 +180,11 @@ def baseline_rows(
   if "kmeans" in baselines:
     centres = jax.jit(jax.vmap(lambda k: kmeans(k, z_train, n)))(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
     rows += learner_rows(f"k-means centroids ({n})", centres)
-  return rows + _trained_rows(baselines, probe, keys, n_hidden=n_hidden, init_scale=init_scale)
+  return rows + _trained_rows(baselines, probe, keys, n_hidden=n_hidden, init_scale=init_scale, on_row=on_row)
 
 
-def _trained_rows(baselines: Sequence[str], probe: Probe, keys: PRNGKeyArray, *, n_hidden: int, init_scale: float) -> list[Row]:
+def _trained_rows(baselines: Sequence[str], probe: Probe, keys: PRNGKeyArray, *, n_hidden: int, init_scale: float,
+                  on_row: Callable[[Row], None]) -> list[Row]:
   """The references trained on all the real data: the learner (``full_data``) and a supervised network."""
   rows: list[Row] = []
   if "full_data" in baselines:
@@ -177,8 +193,10 @@ def _trained_rows(baselines: Sequence[str], probe: Probe, keys: PRNGKeyArray, *,
     raw_accs, std_accs = probe(jax.tree.map(lambda a: a[None], params))
     rows.append(Row("learner trained on all training data", raw_accs, note="3000 Adam steps, batch 256",
                     accuracies_standardized=std_accs))
+    on_row(rows[-1])
   if "supervised" in baselines:
     acc = train_supervised(jax.random.fold_in(keys[0], 4), probe.z_train, probe.y_train, probe.z_test, probe.y_test,
                            n_hidden=n_hidden, n_classes=probe.n_classes)
     rows.append(Row(f"supervised network, K={n_hidden} (ceiling)", [acc], note="end to end, 12000 Adam steps"))
+    on_row(rows[-1])
   return rows

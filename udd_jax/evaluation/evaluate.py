@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +23,7 @@ from jaxtyping import Array, PRNGKeyArray
 from udd_jax import _validation
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.evaluation.baselines import BASELINES, LearnerRows, Probe, baseline_rows
+from udd_jax.evaluation.logistic import METHODS, NEWTON_MAX_WEIGHTS
 from udd_jax.evaluation.report import EvaluationReport, Row
 from udd_jax.inner import learners
 from udd_jax.sharding import Layout, make_layout
@@ -49,6 +52,8 @@ def evaluate(
     sigma2: float = 1.0,
     noise_std: float = 0.1,
     devices: Any = None,
+    head_method: str = "auto",
+    progress: bool = True,
 ) -> EvaluationReport:
   """Honest evaluation of a distilled set D (docs/METHOD.md section 5).
 
@@ -56,9 +61,15 @@ def evaluate(
   alone, with two recipes side by side: ``standard_recipe``, which does not come from D
   (Adam 3e-3, full batch, at least 4000 steps and until the gradient norm stops falling,
   init 0.01), and D's own ``recipe`` (omitted when it is the standard one). Each is
-  probed by a converged multinomial logistic head (L-BFGS, mean cross-entropy +
-  ``head_l2/2 ||V||^2``) fitted on the features of every real training image, on the raw
-  features (the headline, ``Row.accuracies``) and on standardised ones.
+  probed by a converged multinomial logistic head (mean cross-entropy + ``head_l2/2
+  ||V||^2``, solved by Newton's method or, above 2560 weights as on raw pixels, L-BFGS:
+  :func:`udd_jax.evaluation.fit_logistic`) fitted on
+  the features of every real training image, on the raw features (the headline,
+  ``Row.accuracies``) and on standardised ones.
+
+  With ``progress``, each row prints one line to stderr when it is done: its number and
+  name, the recipe, the mean accuracy, the time so far and an ETA from the rows done
+  (the seeds of a row run together, vmapped, so a row is the unit of progress).
 
   Args:
     images: the distilled set, (N, ...) in the same value space and shape as ``train``'s inputs.
@@ -81,13 +92,18 @@ def evaluate(
     convergence_factor: if > 0, a robustness row re-trains with D's recipe for this many
       times its steps.
     head_l2: L2 of the logistic head, ``head_l2/2 ||V||^2`` (2e-5: ``1e-5 ||V||^2``, docs/METHOD.md section 5).
-    head_steps: L-BFGS iteration budget of each head.
+    head_steps: iteration budget of each head (Newton steps, or L-BFGS iterations).
     seed: base of the evaluation PRNG stream: an int seed or a PRNG key.
     sigma2, noise_std: inner-loss hyperparameters.
     devices: where the rows' fresh seeds run: None (one device, the default), a device
       count, a list of jax devices or a one-axis ``jax.sharding.Mesh``; ``n_seeds`` must be a
       multiple of their number. The seeds are split across the devices, the real data
       replicated; accuracies agree with one device's to float round-off (docs/SCALING.md).
+    head_method: the heads' solver, :func:`udd_jax.evaluation.fit_logistic`'s ``method``:
+      ``"auto"`` (Newton on up to 2560 weights and biases, e.g. K = 128 features and 10
+      classes; L-BFGS on more, e.g. raw pixels), ``"newton"`` or ``"lbfgs"`` (the solver
+      before; the same optimum to its tolerance, docs/BENCHMARKS.md section (j)).
+    progress: print a line per finished row to stderr.
 
   Returns:
     An :class:`EvaluationReport`; ``print(report)`` shows the markdown table and the recipes.
@@ -97,12 +113,13 @@ def evaluate(
     >>> (x, y), (xt, yt) = udd_jax.load_dataset("digits")
     >>> short = udd_jax.Recipe("adam", 0.01, 20, 0.01)  # 20 Adam steps: the standard recipe takes >= 4000
     >>> report = udd_jax.evaluate(x[:20], (x, y), (xt, yt), n_hidden=8, n_seeds=2, standard_recipe=short,
-    ...                           baselines=(), head_steps=50)
+    ...                           baselines=(), head_steps=50, progress=False)
     >>> [(r.name, r.recipe, len(r.accuracies)) for r in report.rows]
     [('distilled D', 'standard', 2)]
   """
   n_seeds, n_hidden, convergence_factor, head_l2, head_steps = _check_options(
       n_seeds, n_hidden, convergence_factor, seed, head_l2, head_steps)
+  _validation.check_choice(head_method, "head_method", METHODS)
   train, test, images = _check_data(images, train, test, baselines)
   recipe, recipes = _resolve_recipes(recipe, standard_recipe, n_hidden, recipe_n_hidden)
   layout = make_layout(devices)
@@ -110,26 +127,54 @@ def evaluate(
     layout.check_divides(n_seeds, "n_seeds")
   probe, d_images = _prepare(images, train, test, inner, preprocessing, joint_params, head_l2=head_l2,
                              head_steps=head_steps, sigma2=sigma2, noise_std=noise_std)
+  probe = dataclasses.replace(probe, head_method=head_method)
+  n_variants = len(recipes) + bool(convergence_factor)
+  n_rows = (n_variants * (1 + sum(b in baselines for b in ("random_subset", "kmeans")))
+            + (joint_params is not None) + sum(b in baselines for b in ("raw_pixels", "random_w", "full_data", "supervised")))
+  on_row = _RowProgress(n_rows, n_seeds) if progress else (lambda row: None)
   keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
   if layout is not None:  # the real data and D on every device, the seeds split across them
     probe = dataclasses.replace(probe, **layout.put({f: getattr(probe, f) for f in ("z_train", "y_train", "z_test", "y_test")}))
     d_images, keys = layout.put(d_images), layout.put(keys, layout.split())
   learner_rows = _learner_rows(probe, keys, recipes, recipe, n_hidden=n_hidden, convergence_factor=convergence_factor,
-                               layout=layout)
+                               layout=layout, on_row=on_row)
   rows = _rows(probe, learner_rows, d_images, joint_params, baselines, keys, n_hidden=n_hidden,
-               init_scale=standard_recipe.init_scale)
+               init_scale=standard_recipe.init_scale, on_row=on_row)
   return EvaluationReport(rows, _settings(probe, recipes, n_distill=d_images.shape[0], n_seeds=n_seeds, n_hidden=n_hidden))
 
 
+class _RowProgress:
+  """Reports each finished row of an evaluation on stderr: ``evaluate: row 3/9 ... | 1m02s | ETA 2m10s``."""
+
+  def __init__(self, total: int, n_seeds: int):
+    self.total, self.n_seeds, self.done = total, n_seeds, 0
+    self.t0 = time.perf_counter()
+
+  def __call__(self, row: Row) -> None:
+    self.done += 1
+    elapsed = time.perf_counter() - self.t0
+    eta = elapsed / self.done * max(self.total - self.done, 0)
+    recipe = f" [{row.recipe} recipe]" if row.recipe else ""
+    accuracy = f"accuracy {row.mean:.4f} ({len(row.accuracies)} seeds)" if row.accuracies else "no accuracy"
+    print(f"evaluate: row {self.done}/{self.total} {row.name}{recipe}: {accuracy} | {_clock(elapsed)} | "
+          f"ETA {_clock(eta)}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def _rows(probe: Probe, learner_rows: LearnerRows, d_images: Array, joint_params: Any, baselines: Sequence[str],
-          keys: PRNGKeyArray, *, n_hidden: int, init_scale: float) -> list[Row]:
+          keys: PRNGKeyArray, *, n_hidden: int, init_scale: float, on_row: Callable[[Row], None]) -> list[Row]:
   """Every row of the table: learners re-trained on D, the jointly learned w if any, then the baselines."""
   rows = learner_rows("distilled D", jnp.broadcast_to(d_images, (keys.shape[0], *d_images.shape)))
   if joint_params is not None:
     raw_accs, std_accs = probe(jax.tree.map(lambda a: jnp.asarray(a)[None], joint_params))
     rows.append(Row("jointly learned w (not a re-trained learner)", raw_accs, accuracies_standardized=std_accs))
+    on_row(rows[-1])
   n = d_images.shape[0]
-  return rows + baseline_rows(baselines, probe, learner_rows, keys, n=n, n_hidden=n_hidden, init_scale=init_scale)
+  return rows + baseline_rows(baselines, probe, learner_rows, keys, n=n, n_hidden=n_hidden, init_scale=init_scale,
+                              on_row=on_row)
 
 
 def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int, n_seeds: int, n_hidden: int) -> dict[str, Any]:
@@ -137,7 +182,9 @@ def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int
   return dict(
       n_distill=int(n_distill), n_hidden=n_hidden, inner=probe.learner.name, n_seeds=n_seeds,
       recipes={label: r.to_config() for label, r in recipes},
-      head="multinomial logistic, L-BFGS, mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised",
+      head=f"multinomial logistic ({probe.head_method}: newton up to {NEWTON_MAX_WEIGHTS} weights, else lbfgs), "
+           "mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised" if probe.head_method == "auto" else
+           f"multinomial logistic ({probe.head_method}), mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised",
       head_l2=probe.head_l2, head_steps=probe.head_steps, n_train=int(probe.z_train.shape[0]),
       n_test=int(probe.z_test.shape[0]),
   )
@@ -214,7 +261,8 @@ def _resolve_recipes(recipe: Recipe | dict[str, Any] | None, standard_recipe: Re
 
 
 def _learner_rows(probe: Probe, keys: PRNGKeyArray, recipes: list[tuple[str, Recipe]], recipe: Recipe, *,
-                  n_hidden: int, convergence_factor: int, layout: Layout | None) -> LearnerRows:
+                  n_hidden: int, convergence_factor: int, layout: Layout | None,
+                  on_row: Callable[[Row], None]) -> LearnerRows:
   """``learner_rows(name, sets)``: re-trains on each of ``sets`` (S, N, d) with each recipe and probes the features."""
 
   def learner_rows(name: str, sets: Array, note: str = "") -> list[Row]:
@@ -230,10 +278,12 @@ def _learner_rows(probe: Probe, keys: PRNGKeyArray, recipes: list[tuple[str, Rec
       if not bool(jnp.all(jnp.isfinite(losses))):
         rows.append(Row(row_name, [], note=f"diverged: this recipe does not train a K = {n_hidden} {probe.learner.name} "
                         "learner (non-finite inner loss); not probed", recipe=label))
+        on_row(rows[-1])
         continue
       raw_accs, std_accs = probe(params)
       rows.append(Row(row_name, raw_accs, float(jnp.mean(losses)), float(jnp.mean(gnorms)), note, std_accs, label,
                       float(jnp.mean(taken))))
+      on_row(rows[-1])
     return rows
 
   return learner_rows
