@@ -143,8 +143,10 @@ def test_a_finished_run_asked_again_prints_its_report_and_recomputes_nothing(tmp
   assert {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()} == files  # nothing rewritten
   with pytest.raises(ValueError, match="n_distill: 10 -> 12"):
     experiment.run(**(RUN | dict(workdir=str(workdir), n_distill=12)))
-  experiment.run(**(RUN | dict(workdir=str(workdir), rerun_evaluation=True)))
+  rerun = experiment.run(**(RUN | dict(workdir=str(workdir), rerun_evaluation=True)))
   assert "holds a finished run" not in capsys.readouterr().out
+  # The distillation time of a re-evaluated run is its own, not only the resume's.
+  assert rerun["distill_seconds"] >= summary["distill_seconds"]
   assert (workdir / "evaluation.json").stat().st_mtime_ns > files["evaluation.json"]
 
 

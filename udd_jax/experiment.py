@@ -293,7 +293,9 @@ def run(
       eval_data=(x_train, y_train, x_test, y_test) if eval_every else None, progress=progress, log_every=log_every,
       checkpoint_every=checkpoint_every, max_seconds=max_seconds, devices=devices, **options,
   )
-  distill_seconds, t1 = time.perf_counter() - t0, time.perf_counter()
+  # A finished run asked again (more steps, another evaluation) adds this call's distillation to its own.
+  distill_seconds = time.perf_counter() - t0 + (saved.get("distill_seconds") or 0.0 if saved is not None else 0.0)
+  t1 = time.perf_counter()
   report = _evaluate_tasks(result, names, splits if eval_seeds else [], n_hidden=n_hidden, inner=inner,
                            n_seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS,
                            devices=devices, progress=progress)
