@@ -671,6 +671,59 @@ def test_pool_implicit_hypergradient_at_a_converged_learner_matches_oracle():
   assert float(again["cg_steps"]) == 0.0
 
 
+@pytest.mark.slow
+def test_a_pool_of_mixed_learners_follows_the_mean_of_its_groups():
+  """members: each (rule, K) group is its own vmapped stack, and D follows the mean hypergradient over every learner.
+
+  With a ridge head and AE / score-matching groups nothing depends on the step's keys, so each group's part of the
+  image gradient is what a one-group pool of the same learners gives (SGD on D at lr 1: the step is -g).
+  """
+  problem, images, batch = small_pool_problem(n_hidden=3)
+  options = dict(inner_steps=2, lifetime=1000, inner_lr=0.05, image_optimizer="sgd", image_lr=1.0)
+  solver = bilevel.Pool(pool_size=6, members="ae:3,ae:2,score_matching:4", **options)
+  assert solver.member_groups == (("ae", 3), ("ae", 2), ("score_matching", 4)) and solver.n_members == 2
+  state = solver.init(problem, jax.random.key(0), images)
+  assert [p.W.shape for p in state.params] == [(2, 5, 3), (2, 5, 2), (2, 5, 4)]
+  for age in state.age:  # every group covers the lifetime evenly
+    np.testing.assert_array_equal(age, [0, 500])
+  step = jax.jit(lambda s: solver.step(problem, s, batch))
+  state = step(state)[0]
+  new_state, metrics = step(state)
+
+  parts, losses = [], []
+  for g, sub_problem in enumerate(solver.group_problems(problem)):
+    single = bilevel.Pool(pool_size=2, **options)
+    sub_state = state._replace(params=state.params[g], opt_state=state.opt_state[g], age=state.age[g],
+                               adjoint=state.adjoint[g], image_opt_state=single.image_transform().init(images))
+    sub_new, sub_metrics = single.step(sub_problem, sub_state, batch)
+    chex.assert_trees_all_close(sub_new.params, new_state.params[g], rtol=1e-12, atol=1e-15)
+    parts.append(state.images - sub_new.images)
+    losses.append(float(sub_metrics["outer_loss"]))
+  assert float(jnp.abs(parts[0] - parts[2]).max()) > 1e-6  # the groups really pull D different ways
+  np.testing.assert_allclose(state.images - new_state.images, sum(parts) / 3, rtol=1e-10, atol=1e-14)
+  assert float(metrics["outer_loss"]) == pytest.approx(sum(losses) / 3, rel=1e-10)
+  # The run reports, probes and saves the oldest learner of the first group: the problem's own.
+  chex.assert_trees_all_equal(solver.learner_params(new_state), jax.tree.map(lambda a: a[1], new_state.params[0]))
+  assert solver.to_config()["members"] == "ae:3,ae:2,score_matching:4"
+  assert bilevel.get_solver(**solver.to_config()) == solver
+
+
+def test_pool_members_errors():
+  problem, images, _ = small_pool_problem(n_hidden=3)
+  with pytest.raises(ValueError, match=r"members entry 'ae' must be RULE:K with K a positive integer"):
+    bilevel.Pool(members="ae")
+  with pytest.raises(ValueError, match=r"unknown members scoring rule 'sliced'"):
+    bilevel.Pool(members="ae:3,sliced:3")
+  with pytest.raises(ValueError, match=r"members='ae:3,ae:3' names a group twice"):
+    bilevel.Pool(members="ae:3,ae:3")
+  with pytest.raises(ValueError, match=r"pool_size \(8\) must be a multiple of the 3 member groups"):
+    bilevel.Pool(pool_size=8, members="ae:3,ae:2,ae:4")
+  with pytest.raises(ValueError, match=r"first group of members='ae:2,ae:3' .* must be the problem's own, ae:3"):
+    bilevel.Pool(pool_size=2, members="ae:2,ae:3").init(problem, jax.random.key(0), images)
+  with pytest.raises(ValueError, match=r"mixes learners of the GRBM family; this problem's learner is NoneType"):
+    bilevel.Pool(pool_size=2, members="ae:2,ae:3").group_problems(RidgePoolProblem(*ridge_problem()[:4]))
+
+
 def test_pool_option_errors():
   with pytest.raises(ValueError, match=r"lifetime \(5\) must be at least inner_steps \(10\)"):
     bilevel.Pool(inner_steps=10, lifetime=5)

@@ -122,15 +122,21 @@ def test_load_distilled_errors(digits, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [FAST, FAST_POOL | dict(lifetime=20)], ids=["unrolled", "pool"])
+@pytest.mark.parametrize("options", [
+    FAST, FAST_POOL | dict(lifetime=20),
+    FAST_POOL | dict(lifetime=20, pool_size=4, members="ae:16,denoising_score_matching:8")], ids=["unrolled", "pool", "mixed_pool"])
 def test_resumed_run_equals_uninterrupted_run(digits, tmp_path, options):
-  """The pool's lifetime of 20 inner steps: learners restart before, at and after the resume point."""
+  """The pool's lifetime of 20 inner steps: learners restart before, at and after the resume point.
+
+  The mixed pool checkpoints one stack per member group, and ships the first group's learner.
+  """
   (x, y), _ = digits
   straight = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "a", **options)
   udd_jax.distill(x, y, steps=10, workdir=tmp_path / "b", **options)
   resumed = udd_jax.distill(x, y, steps=20, workdir=tmp_path / "b", **options)
   chex.assert_trees_all_equal((resumed.images, resumed.params), (straight.images, straight.params))
   assert [h["step"] for h in resumed.history] == [5, 10, 15, 20]
+  assert resumed.params.W.shape == (64, 16)
   lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [5, 10, 15, 20]
 

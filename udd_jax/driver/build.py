@@ -81,7 +81,7 @@ def state_shardings(layout: Layout, solver: Any, state: Any) -> Any:
 def check_layout(layout: Layout, solver: Any, batch_size: int) -> None:
   """Raises a ValueError, before anything is compiled, unless the axis the run splits fits the devices."""
   if solver.member_fields:
-    layout.check_divides(solver.n_members, f"the {solver.name} solver's pool_size")
+    layout.check_divides(solver.n_members, f"the {solver.name} solver's {solver.member_axis}")
   else:
     layout.check_divides(batch_size, "batch_size")
 

@@ -140,6 +140,11 @@ class SolverBase:
     """The length of the leading axis of :attr:`member_fields` (0: the solver has none)."""
     return 0
 
+  @property
+  def member_axis(self) -> str:
+    """What that axis is called in an error message (an option's name)."""
+    return "members"
+
   def __post_init__(self):
     _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
     _validation.check_choice(self.image_optimizer, "image_optimizer", optimizers.OPTIMIZERS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ from udd_jax import _validation
 from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
 from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, apply_updates
+from udd_jax.inner import learners as learners_lib
 from udd_jax.training import optimizers
 from udd_jax.training.recipes import Recipe
 from udd_jax.training.unroll import advance
@@ -22,6 +24,9 @@ from udd_jax.training.unroll import advance
 
 class PoolState(NamedTuple):
   """The state of :class:`Pool`: its learners, stacked over the pool (leading axis P).
+
+  With ``members`` (a mixture of learners), each of ``params``, ``opt_state``, ``age`` and
+  ``adjoint`` is a tuple with one stack per member group (leading axis P / groups).
 
   Attributes:
     params: each learner's parameters.
@@ -134,6 +139,15 @@ class Pool(FreshHeadsBase):
   ``lifetime`` steps old, the whole trajectory of the standard recipe (model pools as in
   FRePo, Zhou et al. 2022). Heads are fitted afresh at each learner (ridge: closed form).
 
+  ``members`` makes the pool a distribution of learners, so that D is good for the
+  learners people will train and not one width and one scoring rule: ``"ae:128,ae:64,
+  denoising_score_matching:128"`` splits the pool evenly over those (scoring rule, width)
+  groups, each vmapped over its own learners, and D follows their mean hypergradient. The
+  first group is the learner the run reports on, probes and saves, and must be the
+  problem's own (its scoring rule and ``n_hidden``). Only learners of the GRBM family
+  (:class:`~udd_jax.inner.learners.GRBMLearner`) can be mixed; every group keeps the
+  problem's ``sigma2`` and ``noise_std``.
+
   Examples:
     >>> recipe = Pool().recipe(None, init_scale=0.01)  # what a set distilled by the pool ships
     >>> recipe.inner_optimizer, recipe.inner_lr, recipe.until_converged
@@ -150,13 +164,24 @@ class Pool(FreshHeadsBase):
   damping: float = 0.1
   cg_steps: int = 10
   cg_tol: float = 1e-6
+  members: str = ""
   name = "pool"
   default_steps = 500
   member_fields = ("params", "opt_state", "age", "adjoint")
 
   @property
   def n_members(self) -> int:
-    return self.pool_size
+    """Learners per member group: the leading axis of every stack of the state."""
+    return self.pool_size // len(self.member_groups) if self.members else self.pool_size
+
+  @property
+  def member_axis(self) -> str:
+    return f"learners per member group (pool_size / {len(self.member_groups)})" if self.members else "pool_size"
+
+  @property
+  def member_groups(self) -> tuple[tuple[str, int], ...]:
+    """``members`` as ``(scoring rule, n_hidden)`` pairs (empty: the problem's own learner only)."""
+    return parse_members(self.members)
 
   def __post_init__(self):
     super().__post_init__()
@@ -173,6 +198,10 @@ class Pool(FreshHeadsBase):
       raise ValueError(f"min_age ({self.min_age}) must be below lifetime ({self.lifetime}): no learner would count.")
     _validation.check_positive_float(self.damping, "damping", allow_zero=True)
     _validation.check_positive_int(self.cg_steps, "cg_steps")
+    groups = self.member_groups
+    if groups and self.pool_size % len(groups):
+      raise ValueError(f"pool_size ({self.pool_size}) must be a multiple of the {len(groups)} member groups of "
+                       f"members={self.members!r}: each group gets the same number of learners.")
 
   def recipe(self, state: PoolState | None, init_scale: float, given: Recipe | None = None) -> Recipe:
     """Its learners' own recipe, trained until convergence (``given`` is ignored)."""
@@ -182,63 +211,137 @@ class Pool(FreshHeadsBase):
     """The optimiser every learner of the pool trains with."""
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
+  def group_problems(self, problem: Problem) -> tuple[Problem, ...]:
+    """One problem per member group (the problem itself when the pool has no ``members``)."""
+    if not self.members:
+      return (problem,)
+    learner = getattr(problem, "learner", None)
+    if not isinstance(problem, BilevelProblem) or not isinstance(learner, learners_lib.GRBMLearner):
+      raise ValueError(f"members={self.members!r} mixes learners of the GRBM family; this problem's learner is "
+                       f"{type(learner).__name__}, which cannot be mixed.")
+    first = self.member_groups[0]
+    if first != (learner.name, problem.n_hidden):
+      raise ValueError(f"the first group of members={self.members!r} is the learner the run reports on and saves, so it "
+                       f"must be the problem's own, {learner.name}:{problem.n_hidden}; got {first[0]}:{first[1]}.")
+    return tuple(dataclasses.replace(problem, learner=dataclasses.replace(learner, name=rule), n_hidden=k)
+                 for rule, k in self.member_groups)
+
+  def _keys(self, key: PRNGKeyArray, n_groups: int) -> list[PRNGKeyArray]:
+    """One key per group: ``key`` itself when there is one group (today's draws, unchanged)."""
+    return [key] if not self.members else list(jax.random.split(key, n_groups))
+
+  def _groups(self, field: PyTree) -> list[PyTree]:
+    """A member field as a list of per-group stacks."""
+    return list(field) if self.members else [field]
+
+  def _pack(self, stacks: list[PyTree]) -> PyTree:
+    """The inverse of :meth:`_groups`."""
+    return tuple(stacks) if self.members else stacks[0]
+
   def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> PoolState:
     if isinstance(problem, BilevelProblem):
       problem.check_images(images)
+    problems = self.group_problems(problem)
     k_params, key = jax.random.split(key)
-    params = jax.vmap(lambda k: problem.init_params(k, images.dtype))(jax.random.split(k_params, self.pool_size))
-    opt_state = jax.vmap(self.learner_transform().init)(params)
-    # Staggered ages: learner i first restarts after (P - i) / P of a lifetime, and from then
-    # on the pool covers the whole lifetime evenly.
-    age = (jnp.arange(self.pool_size) * self.lifetime) // self.pool_size
-    return PoolState(jnp.asarray(0), images, params, opt_state, age, optax.tree.zeros_like(params),
-                     self.image_transform().init(images), key)
+    n = self.n_members
+    params = [jax.vmap(lambda k, p=p: p.init_params(k, images.dtype))(jax.random.split(k_g, n))
+              for p, k_g in zip(problems, self._keys(k_params, len(problems)))]
+    opt_state = [jax.vmap(self.learner_transform().init)(w) for w in params]
+    # Staggered ages: learner i of a group first restarts after (n - i) / n of a lifetime,
+    # and from then on each group covers the whole lifetime evenly.
+    age = [(jnp.arange(n) * self.lifetime) // n for _ in problems]
+    return PoolState(jnp.asarray(0), images, self._pack(params), self._pack(opt_state), self._pack(age),
+                     self._pack([optax.tree.zeros_like(w) for w in params]), self.image_transform().init(images), key)
 
   def learner_params(self, state: PoolState) -> PyTree:
-    """The oldest learner of the pool: the one nearest to convergence.
+    """The oldest learner of the pool (of its first member group): the one nearest to convergence.
 
     Picked by a one-hot contraction over the pool axis (exact: one term is the learner, the
     others are zeros), which a device mesh that splits the pool turns into one all-reduce
     of a single learner instead of an all-gather of the whole pool.
     """
-    oldest = jax.nn.one_hot(jnp.argmax(state.age), self.pool_size, dtype=jnp.result_type(*jax.tree.leaves(state.params)))
-    return jax.tree.map(lambda a: jnp.tensordot(oldest.astype(a.dtype), a, axes=1), state.params)
+    params, age = self._groups(state.params)[0], self._groups(state.age)[0]
+    oldest = jax.nn.one_hot(jnp.argmax(age), self.n_members, dtype=jnp.result_type(*jax.tree.leaves(params)))
+    return jax.tree.map(lambda a: jnp.tensordot(oldest.astype(a.dtype), a, axes=1), params)
 
   def step(self, problem: Problem, state: PoolState, batch: TaskBatch) -> tuple[PoolState, Metrics]:
     key, k_fresh, k_inner, k_heads = jax.random.split(state.key, 4)
-    inner = lambda p, images: problem.inner_loss(p, images, k_inner)
     dtype = state.images.dtype
     strategy = HYPERGRADIENTS[self.hypergradient]
+    problems = self.group_problems(problem)
+    n = self.n_members
 
-    restart = state.age >= self.lifetime
-    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(restart.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-    fresh = jax.vmap(lambda k: problem.init_params(k, dtype))(jax.random.split(k_fresh, self.pool_size))
-    params = pick(fresh, state.params)
-    opt_state = pick(jax.vmap(self.learner_transform().init)(fresh), state.opt_state)
-    adjoint = pick(optax.tree.zeros_like(fresh), state.adjoint)
-    age = jnp.where(restart, 0, state.age)
+    def group_step(p: Problem, params, opt_state, adjoint, age, k_fresh, k_heads):
+      inner = lambda w, images: p.inner_loss(w, images, k_inner)
+      restart = age >= self.lifetime
+      pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(restart.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                                           new, old)
+      fresh = jax.vmap(lambda k: p.init_params(k, dtype))(jax.random.split(k_fresh, n))
+      params = pick(fresh, params)
+      opt_state = pick(jax.vmap(self.learner_transform().init)(fresh), opt_state)
+      adjoint = pick(optax.tree.zeros_like(fresh), adjoint)
+      age = jnp.where(restart, 0, age)
 
-    def one(w, s, u, k):
-      def score(w_new):
-        heads = self.fit_fresh_heads(problem, w_new, batch, k, dtype)
-        return problem.outer_loss(w_new, heads, batch)[0]
+      def one(w, s, u, k):
+        def score(w_new):
+          heads = self.fit_fresh_heads(p, w_new, batch, k, dtype)
+          return p.outer_loss(w_new, heads, batch)[0]
 
-      return strategy(self, inner, score, w, s, u, state.images)
+        return strategy(self, inner, score, w, s, u, state.images)
 
-    learners = jax.vmap(one)(params, opt_state, adjoint, jax.random.split(k_heads, self.pool_size))
-    age = age + self.inner_steps
-    weights = (age > self.min_age).astype(dtype)
-    weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
-    g_images = jnp.tensordot(weights, learners.image_grad, axes=1)
+      return jax.vmap(one)(params, opt_state, adjoint, jax.random.split(k_heads, n)), age + self.inner_steps
+
+    fields = [self._groups(f) for f in (state.params, state.opt_state, state.adjoint, state.age)]
+    steps = [group_step(p, *f, k_f, k_h) for p, *f, k_f, k_h in
+             zip(problems, *fields, self._keys(k_fresh, len(problems)), self._keys(k_heads, len(problems)))]
+    learners = [step for step, _ in steps]
+    ages = [age for _, age in steps]
+    # Every learner past min_age counts the same, whichever its group.
+    counts = [(age > self.min_age).astype(dtype) for age in ages]
+    total = jnp.maximum(_sum(jnp.sum(c) for c in counts), 1.0)
+    weights = [c / total for c in counts]
+    g_images = _sum(jnp.tensordot(w, step.image_grad, axes=1) for w, step in zip(weights, learners))
     images, s_images = apply_updates(self.image_transform(), g_images, state.image_opt_state, state.images)
-    new_state = PoolState(state.step + 1, images, learners.params, learners.opt_state, age, learners.adjoint, s_images,
-                          key)
+    new_state = PoolState(state.step + 1, images, self._pack([step.params for step in learners]),
+                          self._pack([step.opt_state for step in learners]), self._pack(ages),
+                          self._pack([step.adjoint for step in learners]), s_images, key)
     oldest = self.learner_params(new_state)
+    inner = lambda w, images: problem.inner_loss(w, images, k_inner)
     metrics = {
-        "outer_loss": jnp.sum(weights * learners.outer_loss),
+        "outer_loss": _sum(jnp.sum(w * step.outer_loss) for w, step in zip(weights, learners)),
         "inner_value": inner(oldest, state.images),
         "inner_grad_norm": optax.tree.norm(jax.grad(inner)(oldest, state.images)),
         "image_grad_norm": optax.tree.norm(g_images),
     }
-    metrics |= strategy.summarise(learners.stats, dtype)
+    # The strategy's diagnostics over every learner of the pool.
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *[step.stats for step in learners])
+    metrics |= strategy.summarise(stats, dtype)
     return new_state, metrics
+
+
+def _sum(terms) -> Array:
+  """The sum of a few arrays (no ``0 +`` term: one group's sum is its term, bit for bit)."""
+  return functools.reduce(jnp.add, terms)
+
+
+def parse_members(spec: str) -> tuple[tuple[str, int], ...]:
+  """``"ae:128,denoising_score_matching:64"`` -> ``(("ae", 128), ("denoising_score_matching", 64))``, checked.
+
+  Examples:
+    >>> parse_members("ae:128, score_matching:64")
+    (('ae', 128), ('score_matching', 64))
+    >>> parse_members("")
+    ()
+  """
+  if not isinstance(spec, str):
+    raise TypeError(f"members must be a string such as 'ae:128,ae:64'; got {spec!r}.")
+  groups = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    rule, sep, width = part.partition(":")
+    if not sep or not width.strip().isdigit() or int(width) <= 0:
+      raise ValueError(f"members entry {part!r} must be RULE:K with K a positive integer, e.g. 'ae:128'.")
+    _validation.check_choice(rule.strip(), "members scoring rule", learners_lib.INNER_LOSSES)
+    groups.append((rule.strip(), int(width)))
+  if len(set(groups)) != len(groups):
+    raise ValueError(f"members={spec!r} names a group twice; give each (rule, K) once.")
+  return tuple(groups)
