@@ -182,7 +182,8 @@ class Pool(FreshHeadsBase):
     """The optimiser every learner of the pool trains with."""
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> PoolState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
+           ) -> PoolState:
     if isinstance(problem, BilevelProblem):
       problem.check_images(images)
     k_params, key = jax.random.split(key)
@@ -192,7 +193,7 @@ class Pool(FreshHeadsBase):
     # on the pool covers the whole lifetime evenly.
     age = (jnp.arange(self.pool_size) * self.lifetime) // self.pool_size
     return PoolState(jnp.asarray(0), images, params, opt_state, age, optax.tree.zeros_like(params),
-                     self.image_transform().init(images), key)
+                     self.init_image_state(images, basis), key)
 
   def learner_params(self, state: PoolState) -> PyTree:
     """The oldest learner of the pool: the one nearest to convergence.
