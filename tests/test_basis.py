@@ -53,7 +53,10 @@ class TodaysChain:
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+SLOW = pytest.mark.slow  # five seconds or more on 2 cores: compiling the pool's and the unroll's steps
+
+
+@pytest.mark.parametrize("name", ["penalty", pytest.param("unrolled", marks=SLOW), pytest.param("pool", marks=SLOW)])
 def test_pixels_leaves_every_step_bit_identical(digits64, name):
   x, y = digits64
   solver = udd_jax.get_solver(name, image_bounds=(0.0, 1.0), **SMALL[name])
@@ -80,8 +83,8 @@ def span_residual(delta, u):
   return float(jnp.linalg.norm(delta - delta @ u @ u.T) / jnp.linalg.norm(delta))
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-@pytest.mark.parametrize("spec", ["dct:10", "pca:12"])
+@pytest.mark.parametrize("name, spec", [("penalty", "pca:12"), ("penalty", "dct:10"), pytest.param("unrolled", "dct:10", marks=SLOW),
+                                        pytest.param("pool", "pca:12", marks=SLOW)])
 def test_d_moves_within_its_initial_value_plus_the_span_of_the_basis(digits64, name, spec):
   x, y = digits64
   u = basis_lib.make_image_basis(spec, 64, data=x)
@@ -205,6 +208,7 @@ def test_distill_refuses_a_basis_larger_than_the_inputs_before_compiling():
     udd_jax.distill(x, y, n_distill=5, n_hidden=4, image_basis="fourier:8")
 
 
+@SLOW
 def test_distill_on_digits_in_a_pca_basis(tmp_path):
   (x, y), _ = udd_jax.load_dataset("digits")
   options = dict(n_distill=10, n_hidden=8, batch_size=64, progress=False, log_every=2, checkpoint_every=2,
