@@ -10,7 +10,7 @@ import pytest
 import scipy.fft
 
 import udd_jax
-from udd_jax import bilevel
+from udd_jax import experiment
 from udd_jax.bilevel import basis as basis_lib
 from udd_jax.bilevel.solvers import base as solver_base
 from udd_jax.driver import arguments as driver_arguments
@@ -226,3 +226,11 @@ def test_distill_on_digits_in_a_pca_basis(tmp_path):
   # The basis travels in the checkpoint: two more steps resume from it.
   longer = udd_jax.distill(x, y, steps=6, workdir=tmp_path, **options)
   assert np.isfinite(longer.images).all() and [h["step"] for h in longer.history][-1] == 6
+
+
+def test_the_option_comes_through_opt_as_a_plain_string():
+  options = experiment.parse_options(["image_basis=pca:64"])
+  assert options == {"image_basis": "pca:64"}
+  experiment.check_options("implicit", options)
+  with pytest.raises(ValueError, match=r"image_basis 'dct' needs its size"):
+    experiment.check_options("pool", experiment.parse_options(["image_basis=dct"]))
