@@ -38,7 +38,8 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
   the run (:class:`RunConfig`: steps, seed, data handling, logging, budget). Give a group
   whole (``problem=ProblemConfig(n_hidden=128)``) or its fields as keyword arguments
   (``n_hidden=128``); any other keyword is an option of the solver (``mu=10``,
-  ``image_lr=0.05``, ``pool_size=16``). ``distill(x, y, **distill_arguments(config))``
+  ``image_lr=0.05``, ``pool_size=16``, ``image_basis="pca:64"``: D optimised in the
+  coefficients of the real inputs' top 64 principal directions, docs/SOLVERS.md). ``distill(x, y, **distill_arguments(config))``
   replays a run from its ``config.json``.
 
   Args:

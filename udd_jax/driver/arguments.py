@@ -11,6 +11,7 @@ import numpy as np
 
 from udd_jax import _validation
 from udd_jax.bilevel import solvers as solvers_lib
+from udd_jax.bilevel.basis import check_image_basis
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS
 from udd_jax.inner import learners
 from udd_jax.training.optimizers import LR_SCHEDULES as LR_SCHEDULES
@@ -305,6 +306,7 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback)
   clip_images = _validation.check_bool(options.get("clip_images", False), "clip_images")
   solver_obj, problem_options = solver_and_options(solver, steps, options)
+  check_image_basis(solver_obj.image_basis, int(np.prod(tasks[0][0].shape[1:])))
   return Settings(
       tasks=tasks, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver_obj, steps=steps, key=key,
       seed=seed_record, batch_size=batch_size, init=init, preprocessing=preprocessing,

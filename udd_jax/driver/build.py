@@ -12,6 +12,7 @@ import numpy as np
 
 from udd_jax import io
 from udd_jax.bilevel import problem as problem_lib
+from udd_jax.bilevel.basis import make_image_basis
 from udd_jax.data.clustering import kmeans
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.driver.arguments import Settings
@@ -124,7 +125,7 @@ def _chunk_fn(s: Settings, problem: Any, layout: Layout | None, state: Any):
 
 
 def build(s: Settings, layout: Layout | None = None) -> Run:
-  """Preprocesses the tasks, makes the problem, initialises D and the solver's state, jits the chunk.
+  """Preprocesses the tasks, makes the problem, initialises D, its basis and the solver's state, jits the chunk.
 
   With a ``layout``, the state and the real tasks are placed on its devices (every
   process of a multi-process run builds the same values).
@@ -141,7 +142,10 @@ def build(s: Settings, layout: Layout | None = None) -> Run:
     s = dataclasses.replace(s, solver=dataclasses.replace(s.solver, image_bounds=image_range))
   k_init_images, k_state, k_batches = jax.random.split(s.key, 3)
   images0 = initial_images(s.init, k_init_images, z_tasks[0][0], s.n_distill)
-  state = s.solver.init(problem, k_state, images0)
+  # The basis D is optimised in is data (a PCA of the real inputs, in the space the learner
+  # sees): computed here, once, and kept in the solver's state, so the solver stays plain values.
+  basis = make_image_basis(s.solver.image_basis, prep.dim, data=z_tasks[0][0])
+  state = s.solver.init(problem, k_state, images0, basis=basis)
   device_tasks = tuple((jnp.asarray(zj), jnp.asarray(yj)) for zj, yj in z_tasks)
   if layout is not None:
     state = layout.put(state, state_shardings(layout, s.solver, state))

@@ -27,6 +27,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from udd_jax import _validation
+from udd_jax.bilevel import basis as basis_lib
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
 from udd_jax.heads import linear as heads_lib
 from udd_jax.training import optimizers
@@ -103,7 +104,8 @@ class SolverBase:
   its ``config.json`` record (:meth:`to_config`, :func:`~udd_jax.bilevel.solvers.get_solver`).
 
   D is updated by one optax chain, :meth:`image_transform`: the diversity term, the
-  optimiser with its step size and schedule, and the projection onto ``image_bounds``.
+  optimiser with its step size and schedule (in the coefficients of ``image_basis`` unless
+  that is ``"pixels"``), and the projection onto ``image_bounds``.
 
   Attributes:
     diversity: weight ``lambda`` of the seed's diversity term on D (0 disables it): the
@@ -115,6 +117,11 @@ class SolverBase:
     decay_steps: outer steps of the cosine decay (``distill`` sets its ``steps``).
     image_bounds: ``(low, high)``: D is projected onto this box after every step (None:
       unbounded; ``distill(clip_images=True)`` sets the real inputs' range).
+    image_basis: the basis D is optimised in (:mod:`udd_jax.bilevel.basis`): ``"pixels"``
+      (D itself), ``"pca:R"`` (``D = D0 + C U^T`` with U the top R principal directions of
+      the real inputs) or ``"dct:R"`` (U the R lowest 2-D DCT frequencies). A name, so the
+      solver stays plain values; the basis itself is data, given to ``init`` and kept in
+      the chain's state (:meth:`init_image_state`).
     name: the solver's name in :data:`~udd_jax.bilevel.solvers.SOLVERS`.
     default_steps: outer steps of a distillation run that does not say.
     default_head: the task head a distillation run uses unless told (``"ridge"`` or ``"softmax"``).
@@ -129,11 +136,15 @@ class SolverBase:
   lr_schedule: str = "constant"
   decay_steps: int | None = None
   image_bounds: tuple[float, float] | None = None
+  image_basis: str = "pixels"
   name: ClassVar[str]
   default_steps: ClassVar[int] = 600
   default_head: ClassVar[str] = "softmax"
   diversity_in_objective: ClassVar[bool] = False
   member_fields: ClassVar[tuple[str, ...]] = ()
+  # Fields added after runs were recorded: left out of to_config() at their default, so that the
+  # config.json of such a run still matches (resume, --rerun_evaluation) and replays unchanged.
+  recorded_unless_default: ClassVar[dict[str, Any]] = {"image_basis": "pixels"}
 
   @property
   def n_members(self) -> int:
@@ -157,24 +168,63 @@ class SolverBase:
       if len(bounds) != 2 or not all(isinstance(v, (int, float)) for v in bounds) or not bounds[0] < bounds[1]:
         raise ValueError(f"image_bounds must be (low, high) with low < high; got {self.image_bounds!r}.")
       object.__setattr__(self, "image_bounds", (float(bounds[0]), float(bounds[1])))
+    basis_lib.parse_image_basis(self.image_basis)
 
   def outer_lr(self, value: float) -> optimizers.LearningRate:
     """An outer step size under the solver's ``lr_schedule``."""
     return optimizers.learning_rate(value, self.lr_schedule, self.decay_steps)
 
-  def image_transform(self, paired: bool = False) -> optax.GradientTransformation:
+  def image_transform(self, paired: bool = False, basis: Any = None) -> optax.GradientTransformation:
     """D's update as one optax chain: diversity, the optimiser (step size and schedule), the projection.
 
+    With an ``image_basis`` other than ``"pixels"``, the optimiser runs on D's coefficients
+    in the basis (:func:`~udd_jax.bilevel.basis.in_basis`), before the projection.
     With ``paired``, the chain updates a pair ``(D, other)`` (the unrolled solver's D and its
-    learned step sizes): the optimiser steps both, diversity and projection touch D only.
+    learned step sizes): the optimiser steps both, diversity, basis and projection touch D only.
+
+    Args:
+      paired: the chain updates the pair ``(D, other)``.
+      basis: the basis U (d, R), needed by the chain's ``init`` only (:meth:`init_image_state`
+        passes it); a step's chain reads U from its state.
     """
     parts = []
     if self.diversity and not self.diversity_in_objective:
       parts.append(add_diversity(self.diversity, paired))
-    parts.append(optimizers.optimizer(self.image_optimizer, self.outer_lr(self.image_lr)))
+    optimizer = optimizers.optimizer(self.image_optimizer, self.outer_lr(self.image_lr))
+    if self.image_basis != "pixels":
+      optimizer = basis_lib.in_basis(optimizer, basis, paired)
+    parts.append(optimizer)
     if self.image_bounds is not None:
       parts.append(project_onto_box(*self.image_bounds, paired=paired))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+  def init_image_state(self, params: PyTree, basis: Any = None, paired: bool = False) -> optax.OptState:
+    """The initial state of :meth:`image_transform`'s chain at D (or at the pair ``(D, other)``), with D's basis in it.
+
+    The basis is data (a PCA of the real inputs), so it is not a field of the solver: the
+    caller computes it (:func:`~udd_jax.bilevel.basis.make_image_basis`; ``distill`` does) and
+    the chain keeps it in its state, where every step reads it.
+
+    Args:
+      params: D (N, d), or the pair ``(D, other)`` when ``paired``.
+      basis: U (d, R) for ``image_basis``; None computes a data-free one (``"dct:R"``) and is
+        the only value ``"pixels"`` accepts.
+      paired: the chain updates the pair ``(D, other)``.
+
+    Raises:
+      ValueError: a basis given with ``"pixels"``, ``"pca:R"`` without its basis, or a basis
+        of the wrong shape or not orthonormal.
+    """
+    images = params[0] if paired else params
+    if self.image_basis == "pixels":
+      if basis is not None:
+        raise ValueError("a basis was given, but the solver's image_basis is 'pixels': set image_basis to 'pca:R' or "
+                         "'dct:R' to optimise D in it.")
+      return self.image_transform(paired).init(params)
+    d = images.shape[1]
+    if basis is None:
+      basis = basis_lib.make_image_basis(self.image_basis, d)
+    return self.image_transform(paired, basis_lib.check_basis(self.image_basis, basis, d)).init(params)
 
   def learner_params(self, state: SolverState) -> PyTree:
     """The single learner the driver reports on, probes and saves: ``state.params`` unless a solver keeps several."""
@@ -189,6 +239,8 @@ class SolverBase:
     record = {"name": self.name}
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
+      if f.name in self.recorded_unless_default and value == self.recorded_unless_default[f.name]:
+        continue
       record[f.name] = value.to_config() if hasattr(value, "to_config") else list(value) if isinstance(value, tuple) else value
     return record
 

@@ -83,10 +83,11 @@ class Implicit(HeadFitting, SolverBase):
   def inner_transform(self) -> optax.GradientTransformation:
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> ImplicitState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
+           ) -> ImplicitState:
     params, heads, key = init_common(problem, key, images)
     return ImplicitState(jnp.asarray(0), images, params, heads, self.inner_transform().init(params),
-                         optax.tree.zeros_like(params), self.image_transform().init(images),
+                         optax.tree.zeros_like(params), self.init_image_state(images, basis),
                          self.head_transform().init(heads), key)
 
   def step(self, problem: Problem, state: ImplicitState, batch: TaskBatch) -> tuple[ImplicitState, Metrics]:

@@ -194,9 +194,10 @@ class Penalty(JointBase):
 
   name = "penalty"
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> PenaltyState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
+           ) -> PenaltyState:
     params, heads, key = init_common(problem, key, images)
-    return PenaltyState(jnp.asarray(0), images, params, heads, self.image_transform().init(images),
+    return PenaltyState(jnp.asarray(0), images, params, heads, self.init_image_state(images, basis),
                         self.model_transform().init((params, heads)), key)
 
   def step(self, problem: Problem, state: PenaltyState, batch: TaskBatch) -> tuple[PenaltyState, Metrics]:
@@ -242,10 +243,11 @@ class ValueFunction(JointBase):
   def inner_transform(self) -> optax.GradientTransformation:
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> ValueFunctionState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
+           ) -> ValueFunctionState:
     params, heads, key = init_common(problem, key, images)
     return ValueFunctionState(jnp.asarray(0), images, params, heads, params, self.inner_transform().init(params),
-                              self.image_transform().init(images), self.model_transform().init((params, heads)), key)
+                              self.init_image_state(images, basis), self.model_transform().init((params, heads)), key)
 
   def step(self, problem: Problem, state: ValueFunctionState, batch: TaskBatch) -> tuple[ValueFunctionState, Metrics]:
     key, k_inner = jax.random.split(state.key)

@@ -168,6 +168,7 @@ class Pool(FreshHeadsBase):
   name = "pool"
   default_steps = 500
   member_fields = ("params", "opt_state", "age", "adjoint")
+  recorded_unless_default = FreshHeadsBase.recorded_unless_default | {"members": ""}
 
   @property
   def n_members(self) -> int:
@@ -238,7 +239,8 @@ class Pool(FreshHeadsBase):
     """The inverse of :meth:`_groups`."""
     return tuple(stacks) if self.members else stacks[0]
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> PoolState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
+           ) -> PoolState:
     if isinstance(problem, BilevelProblem):
       problem.check_images(images)
     problems = self.group_problems(problem)
@@ -251,7 +253,7 @@ class Pool(FreshHeadsBase):
     # and from then on each group covers the whole lifetime evenly.
     age = [(jnp.arange(n) * self.lifetime) // n for _ in problems]
     return PoolState(jnp.asarray(0), images, self._pack(params), self._pack(opt_state), self._pack(age),
-                     self._pack([optax.tree.zeros_like(w) for w in params]), self.image_transform().init(images), key)
+                     self._pack([optax.tree.zeros_like(w) for w in params]), self.init_image_state(images, basis), key)
 
   def learner_params(self, state: PoolState) -> PyTree:
     """The oldest learner of the pool (of its first member group): the one nearest to convergence.

@@ -63,7 +63,8 @@ class Unrolled(FreshHeadsBase):
   at ``n_inits`` times the cost.
 
   The learned step sizes are updated with D, by D's chain (``image_optimizer``,
-  ``image_lr``, ``lr_schedule``; the diversity term and the projection touch D only).
+  ``image_lr``, ``lr_schedule``; the diversity term, ``image_basis`` and the projection touch D only: the
+  step sizes stay in their own coordinates).
 
   Examples:
     >>> solver = Unrolled()
@@ -99,10 +100,11 @@ class Unrolled(FreshHeadsBase):
     lrs = tuple(float(v) for v in np.exp(np.asarray(state.log_step_sizes)))
     return Recipe(self.inner_optimizer, lrs, self.unroll_steps, init_scale)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array) -> UnrolledState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
+           ) -> UnrolledState:
     params, heads, key = init_common(problem, key, images)
     log_lr = jnp.full((self.unroll_steps,), jnp.log(self.inner_lr), images.dtype)
-    opt_state = self.image_transform(paired=True).init((images, log_lr))
+    opt_state = self.init_image_state((images, log_lr), basis, paired=True)
     return UnrolledState(jnp.asarray(0), images, params, heads, log_lr, opt_state, key)
 
   def step(self, problem: Problem, state: UnrolledState, batch: TaskBatch) -> tuple[UnrolledState, Metrics]:
