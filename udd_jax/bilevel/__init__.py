@@ -1,6 +1,8 @@
 """Bilevel solvers and the problem they solve."""
 
+from udd_jax.bilevel.implicit_diff import CURVATURES as CURVATURES
 from udd_jax.bilevel.implicit_diff import LinearSolveStats as LinearSolveStats
+from udd_jax.bilevel.implicit_diff import gnvp as gnvp
 from udd_jax.bilevel.implicit_diff import hvp as hvp
 from udd_jax.bilevel.implicit_diff import implicit_argmin as implicit_argmin
 from udd_jax.bilevel.implicit_diff import implicit_hypergradient as implicit_hypergradient
