@@ -2,8 +2,8 @@
 
 Runs every solver for 3 steps at ``distill``'s defaults on the embedded digits (|D| = 10,
 K = 8, ``log_every=1``), the pool on three tasks, the implicit solver with the diversity
-term and another step size on D, and with ``--mnist`` the library defaults on MNIST
-(|D| = 100, K = 128, seed 0, ~3 min on 2 cores). Saves images, learner parameters, the
+term and another step size on D, the pool with its implicit hypergradient, and with
+``--mnist`` the library defaults on MNIST (|D| = 100, K = 128, seed 0, ~3 min on 2 cores). Saves images, learner parameters, the
 metric histories (without wall time) and the shipped recipes.
 
 Run it on the tree before a change (a worktree, with ``PYTHONPATH`` pointing at it) and on
@@ -56,6 +56,7 @@ def run(out, mnist, data_dir):
   record(arrays, "pool_three_tasks", udd_jax.distill(x, [y, y % 2], solver="pool", seed=1, head="softmax", **small))
   record(arrays, "implicit_diversity",
          udd_jax.distill(x, y, solver="implicit", seed=2, diversity=0.1, image_lr=0.05, **small))
+  record(arrays, "pool_implicit", udd_jax.distill(x, y, solver="pool", seed=3, hypergradient="implicit", **small))
   if mnist:
     (xm, ym), _ = udd_jax.load_dataset("mnist", data_dir=data_dir)
     arrays["mnist_default/images"] = udd_jax.distill(xm, ym, n_distill=100, n_hidden=128, inner="ae", seed=0,

@@ -5,7 +5,9 @@ from udd_jax.bilevel.basis import dct_basis as dct_basis
 from udd_jax.bilevel.basis import in_basis as in_basis
 from udd_jax.bilevel.basis import make_image_basis as make_image_basis
 from udd_jax.bilevel.basis import pca_basis as pca_basis
+from udd_jax.bilevel.implicit_diff import CURVATURES as CURVATURES
 from udd_jax.bilevel.implicit_diff import LinearSolveStats as LinearSolveStats
+from udd_jax.bilevel.implicit_diff import gnvp as gnvp
 from udd_jax.bilevel.implicit_diff import hvp as hvp
 from udd_jax.bilevel.implicit_diff import implicit_argmin as implicit_argmin
 from udd_jax.bilevel.implicit_diff import implicit_hypergradient as implicit_hypergradient

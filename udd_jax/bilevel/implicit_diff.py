@@ -10,11 +10,20 @@ forward-over-reverse differentiation of ``grad_w f``, the single source of truth
 for optimality. Damping keeps the system positive definite where the inner problem
 is not convex.
 
+Gauss-Newton curvature. Where ``f(w, theta) = scale * 1/2 ||r(w, theta)||^2`` is a sum of
+squares, ``curvature="gauss_newton"`` replaces ``H_ww`` by ``G = scale * J^T J``
+(``J = dr/dw``), which drops the term ``scale * sum_k r_k grad^2_ww r_k`` of the Hessian
+and is positive semi-definite, so CG on ``G + damping I`` converges for any damping > 0.
+The mixed derivative ``d^2 f / dtheta dw`` stays the true one, so the hypergradient is the
+Gauss-Newton approximation of the implicit one: exact where the residuals vanish (then
+``G = H_ww``), biased by the dropped term elsewhere (docs/SOLVERS.md, "Gauss-Newton
+curvature").
+
 Matmul precision. On GPU and TPU, JAX's default matmul precision for float32 is reduced
 (TF32 on NVIDIA tensor cores, one bf16 pass on TPU: about three significant digits).
 CG is sensitive to it: its recursion assumes the operator is the same symmetric matrix
 at every iteration, and a Hessian-vector product rounded to ~1e-3 stalls the residual
-near that level and can report spurious negative curvature. So :func:`hvp`,
+near that level and can report spurious negative curvature. So :func:`hvp`, :func:`gnvp`,
 :func:`conjugate_gradient`, :func:`solve_adjoint`, :func:`mixed_vjp` and the functions
 built on them trace their matmuls and convolutions under
 ``jax.default_matmul_precision(precision)``, ``precision`` defaulting to
@@ -34,8 +43,16 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Scalar
 
+from udd_jax import _validation
+
 PRECISION: str = "highest"
 """The matmul precision of the adjoint computation (see the module docstring)."""
+
+CURVATURES: tuple[str, ...] = ("hessian", "gauss_newton")
+"""The curvature matrices the adjoint solve can use (see the module docstring)."""
+
+Residuals = Callable[[Any, Any], tuple[Any, Scalar]]
+"""``(w, theta) -> (r, scale)`` with ``f(w, theta) = scale * 1/2 ||r||^2``, ``scale`` independent of ``w``."""
 
 
 class LinearSolveStats(NamedTuple):
@@ -58,6 +75,25 @@ def hvp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, t: Any, *, precisio
   """Hessian-vector product ``H_ww(w, theta) t`` by forward-over-reverse, at matmul ``precision``."""
   with jax.default_matmul_precision(precision):
     return jax.jvp(lambda p: jax.grad(f)(p, theta), (w,), (t,))[1]
+
+
+def gnvp(residuals: Residuals, w: Any, theta: Any, t: Any, *, precision: str | None = PRECISION) -> Any:
+  """Gauss-Newton-vector product ``scale J^T (J t)``, ``J = dr/dw`` at ``(w, theta)``, at matmul ``precision``.
+
+  One linearisation of the residual map gives ``J t`` (forward mode) and its transpose
+  ``J^T`` (reverse mode), so ``r`` is evaluated once.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> residuals = lambda w, theta: (theta @ w, 0.5)  # f = 1/4 ||A w||^2: G = A^T A / 2
+    >>> A = jnp.asarray([[1.0, 2.0], [0.0, 1.0], [1.0, 0.0]])
+    >>> gnvp(residuals, jnp.ones(2), A, jnp.asarray([1.0, 0.0])).tolist()
+    [1.0, 1.0]
+  """
+  with jax.default_matmul_precision(precision):
+    _, jvp_fn, scale = jax.linearize(lambda p: residuals(p, theta), w, has_aux=True)
+    (jtjt,) = jax.linear_transpose(jvp_fn, w)(jvp_fn(t))
+    return optax.tree.scale(scale, jtjt)
 
 
 def conjugate_gradient(
@@ -131,16 +167,29 @@ def _conjugate_gradient(matvec, b, *, tol, max_steps, x0):
   return x, steps, negative, jnp.sqrt(rs / jnp.maximum(bb, 1e-30))
 
 
-def solve_adjoint(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3, tol: float = 1e-5,
-                  max_steps: int = 50, init: Any = None,
-                  precision: str | None = PRECISION) -> tuple[Any, LinearSolveStats]:
-  """Solves ``(H_ww + damping I) u = v`` by conjugate gradients from ``init`` (zero if None).
+def check_curvature(curvature: str, residuals: Residuals | None) -> None:
+  """Raises ValueError for a curvature not in :data:`CURVATURES`, or ``"gauss_newton"`` without ``residuals``."""
+  _validation.check_choice(curvature, "curvature", CURVATURES)
+  if curvature == "gauss_newton" and residuals is None:
+    raise ValueError("curvature='gauss_newton' needs residuals, (w, theta) -> (r, scale) with f = scale * 1/2 ||r||^2.")
 
-  Every matmul of the solve runs at ``precision`` (:data:`PRECISION` by default).
-  Returns ``u`` and diagnostics.
+
+def solve_adjoint(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3, tol: float = 1e-5,
+                  max_steps: int = 50, init: Any = None, precision: str | None = PRECISION,
+                  curvature: str = "hessian", residuals: Residuals | None = None) -> tuple[Any, LinearSolveStats]:
+  """Solves ``(C + damping I) u = v`` by conjugate gradients from ``init`` (zero if None).
+
+  ``C`` is the Hessian ``H_ww`` of ``f`` (``curvature="hessian"``, :func:`hvp`) or the
+  Gauss-Newton matrix ``scale J^T J`` of ``residuals`` (``curvature="gauss_newton"``,
+  :func:`gnvp`; ``residuals`` must then describe ``f``, which is not checked). Every matmul
+  of the solve runs at ``precision`` (:data:`PRECISION` by default). Returns ``u`` and
+  diagnostics.
   """
+  check_curvature(curvature, residuals)
 
   def matvec(t):
+    if curvature == "gauss_newton":
+      return optax.tree.add_scale(gnvp(residuals, w, theta, t, precision=precision), damping, t)
     return optax.tree.add_scale(hvp(f, w, theta, t, precision=precision), damping, t)
 
   u, steps, negative, residual = conjugate_gradient(matvec, v, tol=tol, max_steps=max_steps, x0=init,
@@ -158,8 +207,8 @@ def mixed_vjp(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, u: Any, *,
 
 
 def implicit_hypergradient(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, v: Any, *, damping: float = 1e-3,
-                           tol: float = 1e-5, max_steps: int = 50,
-                           precision: str | None = PRECISION) -> tuple[Any, LinearSolveStats]:
+                           tol: float = 1e-5, max_steps: int = 50, precision: str | None = PRECISION,
+                           curvature: str = "hessian", residuals: Residuals | None = None) -> tuple[Any, LinearSolveStats]:
   """``dL/dtheta`` through ``w*(theta)`` given the outer cotangent ``v = dL/dw`` at ``w = w*``.
 
   Args:
@@ -172,11 +221,17 @@ def implicit_hypergradient(f: Callable[[Any, Any], Scalar], w: Any, theta: Any, 
     max_steps: CG iteration budget.
     precision: matmul precision of the solve and the mixed product (:data:`PRECISION`
       by default; None for JAX's ambient default).
+    curvature: ``"hessian"`` (``H_ww``) or ``"gauss_newton"`` (``scale J^T J`` of
+      ``residuals``: the Gauss-Newton approximation of the hypergradient, exact where
+      the residuals vanish); the mixed product is the true ``d^2 f / dtheta dw`` either way.
+    residuals: ``(w, theta) -> (r, scale)`` with ``f = scale * 1/2 ||r||^2``; needed by
+      ``"gauss_newton"`` only.
 
   Returns:
     ``(dL/dtheta, LinearSolveStats)``.
   """
-  u, stats = solve_adjoint(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps, precision=precision)
+  u, stats = solve_adjoint(f, w, theta, v, damping=damping, tol=tol, max_steps=max_steps, precision=precision,
+                           curvature=curvature, residuals=residuals)
   return mixed_vjp(f, w, theta, u, precision=precision), stats
 
 

@@ -8,6 +8,10 @@ closed-form answers):
 * ``outer_loss(params, heads, batch) -> (total, per_task)``: the task losses;
 * ``init_params(key, dtype) -> params``: a fresh random init of the inner learner;
 * ``head`` (with ``has_params``) and ``init_heads(key, dtype)``: the stacked task heads.
+
+and, optionally, ``inner_least_squares(params, images, key) -> (residuals, scale) | None``:
+the inner loss as ``scale * 1/2 ||residuals||^2``, which the Gauss-Newton curvature of the
+implicit hypergradient needs (``curvature="gauss_newton"``).
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ class BilevelProblem:
 
   def inner_loss(self, params: Any, images: Float[Array, "N d"], key: PRNGKeyArray) -> Scalar:
     return self.learner.loss(params, images, key)
+
+  def inner_least_squares(self, params: Any, images: Float[Array, "N d"], key: PRNGKeyArray
+                          ) -> learners.LeastSquares | None:
+    """The inner loss as ``scale * 1/2 ||r||^2`` (the learner's ``least_squares``); None if it is not a sum of squares."""
+    return self.learner.least_squares(params, images, key)
 
   def features(self, params: Any, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
     return self.learner.features(params, x)

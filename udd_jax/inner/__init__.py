@@ -15,4 +15,5 @@ from udd_jax.inner.penalty import gradient_penalty as gradient_penalty
 from udd_jax.inner.learners import INNER_LOSSES as INNER_LOSSES
 from udd_jax.inner.learners import GRBMLearner as GRBMLearner
 from udd_jax.inner.learners import InnerLearner as InnerLearner
+from udd_jax.inner.learners import LeastSquares as LeastSquares
 from udd_jax.inner.learners import get_inner_learner as get_inner_learner

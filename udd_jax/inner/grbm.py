@@ -201,10 +201,26 @@ def denoising_score_matching_loss(
   Returns:
     The scalar loss (a Monte Carlo estimate with one noise draw per sample).
   """
+  r = denoising_score_matching_residuals(params, x, key, sigma2=sigma2, noise_std=noise_std)
+  return 0.5 * jnp.mean(jnp.sum(r**2, axis=-1))
+
+
+def denoising_score_matching_residuals(
+    params: GRBMParams,
+    x: Float[Array, "n d"],
+    key: PRNGKeyArray,
+    *,
+    sigma2: float = 1.0,
+    noise_std: float = 0.1,
+) -> Float[Array, "n d"]:
+  """The residuals ``s(x~_i) + eps_i / noise_std`` of :func:`denoising_score_matching_loss`, row-wise.
+
+  The loss is ``mean_i 1/2 ||r_i||^2`` of these (the same noise draw for the same ``key``).
+  """
   check_params(params, x, sigma2=sigma2)
   if not isinstance(noise_std, jax.Array):  # a traced noise level cannot be checked
     _validation.check_positive_float(noise_std, "noise_std")
   eps = jax.random.normal(key, x.shape, x.dtype)
   x_noisy = x + noise_std * eps
   s = _score(params, x_noisy, _hidden(params, x_noisy), sigma2)
-  return 0.5 * jnp.mean(jnp.sum((s + eps / noise_std) ** 2, axis=-1))
+  return s + eps / noise_std

@@ -4,7 +4,9 @@ Everything above ``udd_jax.inner`` (solvers, recipes, evaluation, the driver, re
 sees a learner only through :class:`InnerLearner`: a parameter pytree it never looks
 inside, made by ``init``, fitted through ``loss``, probed through ``features``, checked
 by ``check_params``, saved through ``to_arrays`` / ``from_arrays``, and drawn or
-measured through the optional ``filters`` and ``residual``. A new learner subclasses
+measured through the optional ``filters`` and ``residual``; a loss that is a sum of
+squares says so through the optional ``least_squares`` (the Gauss-Newton curvature of
+the implicit hypergradient needs it). A new learner subclasses
 :class:`InnerLearner` as a frozen dataclass (it is a static argument of ``jit``, so it
 must be hashable) and is passed as ``inner=`` to ``distill``, ``evaluate`` and
 ``make_problem``.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,18 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
 from udd_jax.inner import grbm
+
+
+class LeastSquares(NamedTuple):
+  """A loss written as ``scale * 1/2 ||residuals||^2`` (:meth:`InnerLearner.least_squares`).
+
+  Attributes:
+    residuals: any array (or pytree of arrays) ``r`` of the parameters and data.
+    scale: a constant (it does not depend on the parameters), e.g. ``1/n`` for a mean over ``n`` rows.
+  """
+
+  residuals: Any
+  scale: float | Scalar
 
 
 class InnerLearner(abc.ABC):
@@ -78,6 +92,16 @@ class InnerLearner(abc.ABC):
     del params, x
     return None
 
+  def least_squares(self, params: Any, x: Float[Array, "n d"], key: PRNGKeyArray) -> LeastSquares | None:
+    """The loss as a sum of squares, ``loss(params, x, key) = scale * 1/2 ||r||^2``; None if it is not one.
+
+    The Gauss-Newton curvature of the implicit hypergradient (``curvature="gauss_newton"``)
+    needs it: ``scale * J^T J`` with ``J = dr/dparams`` is positive semi-definite where
+    the Hessian need not be. The default says the loss is not a sum of squares.
+    """
+    del params, x, key
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class GRBMLearner(InnerLearner):
@@ -126,6 +150,23 @@ class GRBMLearner(InnerLearner):
 
   def filters(self, params: grbm.GRBMParams) -> np.ndarray:
     return np.asarray(params.W).T
+
+  def least_squares(self, params: grbm.GRBMParams, x: Float[Array, "n d"], key: PRNGKeyArray) -> LeastSquares | None:
+    """The AE and DSM losses as ``(1/n) * 1/2 ||r||^2``; None for score matching.
+
+    The AE's residuals are the GRBM score ``(a - x_i)/sigma2 + W h(x_i)`` of each row, the
+    denoising loss's are ``s(x~_i) + eps_i / noise_std`` (the same noise as :meth:`loss`
+    for the same ``key``). Score matching is not a sum of squares: its loss adds the
+    Laplacian ``tr(grad_x s(x_i))``, a term linear in ``W^2`` with no square to take, so it
+    has no Gauss-Newton matrix.
+    """
+    n = x.shape[0]
+    if self.name == "ae":
+      return LeastSquares(grbm.score(params, x, sigma2=self.sigma2), 1.0 / n)
+    if self.name == "denoising_score_matching":
+      r = grbm.denoising_score_matching_residuals(params, x, key, sigma2=self.sigma2, noise_std=self.noise_std)
+      return LeastSquares(r, 1.0 / n)
+    return None
 
   def residual(self, params: grbm.GRBMParams, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
     """The GRBM score ``(a - x) / sigma2 + W h(x)``: with ``sigma2 = 1``, ``a + W h(x) - x``."""

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from udd_jax import _validation
 from udd_jax.bilevel import basis as basis_lib
+from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
 from udd_jax.heads import linear as heads_lib
 from udd_jax.training import optimizers
@@ -379,6 +380,42 @@ def fresh_heads(
   """
   heads = problem.init_heads(key, dtype)
   return fit_heads(problem, heads, optimizer.init(heads), optimizer, params, batch, steps)[0]
+
+
+def inner_residuals(problem: Problem, key: PRNGKeyArray) -> implicit_diff.Residuals:
+  """The inner loss as a sum of squares, ``(params, images) -> (r, scale)``: the Gauss-Newton curvature's input.
+
+  A problem offers it through an optional ``inner_least_squares(params, images, key)``
+  (a :class:`~udd_jax.bilevel.problem.BilevelProblem` asks its learner's
+  ``least_squares``). The map raises ValueError, naming the learner, when it is called
+  on a problem without one (score matching, whose Laplacian term is not a square).
+  """
+
+  def residuals(params, images):
+    least_squares = getattr(problem, "inner_least_squares", None)
+    out = None if least_squares is None else least_squares(params, images, key)
+    if out is None:
+      learner = getattr(problem, "learner", None)
+      who = f"the {learner.name!r} learner" if learner is not None else f"the problem {type(problem).__name__}"
+      raise ValueError(f"curvature='gauss_newton' needs an inner loss that is a sum of squares "
+                       f"(InnerLearner.least_squares), and {who} has none; use curvature='hessian'.")
+    return tuple(out)
+
+  return residuals
+
+
+def check_curvature(problem: Problem, curvature: str, images: Array) -> None:
+  """Raises ValueError, naming the learner, if ``curvature="gauss_newton"`` and the inner loss is not a sum of squares.
+
+  Traces the residual map once (:func:`jax.eval_shape`, nothing runs), so a solver's
+  ``init`` refuses the pair before anything compiles.
+  """
+  if curvature == "gauss_newton":
+    def trace():
+      key = jax.random.key(0)
+      return inner_residuals(problem, key)(problem.init_params(key, images.dtype), images)
+
+    jax.eval_shape(trace)
 
 
 def init_common(problem: Problem, key: PRNGKeyArray, images: Array) -> tuple[PyTree, PyTree, PRNGKeyArray]:

@@ -13,7 +13,8 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from udd_jax import _validation
 from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import TaskBatch
-from udd_jax.bilevel.solvers.base import HeadFitting, Metrics, Problem, SolverBase, apply_updates, fit_heads, init_common
+from udd_jax.bilevel.solvers.base import (HeadFitting, Metrics, Problem, SolverBase, apply_updates, check_curvature, fit_heads,
+                                         init_common, inner_residuals)
 from udd_jax.training import optimizers
 from udd_jax.training.unroll import inner_solve
 
@@ -49,6 +50,9 @@ class Implicit(HeadFitting, SolverBase):
   ``u``, started from the previous step's ``u`` when ``warm_start_adjoint`` (D, w*
   and the heads move little per step, so ``u`` does too, and a few CG iterations
   refine it: amortised implicit differentiation, as Arbel & Mairal 2022's AmIGO).
+  ``curvature="gauss_newton"`` puts the Gauss-Newton matrix of the inner loss in place of
+  ``H_ww`` (positive semi-definite, so damped CG converges; exact at a zero-residual
+  optimum), for learners whose loss is a sum of squares (the tied AE, DSM).
 
   Examples:
     >>> from udd_jax.bilevel.solvers import get_solver
@@ -68,6 +72,8 @@ class Implicit(HeadFitting, SolverBase):
   warm_start_adjoint: bool = True
   head_steps: int = 5
   head_lr: float = 1e-2
+  curvature: str = "hessian"
+  recorded_unless_default = SolverBase.recorded_unless_default | {"curvature": "hessian"}
   name = "implicit"
 
   def __post_init__(self):
@@ -79,6 +85,7 @@ class Implicit(HeadFitting, SolverBase):
     _validation.check_positive_float(self.inner_lr, "inner_lr")
     _validation.check_positive_float(self.damping, "damping", allow_zero=True)
     _validation.check_positive_int(self.cg_steps, "cg_steps")
+    _validation.check_choice(self.curvature, "curvature", implicit_diff.CURVATURES)
 
   def inner_transform(self) -> optax.GradientTransformation:
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
@@ -86,6 +93,7 @@ class Implicit(HeadFitting, SolverBase):
   def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
            ) -> ImplicitState:
     params, heads, key = init_common(problem, key, images)
+    check_curvature(problem, self.curvature, images)
     return ImplicitState(jnp.asarray(0), images, params, heads, self.inner_transform().init(params),
                          optax.tree.zeros_like(params), self.init_image_state(images, basis),
                          self.head_transform().init(heads), key)
@@ -106,7 +114,8 @@ class Implicit(HeadFitting, SolverBase):
     outer, v = jax.value_and_grad(lambda p: problem.outer_loss(p, heads, batch)[0])(solved.params)
     u, cg = implicit_diff.solve_adjoint(
         inner, solved.params, state.images, v, damping=self.damping, tol=self.cg_tol, max_steps=self.cg_steps,
-        init=state.adjoint if self.warm_start_adjoint else None,
+        init=state.adjoint if self.warm_start_adjoint else None, curvature=self.curvature,
+        residuals=inner_residuals(problem, k_inner),
     )
     g_images = implicit_diff.mixed_vjp(inner, solved.params, state.images, u)
     images, s_images = apply_updates(self.image_transform(), g_images, state.image_opt_state, state.images)

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 from udd_jax import _validation
 from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
-from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, apply_updates
+from udd_jax.bilevel.solvers.base import FreshHeadsBase, Metrics, Problem, apply_updates, check_curvature, inner_residuals
 from udd_jax.inner import learners as learners_lib
 from udd_jax.training import optimizers
 from udd_jax.training.recipes import Recipe
@@ -81,8 +81,8 @@ class Truncated:
     """Its diagnostics over the pool: none."""
     return {}
 
-  def __call__(self, pool: Pool, inner: InnerLoss, score: Score, params: PyTree, opt_state: optax.OptState,
-               adjoint: PyTree, images: Array) -> LearnerStep:
+  def __call__(self, pool: Pool, inner: InnerLoss, residuals: implicit_diff.Residuals, score: Score, params: PyTree,
+               opt_state: optax.OptState, adjoint: PyTree, images: Array) -> LearnerStep:
     def through_steps(d):
       w, s = advance(inner, params, opt_state, d, pool.learner_transform(), pool.inner_steps)
       return score(w), (w, s)
@@ -93,7 +93,12 @@ class Truncated:
 
 @dataclasses.dataclass(frozen=True)
 class ImplicitAtLearner:
-  """The implicit function theorem at the learner after its steps: CG on damped HVPs, warm-started from its last adjoint."""
+  """The implicit function theorem at the learner after its steps: CG on damped HVPs, warm-started from its last adjoint.
+
+  The curvature is the pool's ``curvature``: the Hessian of the inner loss, or its
+  Gauss-Newton matrix (from ``residuals``), positive semi-definite where the learner is
+  not at a minimum, so that damped CG converges there.
+  """
 
   name = "implicit"
 
@@ -102,12 +107,13 @@ class ImplicitAtLearner:
     return {"cg_steps": jnp.mean(stats["cg_steps"].astype(dtype)), "cg_residual": jnp.median(stats["cg_residual"]),
             "cg_negative_curvature": jnp.mean(stats["cg_negative_curvature"].astype(dtype))}
 
-  def __call__(self, pool: Pool, inner: InnerLoss, score: Score, params: PyTree, opt_state: optax.OptState,
-               adjoint: PyTree, images: Array) -> LearnerStep:
+  def __call__(self, pool: Pool, inner: InnerLoss, residuals: implicit_diff.Residuals, score: Score, params: PyTree,
+               opt_state: optax.OptState, adjoint: PyTree, images: Array) -> LearnerStep:
     w, s = advance(inner, params, opt_state, images, pool.learner_transform(), pool.inner_steps)
     outer, v = jax.value_and_grad(score)(w)
     u, cg = implicit_diff.solve_adjoint(inner, w, images, v, damping=pool.damping, tol=pool.cg_tol,
-                                        max_steps=pool.cg_steps, init=adjoint)
+                                        max_steps=pool.cg_steps, init=adjoint, curvature=pool.curvature,
+                                        residuals=residuals)
     stats = {"cg_steps": cg.num_steps, "cg_residual": cg.residual, "cg_negative_curvature": cg.negative_curvature}
     return LearnerStep(w, s, u, implicit_diff.mixed_vjp(inner, w, images, u), outer, stats)
 
@@ -128,7 +134,10 @@ class Pool(FreshHeadsBase):
   * ``"truncated"`` (:class:`Truncated`): backpropagation through those ``inner_steps``
     steps (truncated unrolling from the learner's current state, moments included);
   * ``"implicit"`` (:class:`ImplicitAtLearner`): the implicit function theorem at the
-    learner, CG on damped Hessian-vector products, warm-started from the learner's last adjoint.
+    learner, CG on damped Hessian-vector products, warm-started from the learner's last
+    adjoint; ``curvature="gauss_newton"`` uses the inner loss's Gauss-Newton matrix
+    instead of its Hessian (a sum-of-squares learner only: the tied AE, DSM), positive
+    semi-definite at learners that are not at a minimum.
 
   Both give the same metrics (``outer_loss``, ``inner_value``, ``inner_grad_norm``,
   ``image_grad_norm``) and each adds its own diagnostics (the implicit one: ``cg_steps``,
@@ -165,10 +174,11 @@ class Pool(FreshHeadsBase):
   cg_steps: int = 10
   cg_tol: float = 1e-6
   members: str = ""
+  curvature: str = "hessian"
   name = "pool"
   default_steps = 500
   member_fields = ("params", "opt_state", "age", "adjoint")
-  recorded_unless_default = FreshHeadsBase.recorded_unless_default | {"members": ""}
+  recorded_unless_default = FreshHeadsBase.recorded_unless_default | {"members": "", "curvature": "hessian"}
 
   @property
   def n_members(self) -> int:
@@ -203,6 +213,10 @@ class Pool(FreshHeadsBase):
     if groups and self.pool_size % len(groups):
       raise ValueError(f"pool_size ({self.pool_size}) must be a multiple of the {len(groups)} member groups of "
                        f"members={self.members!r}: each group gets the same number of learners.")
+    _validation.check_choice(self.curvature, "curvature", implicit_diff.CURVATURES)
+    if self.curvature != "hessian" and self.hypergradient != "implicit":
+      raise ValueError(f"curvature={self.curvature!r} is for hypergradient='implicit'; the {self.hypergradient} "
+                       "hypergradient solves no linear system.")
 
   def recipe(self, state: PoolState | None, init_scale: float, given: Recipe | None = None) -> Recipe:
     """Its learners' own recipe, trained until convergence (``given`` is ignored)."""
@@ -244,6 +258,8 @@ class Pool(FreshHeadsBase):
     if isinstance(problem, BilevelProblem):
       problem.check_images(images)
     problems = self.group_problems(problem)
+    for p in problems:
+      check_curvature(p, self.curvature, images)
     k_params, key = jax.random.split(key)
     n = self.n_members
     params = [jax.vmap(lambda k, p=p: p.init_params(k, images.dtype))(jax.random.split(k_g, n))
@@ -275,6 +291,7 @@ class Pool(FreshHeadsBase):
 
     def group_step(p: Problem, params, opt_state, adjoint, age, k_fresh, k_heads):
       inner = lambda w, images: p.inner_loss(w, images, k_inner)
+      residuals = inner_residuals(p, k_inner)
       restart = age >= self.lifetime
       pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(restart.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
                                            new, old)
@@ -289,7 +306,7 @@ class Pool(FreshHeadsBase):
           heads = self.fit_fresh_heads(p, w_new, batch, k, dtype)
           return p.outer_loss(w_new, heads, batch)[0]
 
-        return strategy(self, inner, score, w, s, u, state.images)
+        return strategy(self, inner, residuals, score, w, s, u, state.images)
 
       return jax.vmap(one)(params, opt_state, adjoint, jax.random.split(k_heads, n)), age + self.inner_steps
 
