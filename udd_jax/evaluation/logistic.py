@@ -1,7 +1,8 @@
 """A converged multinomial logistic regression head, the probe of docs/METHOD.md section 5.
 
-Two solvers of the same objective: a damped Newton method (the default; exact Hessian,
-Cholesky solve, a few iterations) and L-BFGS (optax; hundreds of iterations).
+Three solvers of the same objective: a damped Newton method (exact Hessian, Cholesky
+solve, a few iterations), a Hessian-free one (conjugate gradients on Hessian-vector
+products, for many weights) and L-BFGS (optax; hundreds of iterations).
 """
 
 from __future__ import annotations
@@ -77,10 +78,14 @@ def fit_logistic(
   the objective. The softmax is invariant to adding one vector to every class's weights;
   the Hessian is made definite along those directions by a term that leaves the steps
   unchanged. Vmapped, the seeds' loops run in lockstep; the probe fits its seeds one
-  after another. ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search),
-  the solver before. ``method="auto"`` (the default) is Newton for at most
-  ``NEWTON_MAX_WEIGHTS`` weights and biases ``(K + 1) C``, L-BFGS above
-  (docs/BENCHMARKS.md section (j)).
+  after another. ``method="newton_cg"`` takes the same steps without a Hessian: the
+  conjugate gradients are preconditioned by a Kronecker approximation of the Hessian
+  (each row's class curvature replaced by a multiple of ``I - 1 1^T / C`` of the same
+  trace, exact at zero), one (K + 1) x (K + 1) factor per step. ``method="lbfgs"`` runs
+  optax's L-BFGS from zero (zoom line search), the solver before. ``method="auto"`` (the
+  default) is Newton for at most ``NEWTON_MAX_WEIGHTS`` weights and biases
+  ``(K + 1) C``; above, Hessian-free Newton on raw features and L-BFGS on standardised
+  ones, where its preconditioner did not pay (docs/BENCHMARKS.md sections (j), (k)).
 
   Args:
     feats: features (n, K).
@@ -91,7 +96,7 @@ def fit_logistic(
     max_steps: iteration budget (Newton steps, or L-BFGS iterations).
     tol: stop at this gradient norm (of the objective in the standardised basis, over
       weights and biases).
-    method: ``"auto"``, ``"newton"`` or ``"lbfgs"``.
+    method: ``"auto"``, ``"newton"``, ``"newton_cg"`` or ``"lbfgs"``.
 
   Returns:
     The head; ``num_steps`` and ``grad_norm`` report the solve.
@@ -313,7 +318,7 @@ def _newton(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line
 
 
 def _newton_cg(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line_search_steps: int = 40,
-               cg_steps: int = 250, reuse_ratio: float = 0.9, from_zero: bool = False) -> tuple[Array, Array, Array]:
+               cg_steps: int = 250, from_zero: bool = False) -> tuple[Array, Array, Array]:
   """Hessian-free damped Newton steps from ``theta`` until ``||grad|| <= tol``; returns (theta, steps, gradient norm).
 
   The steps of :func:`_newton` without a Hessian: each solves the current Hessian's
@@ -327,7 +332,9 @@ def _newton_cg(problem: _Problem, theta: Array, *, max_steps: int, tol: float, l
   ``penalty + 1`` on the class-sum ones. A step costs that weighted Gram matrix
   (``~2 n (K + 1)^2`` FLOPs) and a few Hessian-vector products (``~4 n (K + 1) C`` each)
   instead of a Hessian (``~2 n ((K + 1) C)^2``), which raw pixels' 7850 weights and
-  biases cannot afford.
+  biases cannot afford. The factor is made afresh at every step: kept while each step cut
+  the gradient norm by 10%, as :func:`_newton` keeps its Hessian's, it cost more conjugate
+  gradient iterations than it saved on MNIST's raw pixels (docs/BENCHMARKS.md section (k)).
   """
   k1 = theta.shape[0]
   n, c = problem.onehot.shape
@@ -347,15 +354,8 @@ def _newton_cg(problem: _Problem, theta: Array, *, max_steps: int, tol: float, l
     cg_tol = jnp.minimum(0.5, jnp.sqrt(carry.gnorm)) * carry.gnorm
     return _newton_step(problem, carry, precondition, cg_tol, cg_steps=cg_steps, line_search_steps=line_search_steps)
 
-  going = lambda carry: _going(carry, max_steps, tol)
-
-  def steps_with(carry):
-    factor = factor_at(carry)
-    carry = step(carry, factor)
-    return jax.lax.while_loop(lambda s: going(s) & (s.gnorm <= reuse_ratio * s.previous_gnorm),
-                              lambda s: step(s, factor), carry)
-
-  carry = jax.lax.while_loop(going, steps_with, _start(problem, theta, from_zero))
+  step_fresh = lambda carry: step(carry, factor_at(carry))
+  carry = jax.lax.while_loop(lambda s: _going(s, max_steps, tol), step_fresh, _start(problem, theta, from_zero))
   return carry.theta, carry.steps, carry.gnorm
 
 
