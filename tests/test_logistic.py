@@ -34,7 +34,7 @@ def test_newton_reaches_the_lbfgs_optimum(standardize):
   reference = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, max_steps=5000, tol=1e-11,
                                     method="lbfgs")
   f_ref = float(logistic.objective(reference, feats, labels, l2=l2, standardize=standardize))
-  for method in ("auto", "newton"):  # auto: Newton for 7 x 4 weights and biases
+  for method in ("auto", "newton", "newton_cg"):  # auto: Newton for 7 x 4 weights and biases
     head = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, tol=tol, method=method)
     f_new = float(logistic.objective(head, feats, labels, l2=l2, standardize=standardize))
     assert abs(f_new - f_ref) <= 1e-8 * f_ref
@@ -45,6 +45,33 @@ def test_newton_reaches_the_lbfgs_optimum(standardize):
     # The same linear map on the raw features (up to the softmax's free constant per feature).
     v_new, v_ref = head.kernel / head.scale[:, None], reference.kernel / reference.scale[:, None]
     np.testing.assert_allclose(v_new - v_new.mean(1, keepdims=True), v_ref - v_ref.mean(1, keepdims=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_auto_above_the_newton_limit_reaches_the_lbfgs_optimum(standardize):
+  """2610 weights and biases: auto takes Hessian-free Newton on raw features, L-BFGS on standardised ones."""
+  key_f, key_y = jax.random.split(jax.random.key(1))
+  n, k, c = 300, 260, 10
+  scales = jnp.logspace(-1, 0.5, k)
+  feats = jax.random.normal(key_f, (n, k), jnp.float64) * scales + 0.5
+  labels = jnp.argmax(feats[:, :c] / scales[:c] + 2 * jax.random.normal(key_y, (n, c), jnp.float64), axis=1)
+  assert (k + 1) * c > logistic.NEWTON_MAX_WEIGHTS
+  l2, tol = 1e-2, 1e-8
+  reference = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, max_steps=5000, tol=1e-11,
+                                    method="lbfgs")
+  assert float(reference.grad_norm) <= 1e-11
+  f_ref = float(logistic.objective(reference, feats, labels, l2=l2, standardize=standardize))
+  head = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, tol=tol, method="auto")
+  for method in ("newton_cg", "lbfgs"):  # auto is one of them; Hessian-free Newton reaches the optimum either way
+    one = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, tol=tol, method=method)
+    f_new = float(logistic.objective(one, feats, labels, l2=l2, standardize=standardize))
+    assert abs(f_new - f_ref) <= 1e-12 * f_ref
+    assert float(one.grad_norm) <= tol and _grad_norm(one, feats, labels, c, l2, standardize) <= 2 * tol
+    if method == "newton_cg":
+      assert int(one.num_steps) < 30  # Newton steps, not L-BFGS iterations
+  chosen = logistic.fit_logistic(feats, labels, c, l2=l2, standardize=standardize, tol=tol,
+                                 method="lbfgs" if standardize else "newton_cg")
+  np.testing.assert_array_equal(head.kernel, chosen.kernel)
 
 
 def test_newton_without_weight_decay_and_a_constant_feature_converges():

@@ -62,7 +62,8 @@ def evaluate(
   (Adam 3e-3, full batch, at least 4000 steps and until the gradient norm stops falling,
   init 0.01), and D's own ``recipe`` (omitted when it is the standard one). Each is
   probed by a converged multinomial logistic head (mean cross-entropy + ``head_l2/2
-  ||V||^2``, solved by Newton's method or, above 2560 weights as on raw pixels, L-BFGS:
+  ||V||^2``, solved by Newton's method or, above 2560 weights as on raw pixels, Hessian-free
+  Newton (raw features) and L-BFGS (standardised ones):
   :func:`udd_jax.evaluation.fit_logistic`) fitted on
   the features of every real training image, on the raw features (the headline,
   ``Row.accuracies``) and on standardised ones.
@@ -101,8 +102,9 @@ def evaluate(
       replicated; accuracies agree with one device's to float round-off (docs/SCALING.md).
     head_method: the heads' solver, :func:`udd_jax.evaluation.fit_logistic`'s ``method``:
       ``"auto"`` (Newton on up to 2560 weights and biases, e.g. K = 128 features and 10
-      classes; L-BFGS on more, e.g. raw pixels), ``"newton"`` or ``"lbfgs"`` (the solver
-      before; the same optimum to its tolerance, docs/BENCHMARKS.md section (j)).
+      classes; on more, e.g. raw pixels, Hessian-free Newton for the raw-feature head and
+      L-BFGS for the standardised one), ``"newton"``, ``"newton_cg"`` or ``"lbfgs"`` (the
+      solver before; the same optimum to its tolerance, docs/BENCHMARKS.md sections (j), (k)).
     progress: print a line per finished row to stderr.
 
   Returns:
@@ -182,7 +184,8 @@ def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int
   return dict(
       n_distill=int(n_distill), n_hidden=n_hidden, inner=probe.learner.name, n_seeds=n_seeds,
       recipes={label: r.to_config() for label, r in recipes},
-      head=f"multinomial logistic ({probe.head_method}: newton up to {NEWTON_MAX_WEIGHTS} weights, else lbfgs), "
+      head=f"multinomial logistic ({probe.head_method}: newton up to {NEWTON_MAX_WEIGHTS} weights, else newton_cg "
+           "on raw features and lbfgs on standardised ones), "
            "mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised" if probe.head_method == "auto" else
            f"multinomial logistic ({probe.head_method}), mean CE + head_l2/2 ||V||^2; raw features (headline) and standardised",
       head_l2=probe.head_l2, head_steps=probe.head_steps, n_train=int(probe.z_train.shape[0]),

@@ -1,7 +1,8 @@
 """A converged multinomial logistic regression head, the probe of docs/METHOD.md section 5.
 
-Two solvers of the same objective: a damped Newton method (the default; exact Hessian,
-Cholesky solve, a few iterations) and L-BFGS (optax; hundreds of iterations).
+Three solvers of the same objective: a damped Newton method (exact Hessian, Cholesky
+solve, a few iterations), a Hessian-free one (conjugate gradients on Hessian-vector
+products, for many weights) and L-BFGS (optax; hundreds of iterations).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 
-METHODS = ("auto", "newton", "lbfgs")
+METHODS = ("auto", "newton", "newton_cg", "lbfgs")
 # "auto" takes Newton up to this many weights and biases, (K + 1) C: a Hessian costs ~2 n ((K + 1) C)^2
 # FLOPs, which paid at K = 128 (1290) and cost several times L-BFGS's time on 784 raw pixels (7850).
 NEWTON_MAX_WEIGHTS = 2560
@@ -77,10 +78,14 @@ def fit_logistic(
   the objective. The softmax is invariant to adding one vector to every class's weights;
   the Hessian is made definite along those directions by a term that leaves the steps
   unchanged. Vmapped, the seeds' loops run in lockstep; the probe fits its seeds one
-  after another. ``method="lbfgs"`` runs optax's L-BFGS from zero (zoom line search),
-  the solver before. ``method="auto"`` (the default) is Newton for at most
-  ``NEWTON_MAX_WEIGHTS`` weights and biases ``(K + 1) C``, L-BFGS above
-  (docs/BENCHMARKS.md section (j)).
+  after another. ``method="newton_cg"`` takes the same steps without a Hessian: the
+  conjugate gradients are preconditioned by a Kronecker approximation of the Hessian
+  (each row's class curvature replaced by a multiple of ``I - 1 1^T / C`` of the same
+  trace, exact at zero), one (K + 1) x (K + 1) factor per step. ``method="lbfgs"`` runs
+  optax's L-BFGS from zero (zoom line search), the solver before. ``method="auto"`` (the
+  default) is Newton for at most ``NEWTON_MAX_WEIGHTS`` weights and biases
+  ``(K + 1) C``; above, Hessian-free Newton on raw features and L-BFGS on standardised
+  ones, where its preconditioner did not pay (docs/BENCHMARKS.md sections (j), (k)).
 
   Args:
     feats: features (n, K).
@@ -91,7 +96,7 @@ def fit_logistic(
     max_steps: iteration budget (Newton steps, or L-BFGS iterations).
     tol: stop at this gradient norm (of the objective in the standardised basis, over
       weights and biases).
-    method: ``"auto"``, ``"newton"`` or ``"lbfgs"``.
+    method: ``"auto"``, ``"newton"``, ``"newton_cg"`` or ``"lbfgs"``.
 
   Returns:
     The head; ``num_steps`` and ``grad_norm`` report the solve.
@@ -122,8 +127,13 @@ def fit_logistic(
   problem = _Problem(z1, jax.nn.one_hot(labels, n_classes, dtype=feats.dtype), penalty)
   theta = jnp.zeros((n_feats + 1, n_classes), feats.dtype)
   if method == "auto":
-    method = "newton" if (n_feats + 1) * n_classes <= NEWTON_MAX_WEIGHTS else "lbfgs"
-  if method == "lbfgs":
+    if (n_feats + 1) * n_classes <= NEWTON_MAX_WEIGHTS:
+      method = "newton"
+    else:  # Hessian-free Newton on raw features; on standardised ones its preconditioner lost to L-BFGS
+      method = "lbfgs" if standardize else "newton_cg"
+  if method == "newton_cg":
+    theta, steps, gnorm = _newton_cg(problem, theta, max_steps=max_steps, tol=tol, from_zero=True)
+  elif method == "lbfgs":
     theta, steps, gnorm = _lbfgs(z1[:, :-1], problem.onehot, l2, penalty_weight, theta, max_steps=max_steps, tol=tol)
   else:
     theta, steps, gnorm = _newton(problem, theta, max_steps=max_steps, tol=tol, from_zero=True)
@@ -217,6 +227,57 @@ _cholesky = jax.custom_batching.sequential_vmap(jnp.linalg.cholesky)
 _cho_solve = jax.custom_batching.sequential_vmap(lambda l, b: jax.scipy.linalg.cho_solve((l, True), b))
 
 
+class _NewtonCarry(NamedTuple):
+  """The loop state of the Newton solvers: the iterate, its gradient and log-probabilities, the count and norms."""
+
+  theta: Array
+  g: Array
+  log_p: Array
+  steps: Array
+  gnorm: Array
+  stalled: Array  # the last line search found no decrease
+  previous_gnorm: Array
+
+
+def _newton_step(problem: _Problem, carry: _NewtonCarry, precondition, cg_tol: Array, *, cg_steps: int,
+                 line_search_steps: int) -> _NewtonCarry:
+  """One damped Newton step: the current Hessian's system by preconditioned CG, then a backtracking line search."""
+  theta, g, log_p, i, gnorm, _, _ = carry
+  p = jnp.exp(log_p)
+  direction = _pcg(lambda v: _hvp(problem, p, v), precondition, -g, cg_tol, cg_steps)
+  logit_step = problem.z1 @ direction
+  slope = jnp.sum(g * direction)
+
+  def search(s):
+    t, _, k = s
+    ok = _decrease(problem, theta, direction, logit_step, log_p, t) <= 1e-4 * t * slope
+    return jnp.where(ok, t, 0.5 * t), ok, k + 1
+
+  t, ok, _ = jax.lax.while_loop(lambda s: ~s[1] & (s[2] < line_search_steps), search,
+                                (jnp.ones((), theta.dtype), jnp.asarray(False), 0))
+  new_theta = jnp.where(ok, theta + t * direction, theta)  # not 0 * direction: a failed solve may be NaN
+  new_g, new_p = _gradient(problem, new_theta)
+  return _NewtonCarry(new_theta, new_g, new_p, i + 1, jnp.sqrt(jnp.sum(new_g**2)), ~ok, gnorm)
+
+
+def _going(carry: _NewtonCarry, max_steps: int, tol: float) -> Array:
+  return (carry.steps < max_steps) & (carry.gnorm > tol) & ~carry.stalled
+
+
+def _start(problem: _Problem, theta: Array, from_zero: bool) -> _NewtonCarry:
+  """The loop state at ``theta`` (zero when ``from_zero``: every row's probabilities are then 1/C)."""
+  c = problem.onehot.shape[1]
+  if from_zero:
+    # Written out, not as softmax(z1 @ 0): XLA:CPU (jaxlib 0.10.2, single-threaded) miscompiled that
+    # product's gradient under jit(vmap) into NaNs.
+    log_p = jnp.full(problem.onehot.shape, -jnp.log(c), theta.dtype)
+    g = problem.z1.T @ (jnp.exp(log_p) - problem.onehot) / problem.z1.shape[0]
+  else:
+    g, log_p = _gradient(problem, theta)
+  gnorm = jnp.sqrt(jnp.sum(g**2))
+  return _NewtonCarry(theta, g, log_p, jnp.asarray(0), gnorm, jnp.asarray(False), gnorm)
+
+
 def _newton(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line_search_steps: int = 40,
             reuse_ratio: float = 0.9, cg_steps: int = 50, forcing: float = 0.01,
             from_zero: bool = False) -> tuple[Array, Array, Array]:
@@ -235,48 +296,67 @@ def _newton(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line
   d = k1 * c
 
   def step(carry, factor):
-    theta, g, log_p, i, gnorm, _, _ = carry
-    p = jnp.exp(log_p)
     precondition = lambda r: _cho_solve(factor, r.T.reshape(d, 1)).reshape(c, k1).T
-    direction = _pcg(lambda v: _hvp(problem, p, v), precondition, -g, forcing * gnorm, cg_steps)
-    logit_step = problem.z1 @ direction
-    slope = jnp.sum(g * direction)
+    return _newton_step(problem, carry, precondition, forcing * carry.gnorm, cg_steps=cg_steps,
+                        line_search_steps=line_search_steps)
 
-    def search(s):
-      t, _, k = s
-      ok = _decrease(problem, theta, direction, logit_step, log_p, t) <= 1e-4 * t * slope
-      return jnp.where(ok, t, 0.5 * t), ok, k + 1
-
-    t, ok, _ = jax.lax.while_loop(lambda s: ~s[1] & (s[2] < line_search_steps), search,
-                                  (jnp.ones((), theta.dtype), jnp.asarray(False), 0))
-    new_theta = jnp.where(ok, theta + t * direction, theta)  # not 0 * direction: a failed solve may be NaN
-    new_g, new_p = _gradient(problem, new_theta)
-    return new_theta, new_g, new_p, i + 1, jnp.sqrt(jnp.sum(new_g**2)), ~ok, gnorm
-
-  def going(carry):
-    _, _, _, i, gnorm, stalled, _ = carry
-    return (i < max_steps) & (gnorm > tol) & ~stalled
+  going = lambda carry: _going(carry, max_steps, tol)
 
   def steps_with(carry, h):
     # A relative jitter keeps the float32 factor finite on a singular or badly conditioned Hessian (l2 = 0 and
     # a constant feature; tiny l2); the conjugate gradients use the exact products, so it moves no fixed point.
     factor = _cholesky(h + 1e-4 * jnp.mean(jnp.diagonal(h)) * jnp.eye(d, dtype=h.dtype))
     carry = step(carry, factor)
-    return jax.lax.while_loop(lambda s: going(s) & (s[4] <= reuse_ratio * s[6]), lambda s: step(s, factor), carry)
+    return jax.lax.while_loop(lambda s: going(s) & (s.gnorm <= reuse_ratio * s.previous_gnorm),
+                              lambda s: step(s, factor), carry)
 
-  if from_zero:
-    # Every row's probabilities are 1/C. Written out, not as softmax(z1 @ 0): XLA:CPU (jaxlib 0.10.2,
-    # single-threaded) miscompiled that product's gradient under jit(vmap) into NaNs.
-    log_p = jnp.full(problem.onehot.shape, -jnp.log(c), theta.dtype)
-    g = problem.z1.T @ (jnp.exp(log_p) - problem.onehot) / problem.z1.shape[0]
-  else:
-    g, log_p = _gradient(problem, theta)
-  gnorm = jnp.sqrt(jnp.sum(g**2))
-  carry = (theta, g, log_p, jnp.asarray(0), gnorm, jnp.asarray(False), gnorm)
+  carry = _start(problem, theta, from_zero)
   if from_zero:  # the Hessian is a Kronecker product there, ~C^2 times cheaper
     carry = jax.lax.cond(going(carry), lambda: steps_with(carry, _hessian_at_zero(problem)), lambda: carry)
-  theta, _, _, steps, gnorm, _, _ = jax.lax.while_loop(going, lambda s: steps_with(s, _hessian(problem, s[0])), carry)
-  return theta, steps, gnorm
+  carry = jax.lax.while_loop(going, lambda s: steps_with(s, _hessian(problem, s.theta)), carry)
+  return carry.theta, carry.steps, carry.gnorm
+
+
+def _newton_cg(problem: _Problem, theta: Array, *, max_steps: int, tol: float, line_search_steps: int = 40,
+               cg_steps: int = 250, from_zero: bool = False) -> tuple[Array, Array, Array]:
+  """Hessian-free damped Newton steps from ``theta`` until ``||grad|| <= tol``; returns (theta, steps, gradient norm).
+
+  The steps of :func:`_newton` without a Hessian: each solves the current Hessian's
+  system by conjugate gradients on exact Hessian-vector products to a residual of
+  ``min(0.5, sqrt(||grad||)) ||grad||`` (superlinear near the optimum) or ``cg_steps``
+  iterations. The preconditioner replaces each row's class curvature
+  ``diag(p) - p p^T`` by ``a (I - 1 1^T / C)`` with ``a = (1 - ||p||^2) / (C - 1)``, the
+  same trace: the approximate Hessian is then a Kronecker product, exact at zero (every
+  probability 1/C), and inverts through one (K + 1) x (K + 1) Cholesky factor of
+  ``Z^T diag(a) Z / n + penalty`` on the directions whose classes sum to zero, and
+  ``penalty + 1`` on the class-sum ones. A step costs that weighted Gram matrix
+  (``~2 n (K + 1)^2`` FLOPs) and a few Hessian-vector products (``~4 n (K + 1) C`` each)
+  instead of a Hessian (``~2 n ((K + 1) C)^2``), which raw pixels' 7850 weights and
+  biases cannot afford. The factor is made afresh at every step: kept while each step cut
+  the gradient norm by 10%, as :func:`_newton` keeps its Hessian's, it cost more conjugate
+  gradient iterations than it saved on MNIST's raw pixels (docs/BENCHMARKS.md section (k)).
+  """
+  k1 = theta.shape[0]
+  n, c = problem.onehot.shape
+
+  def factor_at(carry):
+    a = (1.0 - jnp.sum(jnp.exp(2 * carry.log_p), axis=1)) / (c - 1)
+    m = (problem.z1 * a[:, None]).T @ problem.z1 / n + jnp.diag(problem.penalty[:, 0])
+    # A relative jitter keeps the float32 factor finite when l2 = 0 and a feature is constant; it only
+    # changes the preconditioner, not the fixed point.
+    return _cholesky(m + 1e-6 * jnp.mean(jnp.diagonal(m)) * jnp.eye(k1, dtype=m.dtype))
+
+  def step(carry, factor):
+    def precondition(r):
+      mean = jnp.mean(r, axis=1, keepdims=True)
+      return _cho_solve(factor, r - mean) + mean / (problem.penalty + 1.0)
+
+    cg_tol = jnp.minimum(0.5, jnp.sqrt(carry.gnorm)) * carry.gnorm
+    return _newton_step(problem, carry, precondition, cg_tol, cg_steps=cg_steps, line_search_steps=line_search_steps)
+
+  step_fresh = lambda carry: step(carry, factor_at(carry))
+  carry = jax.lax.while_loop(lambda s: _going(s, max_steps, tol), step_fresh, _start(problem, theta, from_zero))
+  return carry.theta, carry.steps, carry.gnorm
 
 
 def _pcg(matvec, precondition, b: Array, tol: Array, max_steps: int) -> Array:
