@@ -85,7 +85,7 @@ def test_default_solver_is_the_pool_and_ships_the_standard_recipe(digits, tmp_pa
   (x, y), _ = digits
   result = udd_jax.distill(x, y, steps=10, seed=3, **FAST_POOL)
   assert result.config["solver"] == distill_lib.DEFAULT_SOLVER == "pool"
-  assert result.config["problem_options"]["head"] == "ridge"
+  assert result.config["problem_options"]["head"] == "ridge_ce"
   assert result.recipe == udd_jax.STANDARD_RECIPE  # lifetime 4000 Adam 3e-3 steps, until convergence
   assert result.params.W.shape == (64, 16)  # one learner (the oldest), not the stacked pool
   loaded = udd_jax.load_distilled(result.save(tmp_path / "d.npz"))

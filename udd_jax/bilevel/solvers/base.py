@@ -125,7 +125,7 @@ class SolverBase:
       the chain's state (:meth:`init_image_state`).
     name: the solver's name in :data:`~udd_jax.bilevel.solvers.SOLVERS`.
     default_steps: outer steps of a distillation run that does not say.
-    default_head: the task head a distillation run uses unless told (``"ridge"`` or ``"softmax"``).
+    default_head: the task head a distillation run uses unless told (``"ridge_ce"``, ``"ridge"`` or ``"softmax"``).
     member_fields: the state's fields stacked over independent learners (leading axis
       :attr:`n_members`), which a device mesh splits; a solver without them has its real
       batch split instead (docs/SCALING.md).
