@@ -98,7 +98,27 @@ def _errors(x, y) -> dict[str, str]:
       out[name] = "no error"
     except (ValueError, TypeError) as e:
       out[name] = f"{type(e).__name__}: {e}"
+  out["build"], out["build_compilations"] = _build_refusal(x_small, y_small)
   return out
+
+
+def _build_refusal(x, y) -> tuple[str, int]:
+  """``build`` itself, called without ``distill``, on a batch the mesh cannot split: its message and compilations."""
+  settings = arguments.check_arguments(
+      x, y, n_distill=10, n_hidden=8, inner="ae", solver=get_solver("penalty"), steps=1, seed=0, batch_size=30,
+      init="real", preprocessing="standardize", recipe=None, log_every=1, checkpoint_every=1, eval_every=0,
+      eval_data=None, progress=False, callback=None, max_seconds=None, eval_every_seconds=None, options={})
+  compilations = []
+  listener = lambda event, duration, **kwargs: compilations.append(event) if event.endswith("backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    build.build(settings, make_layout(4))
+    message = "no error"
+  except ValueError as e:
+    message = f"ValueError: {e}"
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return message, len(compilations)
 
 
 def resume(workdir: str) -> dict:

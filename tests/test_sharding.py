@@ -119,6 +119,13 @@ def test_what_a_mesh_cannot_split_is_refused_by_name(placement, case, words):
 
 
 @pytest.mark.slow
+def test_build_refuses_a_layout_before_compiling_anything(placement):
+  message = placement["errors"]["build"]  # build called directly, not through distill
+  assert message.startswith("ValueError: batch_size (30) must be a multiple of the number of devices (4)"), message
+  assert placement["errors"]["build_compilations"] == 0
+
+
+@pytest.mark.slow
 def test_checkpoint_written_on_four_devices_resumes_on_one_and_two(tmp_path):
   resumed = _worker("resume", str(tmp_path))
   for n in ("1", "2"):

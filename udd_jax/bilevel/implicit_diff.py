@@ -44,6 +44,7 @@ import optax
 from jaxtyping import Array, Scalar
 
 from udd_jax import _validation
+from udd_jax.training import linear_solve
 
 PRECISION: str = "highest"
 """The matmul precision of the adjoint computation (see the module docstring)."""
@@ -99,11 +100,11 @@ def gnvp(residuals: Residuals, w: Any, theta: Any, t: Any, *, precision: str | N
 def conjugate_gradient(
     matvec: Callable[[Any], Any], b: Any, *, tol: float, max_steps: int, x0: Any = None,
     precision: str | None = PRECISION,
-) -> tuple[Any, Array, Array, Array]:
-  """CG for ``A x = b`` on pytrees, stopping at ``||r|| <= tol ||b||`` or at negative curvature.
+) -> linear_solve.CGSolution:
+  """CG for ``A x = b`` on pytrees, stopping at ``||r|| <= tol ||b||`` or at negative curvature, at matmul ``precision``.
 
-  JAX's ``jax.scipy.sparse.linalg.cg`` reports neither iterations nor breakdown, and
-  lineax's CG fails with NaN when the operator is indefinite; here a direction with
+  :func:`udd_jax.training.linear_solve.conjugate_gradient` (plain: no preconditioner)
+  traced under ``jax.default_matmul_precision(precision)``. A direction with
   ``p^T A p <= 0`` ends the solve (truncated CG, as in Newton-CG methods): at the first
   iteration after one step along ``p = r0`` of length ``||p|| / ||A p||``, later at the
   current iterate; the event is reported.
@@ -120,51 +121,12 @@ def conjugate_gradient(
       traced (:data:`PRECISION` by default; None for JAX's ambient default).
 
   Returns:
-    ``(x, num_steps, negative_curvature, residual)``, ``residual`` being ``||r|| / ||b||``
+    ``(x, num_steps, negative_curvature, residual)`` (a
+    :class:`~udd_jax.training.linear_solve.CGSolution`), ``residual`` being ``||r|| / ||b||``
     of the CG recursion (equal to ``||b - A x|| / ||b||`` in exact arithmetic).
   """
   with jax.default_matmul_precision(precision):
-    return _conjugate_gradient(matvec, b, tol=tol, max_steps=max_steps, x0=x0)
-
-
-def _conjugate_gradient(matvec, b, *, tol, max_steps, x0):
-  bb = optax.tree.vdot(b, b)
-  threshold = (tol**2) * bb
-
-  def cond(carry):
-    _, _, _, rs, i, stop = carry
-    return (i < max_steps) & (rs > threshold) & ~stop
-
-  def body(carry):
-    x, r, p, rs, i, _ = carry
-    ap = matvec(p)
-    pap = optax.tree.vdot(p, ap)
-    negative = pap <= 0
-    # At negative curvature the first iteration steps along p = r0 by ||p|| / ||A p|| and a
-    # later one stops where it is (Newton-CG, Nocedal & Wright Alg. 7.1): a CG step of
-    # length rs / |p^T A p| would explode as p^T A p -> 0.
-    fallback = jnp.where(i == 0, optax.tree.norm(p) / jnp.maximum(optax.tree.norm(ap), 1e-30), 0.0)
-    alpha = jnp.where(negative, fallback, rs / jnp.where(negative, 1.0, pap))
-    x = optax.tree.add_scale(x, alpha, p)
-    r = optax.tree.add_scale(r, -alpha, ap)
-    rs_new = optax.tree.vdot(r, r)
-    p = optax.tree.add_scale(r, rs_new / rs, p)
-    return x, r, p, rs_new, i + 1, negative
-
-  if x0 is None:
-    x0, r0, rs0 = optax.tree.zeros_like(b), b, bb
-  else:
-    # A warm start is kept only if it beats zero: after a step taken along negative
-    # curvature, x0 can be far worse than zero, and warm starts would compound it.
-    r_warm = optax.tree.sub(b, matvec(x0))
-    rs_warm = optax.tree.vdot(r_warm, r_warm)
-    keep = rs_warm < bb
-    x0 = jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros_like(x)), x0)
-    r0 = jax.tree.map(lambda rw, b_: jnp.where(keep, rw, b_), r_warm, b)
-    rs0 = jnp.where(keep, rs_warm, bb)
-  init = (x0, r0, r0, rs0, jnp.asarray(0), jnp.asarray(False))
-  x, _, _, rs, steps, negative = jax.lax.while_loop(cond, body, init)
-  return x, steps, negative, jnp.sqrt(rs / jnp.maximum(bb, 1e-30))
+    return linear_solve.conjugate_gradient(matvec, b, tol=tol, max_steps=max_steps, x0=x0)
 
 
 def check_curvature(curvature: str, residuals: Residuals | None) -> None:

@@ -1,7 +1,7 @@
 """The distillation driver: ``distill`` and the set it returns.
 
 Modules, in the order a run goes through them: ``arguments`` (checks, before anything is
-compiled), ``build`` (problem, solver state, jitted chunk), ``loop`` (chunks, checkpoints,
+compiled), ``build`` (the layout check, problem, solver state, jitted chunk), ``loop`` (chunks, checkpoints,
 resume, signals, progress), ``probe`` (the training-time honest probe), ``result``
 (``DistillResult``, ``load_distilled``), ``api`` (``distill``).
 """

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from udd_jax import io
 from udd_jax.driver import loop
 from udd_jax.driver.arguments import DEFAULT_SOLVER, PROBLEM_OPTIONS, ProblemConfig, RunConfig, as_solver, check_arguments, group_options
-from udd_jax.driver.build import build, check_layout
+from udd_jax.driver.build import build
 from udd_jax.driver.probe import make_honest_probe
 from udd_jax.driver.result import DistillResult
 from udd_jax.sharding import make_layout
@@ -100,8 +100,6 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
       eval_every_seconds=run_config.eval_every_seconds,
       options=options | problem_options | dict(clip_images=run_config.clip_images))
   layout = make_layout(devices)
-  if layout is not None:
-    check_layout(layout, settings.solver, settings.batch_size)
   run = build(settings, layout)
   workdir = loop.check_workdir(pathlib.Path(workdir)) if workdir is not None else None
   state, history = run.state, []

@@ -128,8 +128,11 @@ def build(s: Settings, layout: Layout | None = None) -> Run:
   """Preprocesses the tasks, makes the problem, initialises D, its basis and the solver's state, jits the chunk.
 
   With a ``layout``, the state and the real tasks are placed on its devices (every
-  process of a multi-process run builds the same values).
+  process of a multi-process run builds the same values); a layout that cannot split the
+  run's axis is refused first (:func:`check_layout`), before anything is computed.
   """
+  if layout is not None:
+    check_layout(layout, s.solver, s.batch_size)
   image_shape = s.tasks[0][0].shape[1:]
   prep = fit_preprocessing(s.tasks[0][0], method=s.preprocessing)
   z_tasks = [(prep.apply(xj), yj) for xj, yj in s.tasks]

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
+from udd_jax.training import linear_solve
+
 
 METHODS = ("auto", "newton", "newton_cg", "lbfgs")
 # "auto" takes Newton up to this many weights and biases, (K + 1) C: a Hessian costs ~2 n ((K + 1) C)^2
@@ -244,7 +246,8 @@ def _newton_step(problem: _Problem, carry: _NewtonCarry, precondition, cg_tol: A
   """One damped Newton step: the current Hessian's system by preconditioned CG, then a backtracking line search."""
   theta, g, log_p, i, gnorm, _, _ = carry
   p = jnp.exp(log_p)
-  direction = _pcg(lambda v: _hvp(problem, p, v), precondition, -g, cg_tol, cg_steps)
+  direction = linear_solve.conjugate_gradient(lambda v: _hvp(problem, p, v), -g, atol=cg_tol, max_steps=cg_steps,
+                                             precondition=precondition, vdot=_sum_of_products).x
   logit_step = problem.z1 @ direction
   slope = jnp.sum(g * direction)
 
@@ -359,25 +362,10 @@ def _newton_cg(problem: _Problem, theta: Array, *, max_steps: int, tol: float, l
   return carry.theta, carry.steps, carry.gnorm
 
 
-def _pcg(matvec, precondition, b: Array, tol: Array, max_steps: int) -> Array:
-  """Preconditioned conjugate gradients for ``A x = b`` from zero, until ``||r|| <= tol`` or ``max_steps``."""
-  z = precondition(b)
-
-  def cond(s):
-    _, r, _, _, _, k = s
-    return (k < max_steps) & (jnp.sqrt(jnp.sum(r**2)) > tol)
-
-  def body(s):
-    x, r, z, direction, rz, k = s
-    a_dir = matvec(direction)
-    alpha = rz / jnp.sum(direction * a_dir)
-    x, r = x + alpha * direction, r - alpha * a_dir
-    z = precondition(r)
-    rz_new = jnp.sum(r * z)
-    return x, r, z, z + (rz_new / rz) * direction, rz_new, k + 1
-
-  x, *_ = jax.lax.while_loop(cond, body, (jnp.zeros_like(b), b, z, z, jnp.sum(b * z), 0))
-  return x
+def _sum_of_products(a: Array, b: Array) -> Array:
+  """The inner product of the conjugate gradients, as the probe has always summed it (not a dot product, which rounds
+  differently: the heads would change in their last bits)."""
+  return jnp.sum(a * b)
 
 
 def _lbfgs(z: Array, onehot: Array, l2: float, penalty_weight: Array, theta: Array, *, max_steps: int,
