@@ -751,7 +751,7 @@ def test_pool_option_errors():
 def test_a_solver_name_and_an_instance_are_the_same_solver(name):
   cls = bilevel.SOLVERS[name]
   assert bilevel.get_solver(name) == cls() and bilevel.get_solver(cls()) == cls()
-  assert cls.default_steps == {"unrolled": 300, "pool": 1000}.get(name, 600)
+  assert cls.default_steps == {"unrolled": 300, "pool": 500}.get(name, 600)
   assert cls.default_head == {"unrolled": "ridge", "pool": "ridge_ce"}.get(name, "softmax")
 
 

@@ -95,7 +95,7 @@ def test_helpfull_lists_choices_and_defaults_and_starts_no_run(tmp_path, name):
     assert "--inner: <ae|score_matching|denoising_score_matching>" in out
   if name == "distill":
     assert "--solver: <implicit|penalty|pool|unrolled|value_function>: Solver.\n    (default: 'pool')" in out
-    assert "pool 1000" in out and "unrolled 300" in out and "penalty 600" in out
+    assert "pool 500" in out and "unrolled 300" in out and "penalty 600" in out
     for option in ("head_l2", "clip_images", "pool_size", "cg_steps", "unroll_steps", "inner_steps"):
       assert option in out.split("--opt:")[1].split("\n  --")[0], option  # the --opt help lists every option
     for flag in ("--init: <real|kmeans|random>", "--preprocessing: <none|standardize|zca>",

@@ -23,7 +23,7 @@ DATA_LOADER = "udd_jax.data.loading"  # its FileNotFoundError means a dataset wa
 
 
 def steps_help() -> str:
-  """The ``--steps`` help: the default of each solver, e.g. ``pool 1000, unrolled 300, ...``."""
+  """The ``--steps`` help: the default of each solver, e.g. ``pool 500, unrolled 300, ...``."""
   return "Outer steps (default by solver: " + ", ".join(f"{s} {default_steps(s)}" for s in sorted(SOLVERS)) + ")."
 
 

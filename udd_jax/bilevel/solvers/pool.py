@@ -176,7 +176,7 @@ class Pool(FreshHeadsBase):
   members: str = ""
   curvature: str = "hessian"
   name = "pool"
-  default_steps = 1000
+  default_steps = 500
   default_head = "ridge_ce"
   member_fields = ("params", "opt_state", "age", "adjoint")
   recorded_unless_default = FreshHeadsBase.recorded_unless_default | {"members": "", "curvature": "hessian"}
