@@ -19,7 +19,8 @@ from udd_jax.bilevel import get_solver
 from udd_jax.driver import arguments, build
 from udd_jax.sharding import AXIS, make_layout
 
-SOLVERS = {"pool": dict(pool_size=8), "penalty": {}, "value_function": {}, "implicit": {}, "unrolled": dict(unroll_steps=5)}
+# The pool runs with the ridge head's MSE here, not its default ridge_ce: see RIDGE_CE in test_sharding.py.
+SOLVERS = {"pool": dict(pool_size=8, head="ridge"), "penalty": {}, "value_function": {}, "implicit": {}, "unrolled": dict(unroll_steps=5)}
 COMMON = dict(n_distill=10, n_hidden=8, batch_size=64, progress=False)
 
 
@@ -52,7 +53,7 @@ def wide_pool() -> dict:
   Needs the real data (``$UDD_DATA_DIR``), and fails without it.
   """
   (x, y), _ = udd_jax.load_dataset("mnist")
-  kw = COMMON | dict(n_distill=100, n_hidden=128, batch_size=256, pool_size=8, steps=10, log_every=10)
+  kw = COMMON | dict(n_distill=100, n_hidden=128, batch_size=256, pool_size=8, steps=10, log_every=10, head="ridge")
   one = udd_jax.distill(x[:5000], y[:5000], **kw)
   return _differences(one, udd_jax.distill(x[:5000], y[:5000], devices=2, **kw))
 
@@ -124,7 +125,7 @@ def _build_refusal(x, y) -> tuple[str, int]:
 def resume(workdir: str) -> dict:
   """10 steps written on 4 devices, resumed to 20 on 1 and on 2; against 20 uninterrupted steps on one device."""
   x, y, _, _ = _digits()
-  kw = dict(COMMON, log_every=5, checkpoint_every=5)
+  kw = dict(COMMON, log_every=5, checkpoint_every=5, head="ridge")
   whole = udd_jax.distill(x, y, steps=20, **kw)
   udd_jax.distill(x, y, steps=10, devices=4, workdir=f"{workdir}/four", **kw)
   out = {}

@@ -14,6 +14,14 @@ Float32 tolerances, with why:
 * one device on a mesh (``devices=1``) against no mesh: bit for bit;
 * evaluation: raw-feature accuracies equal, standardised ones within 3 test images of 360 (the
   seeds do not interact, but a batch of one seed per device rounds its matmuls differently).
+
+The pool runs here with ``head="ridge"`` (the ridge fit judged by its MSE), not its default
+``"ridge_ce"``: the default divides the ridge scores by a temperature of 0.1 before the
+cross-entropy, which multiplies the summation-order round-off tenfold, and Adam's normalised
+steps on D carry it. With ``ridge_ce`` the same runs differ from one device by 2.6e-4
+(digits, 2 devices, 10 steps), 2.2e-4 (the resume), 1.6e-4 (two processes) and 5.4e-3
+(the wide MNIST pool): the same computation, a looser float32 agreement (measured
+2026-12-07), so these tests keep the head whose tolerances they were written for.
 """
 
 from __future__ import annotations
@@ -157,7 +165,7 @@ def _free_port() -> int:
 
 def _app(workdir: pathlib.Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
   args = ["--dataset=digits", f"--workdir={workdir}", "--n_distill=10", "--n_hidden=8", "--eval_seeds=2",
-          "--baselines=raw_pixels", "--log_every=5", "--checkpoint_every=5", "--eval_every=0", *flags]
+          "--baselines=raw_pixels", "--log_every=5", "--checkpoint_every=5", "--eval_every=0", "--opt=head=ridge", *flags]
   return subprocess.Popen([sys.executable, str(ROOT / "experiments" / "distill.py"), *args], env=env or _env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
