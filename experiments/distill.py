@@ -21,6 +21,8 @@ Several devices (--devices=4) or processes (--coordinator_address=host:port --nu
 from absl import app, flags, logging
 
 from udd_jax import app_flags, experiment
+from udd_jax.evaluation import default_cache_dir
+from udd_jax.evaluation.cache import CACHE_ENV
 
 FLAGS = flags.FLAGS
 app_flags.define_enum_list("dataset", ["digits"], experiment.BUILTIN_DATASETS,
@@ -48,6 +50,10 @@ app_flags.define_enum_list("baselines", experiment.BASELINES, experiment.BASELIN
 flags.DEFINE_list("transfer", [], "Cross-learner transfer rows, one per item: K=256,inner=score_matching gives two rows "
                   "(K = 256; score matching); join the parts of one row with ;, e.g. 'K=256;inner=score_matching'.")
 flags.DEFINE_multi_string("opt", [], app_flags.opt_help())
+flags.DEFINE_string("baseline_cache", str(default_cache_dir()),
+                    "Directory keeping the evaluation's baseline rows, shared by every set judged in the same setting "
+                    f"(default ${CACHE_ENV}/baselines or ~/.cache/udd_jax/baselines; --baseline_cache= computes them "
+                    "every time).")
 flags.DEFINE_bool("rerun_evaluation", False, "Evaluate a finished run again instead of printing its saved report.")
 app_flags.define_devices()
 

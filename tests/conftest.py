@@ -26,3 +26,15 @@ def real_data_dir() -> pathlib.Path:
       pytest.fail(message)
     pytest.skip(message)
   return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def baseline_cache_in_tmp(tmp_path_factory):
+  """The apps' default baseline cache (``$UDD_CACHE_DIR/baselines``) in a temporary directory, never the user's."""
+  old = os.environ.get("UDD_CACHE_DIR")
+  os.environ["UDD_CACHE_DIR"] = str(tmp_path_factory.mktemp("udd_cache"))
+  yield
+  if old is None:
+    os.environ.pop("UDD_CACHE_DIR")
+  else:
+    os.environ["UDD_CACHE_DIR"] = old

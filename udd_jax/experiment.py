@@ -181,7 +181,7 @@ def finished_run(workdir: str | pathlib.Path, request: Mapping[str, Any]) -> tup
 
 
 def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint, devices,
-                    progress):
+                    progress, baseline_cache):
   """D on each task (every baseline on the first, only raw pixels and random W on the others), with transfer rows."""
   report = None
   for j, (name, (train, test)) in enumerate(zip(names, splits)):
@@ -189,7 +189,7 @@ def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baseline
         result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, n_seeds=n_seeds,
         preprocessing=result.preprocessing, joint_params=result.params if joint else None,
         baselines=baselines if j == 0 else tuple(b for b in baselines if b in ("raw_pixels", "random_w")),
-        devices=devices, progress=progress,
+        devices=devices, progress=progress, baseline_cache=baseline_cache,
     )
     for t in transfers:
       k, loss = t.get("n_hidden", n_hidden), t.get("inner", inner)
@@ -201,10 +201,16 @@ def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baseline
         part.rows.append(row)
     for row in part.rows if len(names) > 1 else ():
       row.name = f"{name}: {row.name}"
+    cached = part.settings.get("baseline_cache")
+    if cached is not None and len(names) > 1:
+      cached["rows_from_cache"] = [f"{name}: {b}" for b in cached["rows_from_cache"]]
     if report is None:
       report = part
     else:
       report.rows.extend(part.rows)
+      if cached is not None:
+        report.settings.setdefault("baseline_cache", dict(cached, rows_from_cache=[]))["rows_from_cache"] += \
+            cached["rows_from_cache"]
   return report
 
 
@@ -235,7 +241,7 @@ def run(
     preprocessing: str = "none", eval_every: int = 100, eval_seeds: int = 5, baselines: Sequence[str] = BASELINES,
     transfer: Sequence[str] = (), options: dict[str, Any] | None = None, lr_schedule: str | None = None,
     progress: bool = True, log_every: int = 10, checkpoint_every: int = 50, max_seconds: float | None = None,
-    rerun_evaluation: bool = False, devices: int | None = None,
+    rerun_evaluation: bool = False, devices: int | None = None, baseline_cache: str | None = None,
 ) -> dict[str, Any]:
   """Runs one distillation end to end and writes its artifacts into ``workdir``.
 
@@ -247,6 +253,10 @@ def run(
   one D (resized to the first one's image size), and D is evaluated on each.
   ``eval_seeds=0`` skips the final evaluation (no ``evaluation.json``; the report has no table).
   ``seed`` is an int or a PRNG key; ``lr_schedule`` is the option of that name.
+  ``baseline_cache`` is a directory that keeps the baseline rows of the evaluation
+  (:func:`udd_jax.evaluate`'s option; the app's default is
+  :func:`udd_jax.evaluation.cache.default_cache_dir`); None or ``""`` computes them every
+  time. A multi-process run computes them (the processes do not share one cache).
 
   Files: ``config.json``, ``metrics.jsonl``, ``checkpoint.npz`` (resumable),
   ``distilled.npz`` (images, preprocessing, config with the inner recipe),
@@ -298,7 +308,8 @@ def run(
   t1 = time.perf_counter()
   report = _evaluate_tasks(result, names, splits if eval_seeds else [], n_hidden=n_hidden, inner=inner,
                            n_seeds=eval_seeds, baselines=baselines, transfers=transfers, joint=solver in JOINT_SOLVERS,
-                           devices=devices, progress=progress)
+                           devices=devices, progress=progress,
+                           baseline_cache=(baseline_cache or None) if jax.process_count() == 1 else None)
   summary = dict(dataset=dataset, solver=solver, n_distill=n_distill, n_hidden=n_hidden, inner=inner,
                  honest_accuracy=None, honest_std=None, distill_seconds=distill_seconds,
                  eval_seconds=time.perf_counter() - t1, joint_accuracy=None)

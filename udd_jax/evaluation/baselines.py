@@ -17,13 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from udd_jax import io
 from udd_jax.data.clustering import kmeans
 from udd_jax.evaluation import logistic
+from udd_jax.evaluation.cache import BaselineCache
 from udd_jax.evaluation.report import Row
 from udd_jax.inner import learners
 
@@ -136,6 +136,17 @@ def train_supervised(
 
 LearnerRows = Callable[[str, Array], list[Row]]
 
+# What each baseline's rows depend on, beside the probe's data and heads (BaselineCache's key).
+DEPENDS_ON = {
+    "raw_pixels": (),
+    "random_w": ("keys", "learner", "n_hidden", "init_scale"),
+    "random_subset": ("keys", "learner", "n_hidden", "n", "recipes", "convergence"),
+    "kmeans": ("keys", "learner", "n_hidden", "n", "recipes", "convergence"),
+    "full_data": ("keys", "learner", "n_hidden", "init_scale"),
+    "supervised": ("keys", "n_hidden"),
+}
+PROBE_KEY = ("z_train", "y_train", "z_test", "y_test", "head_l2", "head_steps", "head_method", "devices")
+
 
 def baseline_rows(
     baselines: Sequence[str],
@@ -146,7 +157,8 @@ def baseline_rows(
     n: int,
     n_hidden: int,
     init_scale: float,
-    on_row: Callable[[Row], None] = lambda row: None,
+    on_row: Callable[..., None] = lambda row, cached=False: None,
+    cache: BaselineCache | None = None,
 ) -> list[Row]:
   """The rows of ``baselines``, in the order of :data:`BASELINES`.
 
@@ -159,44 +171,65 @@ def baseline_rows(
     n: size of D (of the subsets and the number of centroids).
     n_hidden: the learner's number of hidden units.
     init_scale: scale of the random untrained learner and of the full-data learner's init.
-    on_row: called with each row computed here as it is done (``learner_rows`` reports its own).
+    on_row: called with each row as it is done (``learner_rows`` reports the rows it
+      computes itself), and with ``cached=True`` for each row read from ``cache``.
+    cache: where to read a baseline's rows from, and to store those computed here
+      (keyed by :data:`DEPENDS_ON` and :data:`PROBE_KEY`); None computes every row.
   """
-  rows: list[Row] = []
   z_train = probe.z_train
-  if "raw_pixels" in baselines:
+
+  def raw_pixels():
     raw_accs, std_accs = probe(raw=(z_train[None], probe.z_test[None]))
-    rows.append(Row("raw pixels", raw_accs, accuracies_standardized=std_accs))
-    on_row(rows[-1])
-  if "random_w" in baselines:
+    return [_done(Row("raw pixels", raw_accs, accuracies_standardized=std_accs), on_row)]
+
+  def random_w():
     init = lambda k: probe.learner.init(k, z_train.shape[1], n_hidden, init_scale=init_scale, dtype=z_train.dtype)
     raw_accs, std_accs = probe(jax.vmap(init)(keys))
-    rows.append(Row("random untrained W", raw_accs, note=f"init {init_scale} N(0, 1)", accuracies_standardized=std_accs))
-    on_row(rows[-1])
-  if "random_subset" in baselines:
+    return [_done(Row("random untrained W", raw_accs, note=f"init {init_scale} N(0, 1)", accuracies_standardized=std_accs),
+                  on_row)]
+
+  def random_subset():
     subsets = jax.vmap(lambda k: z_train[jax.random.choice(k, z_train.shape[0], (n,), replace=False)])(
-        jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    )
-    rows += learner_rows(f"random real subset of {n}", subsets)
-  if "kmeans" in baselines:
+        jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
+    return learner_rows(f"random real subset of {n}", subsets)
+
+  def kmeans_rows():
     centres = jax.jit(jax.vmap(lambda k: kmeans(k, z_train, n)))(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
-    rows += learner_rows(f"k-means centroids ({n})", centres)
-  return rows + _trained_rows(baselines, probe, keys, n_hidden=n_hidden, init_scale=init_scale, on_row=on_row)
+    return learner_rows(f"k-means centroids ({n})", centres)
 
-
-def _trained_rows(baselines: Sequence[str], probe: Probe, keys: PRNGKeyArray, *, n_hidden: int, init_scale: float,
-                  on_row: Callable[[Row], None]) -> list[Row]:
-  """The references trained on all the real data: the learner (``full_data``) and a supervised network."""
-  rows: list[Row] = []
-  if "full_data" in baselines:
-    params = jax.jit(lambda k: train_on_full_data(k, probe.z_train, learner=probe.learner, n_hidden=n_hidden,
+  def full_data():
+    params = jax.jit(lambda k: train_on_full_data(k, z_train, learner=probe.learner, n_hidden=n_hidden,
                                                    init_scale=init_scale))(jax.random.fold_in(keys[0], 3))
     raw_accs, std_accs = probe(jax.tree.map(lambda a: a[None], params))
-    rows.append(Row("learner trained on all training data", raw_accs, note="3000 Adam steps, batch 256",
-                    accuracies_standardized=std_accs))
-    on_row(rows[-1])
-  if "supervised" in baselines:
-    acc = train_supervised(jax.random.fold_in(keys[0], 4), probe.z_train, probe.y_train, probe.z_test, probe.y_test,
+    return [_done(Row("learner trained on all training data", raw_accs, note="3000 Adam steps, batch 256",
+                      accuracies_standardized=std_accs), on_row)]
+
+  def supervised():
+    acc = train_supervised(jax.random.fold_in(keys[0], 4), z_train, probe.y_train, probe.z_test, probe.y_test,
                            n_hidden=n_hidden, n_classes=probe.n_classes)
-    rows.append(Row(f"supervised network, K={n_hidden} (ceiling)", [acc], note="end to end, 12000 Adam steps"))
-    on_row(rows[-1])
+    return [_done(Row(f"supervised network, K={n_hidden} (ceiling)", [acc], note="end to end, 12000 Adam steps"),
+                  on_row)]
+
+  compute = dict(raw_pixels=raw_pixels, random_w=random_w, random_subset=random_subset, kmeans=kmeans_rows,
+                 full_data=full_data, supervised=supervised)
+  rows: list[Row] = []
+  for name in BASELINES:
+    if name not in baselines:
+      continue
+    depends_on = PROBE_KEY + DEPENDS_ON[name]
+    cached = cache.get(name, depends_on) if cache is not None else None
+    if cached is not None:
+      for row in cached:
+        on_row(row, cached=True)
+      rows += cached
+      continue
+    computed = compute[name]()
+    if cache is not None and all(r.accuracies for r in computed):  # a diverged row is not kept
+      cache.put(name, depends_on, computed)
+    rows += computed
   return rows
+
+
+def _done(row: Row, on_row: Callable[..., None]) -> Row:
+  on_row(row)
+  return row

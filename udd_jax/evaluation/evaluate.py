@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from jaxtyping import Array, PRNGKeyArray
 from udd_jax import _validation
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
 from udd_jax.evaluation.baselines import BASELINES, LearnerRows, Probe, baseline_rows
+from udd_jax.evaluation.cache import BaselineCache
 from udd_jax.evaluation.logistic import METHODS, NEWTON_MAX_WEIGHTS
 from udd_jax.evaluation.report import EvaluationReport, Row
 from udd_jax.inner import learners
@@ -54,6 +56,7 @@ def evaluate(
     devices: Any = None,
     head_method: str = "auto",
     progress: bool = True,
+    baseline_cache: str | os.PathLike | None = None,
 ) -> EvaluationReport:
   """Honest evaluation of a distilled set D (docs/METHOD.md section 5).
 
@@ -106,6 +109,13 @@ def evaluate(
       L-BFGS for the standardised one), ``"newton"``, ``"newton_cg"`` or ``"lbfgs"`` (the
       solver before; the same optimum to its tolerance, docs/BENCHMARKS.md sections (j), (k)).
     progress: print a line per finished row to stderr.
+    baseline_cache: a directory where each baseline's rows are kept
+      (:class:`udd_jax.evaluation.cache.BaselineCache`): rows stored there by an earlier
+      evaluation in the same setting (data, seeds, learner, K, size of D, recipes, heads,
+      devices, versions) are read instead of computed, and rows computed here are stored.
+      The rows are those the evaluation computes, bit for bit; only D's rows are then
+      computed. None (the default) computes every row and stores nothing; the apps use
+      :func:`udd_jax.evaluation.cache.default_cache_dir`. Not for multi-process runs.
 
   Returns:
     An :class:`EvaluationReport`; ``print(report)`` shows the markdown table and the recipes.
@@ -133,16 +143,45 @@ def evaluate(
   n_variants = len(recipes) + bool(convergence_factor)
   n_rows = (n_variants * (1 + sum(b in baselines for b in ("random_subset", "kmeans")))
             + (joint_params is not None) + sum(b in baselines for b in ("raw_pixels", "random_w", "full_data", "supervised")))
-  on_row = _RowProgress(n_rows, n_seeds) if progress else (lambda row: None)
+  on_row = _RowProgress(n_rows, n_seeds) if progress else (lambda row, cached=False: None)
   keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
+  cache = _baseline_cache(baseline_cache, probe, keys, baselines, recipes, recipe, inner=inner, n_distill=d_images.shape[0],
+                          n_hidden=n_hidden, init_scale=standard_recipe.init_scale,
+                          convergence_factor=convergence_factor, layout=layout)
   if layout is not None:  # the real data and D on every device, the seeds split across them
     probe = dataclasses.replace(probe, **layout.put({f: getattr(probe, f) for f in ("z_train", "y_train", "z_test", "y_test")}))
     d_images, keys = layout.put(d_images), layout.put(keys, layout.split())
   learner_rows = _learner_rows(probe, keys, recipes, recipe, n_hidden=n_hidden, convergence_factor=convergence_factor,
                                layout=layout, on_row=on_row)
   rows = _rows(probe, learner_rows, d_images, joint_params, baselines, keys, n_hidden=n_hidden,
-               init_scale=standard_recipe.init_scale, on_row=on_row)
-  return EvaluationReport(rows, _settings(probe, recipes, n_distill=d_images.shape[0], n_seeds=n_seeds, n_hidden=n_hidden))
+               init_scale=standard_recipe.init_scale, on_row=on_row, cache=cache)
+  settings = _settings(probe, recipes, n_distill=d_images.shape[0], n_seeds=n_seeds, n_hidden=n_hidden)
+  if cache is not None:
+    settings["baseline_cache"] = dict(directory=str(cache.directory), rows_from_cache=cache.hits)
+  return EvaluationReport(rows, settings)
+
+
+def _baseline_cache(directory, probe: Probe, keys: PRNGKeyArray, baselines: Sequence[str],
+                    recipes: list[tuple[str, Recipe]], recipe: Recipe, *, inner: Any, n_distill: int, n_hidden: int,
+                    init_scale: float, convergence_factor: int, layout: Layout | None) -> BaselineCache | None:
+  """The cache of the baseline rows of this evaluation, or None (none asked for, or no baselines)."""
+  if directory is None or not baselines:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("baseline_cache is for single-process runs: the processes of a multi-process run would each "
+                     "read their own disk; pass baseline_cache=None.")
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"baseline_cache must be a directory path or None; got {type(directory).__name__}.")
+  learner = probe.learner
+  settings = dict(
+      learner=f"{type(learner).__module__}.{type(learner).__qualname__}: {learner!r}", n_hidden=n_hidden, n=n_distill,
+      init_scale=init_scale, recipes={label: r.to_config() for label, r in recipes},
+      convergence=dict(factor=convergence_factor, steps=recipe.steps if convergence_factor else None),
+      head_l2=probe.head_l2, head_steps=probe.head_steps, head_method=probe.head_method,
+      devices=1 if layout is None else layout.size,
+  )
+  arrays = dict(z_train=probe.z_train, y_train=probe.y_train, z_test=probe.z_test, y_test=probe.y_test, keys=keys)
+  return BaselineCache(directory, arrays, settings)
 
 
 class _RowProgress:
@@ -152,13 +191,14 @@ class _RowProgress:
     self.total, self.n_seeds, self.done = total, n_seeds, 0
     self.t0 = time.perf_counter()
 
-  def __call__(self, row: Row) -> None:
+  def __call__(self, row: Row, cached: bool = False) -> None:
     self.done += 1
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / self.done * max(self.total - self.done, 0)
     recipe = f" [{row.recipe} recipe]" if row.recipe else ""
     accuracy = f"accuracy {row.mean:.4f} ({len(row.accuracies)} seeds)" if row.accuracies else "no accuracy"
-    print(f"evaluate: row {self.done}/{self.total} {row.name}{recipe}: {accuracy} | {_clock(elapsed)} | "
+    source = " (from the baseline cache)" if cached else ""
+    print(f"evaluate: row {self.done}/{self.total} {row.name}{recipe}: {accuracy}{source} | {_clock(elapsed)} | "
           f"ETA {_clock(eta)}", file=sys.stderr, flush=True)
 
 
@@ -167,7 +207,8 @@ def _clock(seconds: float) -> str:
 
 
 def _rows(probe: Probe, learner_rows: LearnerRows, d_images: Array, joint_params: Any, baselines: Sequence[str],
-          keys: PRNGKeyArray, *, n_hidden: int, init_scale: float, on_row: Callable[[Row], None]) -> list[Row]:
+          keys: PRNGKeyArray, *, n_hidden: int, init_scale: float, on_row: Callable[..., None],
+          cache: BaselineCache | None) -> list[Row]:
   """Every row of the table: learners re-trained on D, the jointly learned w if any, then the baselines."""
   rows = learner_rows("distilled D", jnp.broadcast_to(d_images, (keys.shape[0], *d_images.shape)))
   if joint_params is not None:
@@ -176,7 +217,7 @@ def _rows(probe: Probe, learner_rows: LearnerRows, d_images: Array, joint_params
     on_row(rows[-1])
   n = d_images.shape[0]
   return rows + baseline_rows(baselines, probe, learner_rows, keys, n=n, n_hidden=n_hidden, init_scale=init_scale,
-                              on_row=on_row)
+                              on_row=on_row, cache=cache)
 
 
 def _settings(probe: Probe, recipes: list[tuple[str, Recipe]], *, n_distill: int, n_seeds: int, n_hidden: int) -> dict[str, Any]:
@@ -265,7 +306,7 @@ def _resolve_recipes(recipe: Recipe | dict[str, Any] | None, standard_recipe: Re
 
 def _learner_rows(probe: Probe, keys: PRNGKeyArray, recipes: list[tuple[str, Recipe]], recipe: Recipe, *,
                   n_hidden: int, convergence_factor: int, layout: Layout | None,
-                  on_row: Callable[[Row], None]) -> LearnerRows:
+                  on_row: Callable[..., None]) -> LearnerRows:
   """``learner_rows(name, sets)``: re-trains on each of ``sets`` (S, N, d) with each recipe and probes the features."""
 
   def learner_rows(name: str, sets: Array, note: str = "") -> list[Row]:

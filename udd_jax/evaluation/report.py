@@ -125,9 +125,17 @@ class EvaluationReport:
     """Which recipe is which: the settings of the standard recipe and of D's own."""
     return "\n".join(f"- {name}: {Recipe.from_config(cfg).describe()}" for name, cfg in self.settings["recipes"].items())
 
+  def cache_markdown(self) -> str:
+    """Which baseline rows were read from the baseline cache (empty when none were)."""
+    cache = self.settings.get("baseline_cache") or {}
+    if not cache.get("rows_from_cache"):
+      return ""
+    return (f"Baseline rows read from the cache in {cache['directory']} (stored by an earlier evaluation in the same "
+            f"setting, the same numbers): {', '.join(cache['rows_from_cache'])}.")
+
   def __str__(self) -> str:
-    verdict = self.verdict_markdown()
-    return self.to_markdown() + "\n\n" + self.recipes_markdown() + ("\n\n" + verdict if verdict else "")
+    parts = [self.to_markdown(), self.recipes_markdown(), self.verdict_markdown(), self.cache_markdown()]
+    return "\n\n".join(p for p in parts if p)
 
   def to_dict(self) -> dict[str, Any]:
     return dict(settings=self.settings, rows=[dataclasses.asdict(r) | dict(mean=r.mean, std=r.std) for r in self.rows])
