@@ -27,13 +27,17 @@ def run(digits, images, directory, **kwargs):
 
 
 @pytest.mark.slow
-def test_cached_rows_equal_computed_ones_and_are_read_for_another_set(digits, tmp_path):
+def test_cached_rows_equal_computed_ones_and_are_read_for_another_set(digits, tmp_path, capsys):
   (x, _), _ = digits
   plain = run(digits, x[:10], None)
   cold = run(digits, x[:10], tmp_path)
   assert cold.rows == plain.rows and cold.settings["baseline_cache"]["rows_from_cache"] == []
   assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == sorted(ROWS)
-  other = run(digits, x[10:20], tmp_path)  # another set, same setting: its own D row, the stored baselines
+  capsys.readouterr()
+  other = run(digits, x[10:20], tmp_path, progress=True)  # another set, same setting: its own D row, the stored baselines
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 5 and lines[0].startswith("evaluate: row 1/5 distilled D") and lines[0].endswith("ETA 0m00s")
+  assert all("(from the baseline cache)" in line for line in lines[1:]) and "(from" not in lines[0]
   assert other.settings["baseline_cache"]["rows_from_cache"] == list(ROWS)
   assert other.rows[0] != plain.rows[0] and other.rows[1:] == plain.rows[1:]
   assert "Baseline rows read from the cache in" in str(other) and "Baseline rows read" not in str(plain)

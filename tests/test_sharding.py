@@ -21,7 +21,9 @@ cross-entropy, which multiplies the summation-order round-off tenfold, and Adam'
 steps on D carry it. With ``ridge_ce`` the same runs differ from one device by 2.6e-4
 (digits, 2 devices, 10 steps), 2.2e-4 (the resume), 1.6e-4 (two processes) and 5.4e-3
 (the wide MNIST pool): the same computation, a looser float32 agreement (measured
-2026-12-07), so these tests keep the head whose tolerances they were written for.
+2026-12-07), so these tests keep the head whose tolerances they were written for, and
+the digits runs are repeated once with ``ridge_ce`` under ``RIDGE_CE_IMAGE_TOL`` = 1e-3
+(images) and the same metrics tolerance.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from udd_jax import experiment, sharding
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 IMAGE_TOL, METRIC_TOL = 1e-4, 1e-4
+RIDGE_CE_IMAGE_TOL = 1e-3  # the pool's default head: ten times the round-off (module docstring)
 
 
 
@@ -68,12 +71,13 @@ def distilled():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", ["pool", "penalty", "value_function", "implicit", "unrolled"])
+@pytest.mark.parametrize("solver", ["pool", "pool_ridge_ce", "penalty", "value_function", "implicit", "unrolled"])
 def test_distill_on_several_devices_matches_one(distilled, solver):
   by_count = distilled[solver]
   assert by_count["1"] == {"images": 0.0, "metrics": 0.0}, "a one-device mesh must change no number"
+  image_tol = RIDGE_CE_IMAGE_TOL if solver == "pool_ridge_ce" else IMAGE_TOL
   for n in ("2", "4", "8"):
-    assert by_count[n]["images"] <= IMAGE_TOL, (n, by_count[n])
+    assert by_count[n]["images"] <= image_tol, (n, by_count[n])
     assert by_count[n]["metrics"] <= METRIC_TOL, (n, by_count[n])
 
 

@@ -114,7 +114,7 @@ def make_problem(
     n_hidden: number of hidden units ``K``.
     n_classes: classes per task (an int for a single task).
     inner: ``"ae"``, ``"score_matching"``, ``"denoising_score_matching"`` or an ``InnerLearner``.
-    head: ``"softmax"``, ``"ridge"``, ``"standardized_ridge"`` or ``"ridge_ce"``.
+    head: ``"softmax"``, ``"ridge"``, ``"standardized_ridge"``, ``"ridge_ce"`` or ``"logistic"``.
     head_l2: L2 strength of the heads (the head's default if None).
     sigma2: GRBM visible variance.
     noise_std: denoising score matching noise level.

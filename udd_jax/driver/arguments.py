@@ -29,8 +29,8 @@ class ProblemConfig:
     n_hidden: hidden units K of the learner.
     inner: its scoring rule (``"ae"``, ``"score_matching"``, ``"denoising_score_matching"``)
       or a learner of the user's (an ``InnerLearner``).
-    head: the task head during distillation (``"softmax"``, ``"ridge"``, ``"standardized_ridge"``, ``"ridge_ce"``;
-      None: the solver's ``default_head``).
+    head: the task head during distillation (``"softmax"``, ``"ridge"``, ``"standardized_ridge"``, ``"ridge_ce"``,
+      ``"logistic"``; None: the solver's ``default_head``).
     head_l2: the heads' L2 strength (None: the head's default).
     sigma2: the GRBM's visible variance.
     noise_std: the corruption of denoising score matching.

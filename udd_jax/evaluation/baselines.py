@@ -148,6 +148,11 @@ DEPENDS_ON = {
 PROBE_KEY = ("z_train", "y_train", "z_test", "y_test", "head_l2", "head_steps", "head_method", "devices")
 
 
+def baseline_key(name: str) -> tuple[str, ...]:
+  """What the rows of baseline ``name`` depend on: the probe's data and heads, then :data:`DEPENDS_ON`."""
+  return PROBE_KEY + DEPENDS_ON[name]
+
+
 def baseline_rows(
     baselines: Sequence[str],
     probe: Probe,
@@ -216,7 +221,7 @@ def baseline_rows(
   for name in BASELINES:
     if name not in baselines:
       continue
-    depends_on = PROBE_KEY + DEPENDS_ON[name]
+    depends_on = baseline_key(name)
     cached = cache.get(name, depends_on) if cache is not None else None
     if cached is not None:
       for row in cached:

@@ -85,6 +85,10 @@ class BaselineCache:
   def path(self, baseline: str, depends_on: tuple[str, ...]) -> pathlib.Path:
     return self.directory / f"{baseline}-{_digest(self.key(baseline, depends_on))}.json"
 
+  def stored(self, baseline: str, depends_on: tuple[str, ...]) -> bool:
+    """Whether a file holds the rows of ``baseline`` in this setting (:meth:`get` may still find it unreadable)."""
+    return self.path(baseline, depends_on).is_file()
+
   def get(self, baseline: str, depends_on: tuple[str, ...]) -> list[Row] | None:
     """The stored rows of ``baseline`` in this setting, or None (never stored, or unreadable: warned)."""
     path = self.path(baseline, depends_on)

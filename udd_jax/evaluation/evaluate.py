@@ -23,7 +23,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from udd_jax import _validation
 from udd_jax.data.preprocessing import Preprocessing, fit_preprocessing
-from udd_jax.evaluation.baselines import BASELINES, LearnerRows, Probe, baseline_rows
+from udd_jax.evaluation.baselines import BASELINES, LearnerRows, Probe, baseline_key, baseline_rows
 from udd_jax.evaluation.cache import BaselineCache
 from udd_jax.evaluation.logistic import METHODS, NEWTON_MAX_WEIGHTS
 from udd_jax.evaluation.report import EvaluationReport, Row
@@ -143,11 +143,13 @@ def evaluate(
   n_variants = len(recipes) + bool(convergence_factor)
   n_rows = (n_variants * (1 + sum(b in baselines for b in ("random_subset", "kmeans")))
             + (joint_params is not None) + sum(b in baselines for b in ("raw_pixels", "random_w", "full_data", "supervised")))
-  on_row = _RowProgress(n_rows, n_seeds) if progress else (lambda row, cached=False: None)
   keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
   cache = _baseline_cache(baseline_cache, probe, keys, baselines, recipes, recipe, inner=inner, n_distill=d_images.shape[0],
                           n_hidden=n_hidden, init_scale=standard_recipe.init_scale,
                           convergence_factor=convergence_factor, layout=layout)
+  n_cached = 0 if cache is None else sum(n_variants if b in ("random_subset", "kmeans") else 1 for b in baselines
+                                         if cache.stored(b, baseline_key(b)))
+  on_row = _RowProgress(n_rows, n_cached) if progress else (lambda row, cached=False: None)
   if layout is not None:  # the real data and D on every device, the seeds split across them
     probe = dataclasses.replace(probe, **layout.put({f: getattr(probe, f) for f in ("z_train", "y_train", "z_test", "y_test")}))
     d_images, keys = layout.put(d_images), layout.put(keys, layout.split())
@@ -187,14 +189,17 @@ def _baseline_cache(directory, probe: Probe, keys: PRNGKeyArray, baselines: Sequ
 class _RowProgress:
   """Reports each finished row of an evaluation on stderr: ``evaluate: row 3/9 ... | 1m02s | ETA 2m10s``."""
 
-  def __init__(self, total: int, n_seeds: int):
-    self.total, self.n_seeds, self.done = total, n_seeds, 0
+  def __init__(self, total: int, n_cached: int = 0):
+    self.total, self.n_cached, self.done, self.done_cached = total, n_cached, 0, 0
     self.t0 = time.perf_counter()
 
   def __call__(self, row: Row, cached: bool = False) -> None:
+    """Prints the line of ``row``; the ETA counts the rows still to compute, at the mean time of those computed."""
     self.done += 1
+    self.done_cached += cached
     elapsed = time.perf_counter() - self.t0
-    eta = elapsed / self.done * max(self.total - self.done, 0)
+    computed, to_compute = self.done - self.done_cached, self.total - self.n_cached
+    eta = elapsed / max(computed, 1) * max(to_compute - computed, 0)
     recipe = f" [{row.recipe} recipe]" if row.recipe else ""
     accuracy = f"accuracy {row.mean:.4f} ({len(row.accuracies)} seeds)" if row.accuracies else "no accuracy"
     source = " (from the baseline cache)" if cached else ""

@@ -2,6 +2,7 @@
 
 from udd_jax.heads.linear import HEADS as HEADS
 from udd_jax.heads.linear import LinearHeadParams as LinearHeadParams
+from udd_jax.heads.linear import NewtonLogisticHead as NewtonLogisticHead
 from udd_jax.heads.linear import RidgeHead as RidgeHead
 from udd_jax.heads.linear import SoftmaxHead as SoftmaxHead
 from udd_jax.heads.linear import get_head as get_head

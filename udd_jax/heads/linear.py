@@ -50,8 +50,9 @@ def _spd_solve_bwd(residuals, ct):
 
 spd_solve.defvjp(_spd_solve_fwd, _spd_solve_bwd)
 
-HEADS = ("softmax", "ridge", "standardized_ridge", "ridge_ce")
+HEADS = ("softmax", "ridge", "standardized_ridge", "ridge_ce", "logistic")
 _MASKED_LOGIT = -1e9
+_LINE_SEARCH_STEPS = 8  # the logistic head's Newton steps try 1, 1/2, ..., 1/128 of the Newton direction
 
 
 class LinearHeadParams(NamedTuple):
@@ -146,15 +147,85 @@ class RidgeHead:
     return jnp.argmax(jnp.where(class_mask, scores, _MASKED_LOGIT), axis=-1)
 
 
-Head = SoftmaxHead | RidgeHead
+@dataclasses.dataclass(frozen=True)
+class NewtonLogisticHead:
+  """A multinomial logistic head fitted to its optimum on the batch it is given, differentiated by the envelope theorem.
+
+  The loss is ``min_beta mean_i CE([f_i, 1] beta, y_i) + l2/2 ||beta||^2``, the probe's own
+  objective. ``beta`` starts from the ridge head's scores at temperature 0.1 (``"ridge_ce"``)
+  and takes ``newton_steps`` Newton steps, each solving ``H delta = -g`` by ``cg_steps``
+  conjugate-gradient iterations on Hessian-vector products (the (K+1)C x (K+1)C Hessian is
+  never formed) and backtracking along ``delta`` to the largest of ``1, 1/2, ..., 1/128``
+  that decreases the loss enough (Armijo). The fit sees the features with their gradient stopped: at the optimum
+  ``dL/dbeta = 0``, so the derivative of the optimal loss with respect to the features is
+  the partial one at a fixed ``beta*`` (docs/METHOD.md section 3), and nothing is
+  differentiated through the Newton steps.
+  """
+
+  l2: float = 1e-3
+  newton_steps: int = 3
+  cg_steps: int = 10
+  has_params = False
+
+  def init(self, key: PRNGKeyArray, n_features: int, n_classes: int, dtype=jnp.float32) -> tuple[()]:
+    del key, n_features, n_classes, dtype
+    return ()
+
+  def fit(self, feats: Array, labels: Array, class_mask: Array) -> Array:
+    """The head ``beta`` (K+1, C) on ``feats`` after the Newton steps; last row is the bias, padded classes zero."""
+    feats = jax.lax.stop_gradient(feats)
+    z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+    targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
+    n = feats.shape[0]
+    probs = lambda b: jax.nn.softmax(jnp.where(class_mask, z @ b, _MASKED_LOGIT), axis=-1)
+
+    def newton(_, b):
+      p = probs(b)
+      grad = z.T @ (p - targets) / n + self.l2 * b
+
+      def hvp(v):
+        u = z @ v
+        return z.T @ (p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)) / n + self.l2 * v
+
+      delta, _ = jax.scipy.sparse.linalg.cg(hvp, -grad, maxiter=self.cg_steps)
+      # Backtracking on a fixed ladder of step sizes, evaluated together: the largest with Armijo's decrease (else none).
+      steps = 0.5 ** jnp.arange(_LINE_SEARCH_STEPS, dtype=feats.dtype)
+      values = jax.vmap(lambda a: self._objective(b + a * delta, feats, labels, class_mask))(steps)
+      decrease = values <= self._objective(b, feats, labels, class_mask) + 1e-4 * steps * jnp.vdot(grad, delta)
+      return b + jnp.where(jnp.any(decrease), steps[jnp.argmax(decrease)], 0.0) * delta
+
+    start = RidgeHead(l2=self.l2).fit(feats, labels, class_mask) / 0.1
+    return jax.lax.fori_loop(0, self.newton_steps, newton, jnp.where(class_mask, start, 0.0))
+
+  def gradient_norm(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Array:
+    """``||dL/dbeta||`` at ``beta``: how far the fit is from the head's optimum (zero there)."""
+    return jnp.linalg.norm(jax.grad(self._objective)(beta, feats, labels, class_mask))
+
+  def _objective(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Scalar:
+    z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+    logits = jnp.where(class_mask, z @ beta, _MASKED_LOGIT)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) + 0.5 * self.l2 * jnp.sum(beta**2)
+
+  def loss(self, params: tuple[()], feats: Array, labels: Array, class_mask: Array) -> Scalar:
+    del params
+    return self._objective(self.fit(feats, labels, class_mask), feats, labels, class_mask)
+
+  def predict(self, params: tuple[()], feats: Array, class_mask: Array, *, fit_feats: Array, fit_labels: Array) -> Array:
+    del params
+    z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+    scores = z @ self.fit(fit_feats, fit_labels, class_mask)
+    return jnp.argmax(jnp.where(class_mask, scores, _MASKED_LOGIT), axis=-1)
+
+
+Head = SoftmaxHead | RidgeHead | NewtonLogisticHead
 
 
 def get_head(name: str | Head, *, l2: float | None = None) -> Head:
-  """Returns the head called ``name`` (``"softmax"``, ``"ridge"``, ``"standardized_ridge"`` or ``"ridge_ce"``).
+  """Returns the head called ``name`` (``"softmax"``, ``"ridge"``, ``"standardized_ridge"``, ``"ridge_ce"`` or ``"logistic"``).
 
   A head object passes through unchanged.
   """
-  if isinstance(name, (SoftmaxHead, RidgeHead)):
+  if isinstance(name, (SoftmaxHead, RidgeHead, NewtonLogisticHead)):
     return name
   _validation.check_choice(name, "head", HEADS)
   kwargs = {} if l2 is None else {"l2": _validation.check_positive_float(l2, "head_l2", allow_zero=True)}
@@ -162,6 +233,8 @@ def get_head(name: str | Head, *, l2: float | None = None) -> Head:
     return SoftmaxHead(**kwargs)
   if name == "ridge_ce":
     return RidgeHead(temperature=0.1, **kwargs)
+  if name == "logistic":
+    return NewtonLogisticHead(**kwargs)
   return RidgeHead(standardize=name == "standardized_ridge", **kwargs)
 
 
