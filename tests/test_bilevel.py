@@ -906,7 +906,7 @@ def test_logistic_head_reaches_its_optimum_and_its_gradient_is_the_optimal_value
   assert precise.gradient_norm(beta, feats, labels, mask) < 1e-9 and jnp.all(beta[:, 3] == 0.0)
   start = dataclasses.replace(head, newton_steps=0)
   start_norm = start.gradient_norm(start.fit(feats, labels, mask), feats, labels, mask)
-  assert head.gradient_norm(head.fit(feats, labels, mask), feats, labels, mask) < 0.05 * start_norm  # the default 3
+  assert head.gradient_norm(head.fit(feats, labels, mask), feats, labels, mask) < 0.05 * start_norm  # the default 5
   grad = jax.grad(lambda f: precise.loss((), f, labels, mask))(feats)
   for k in range(3):
     v = jax.random.normal(jax.random.key(10 + k), feats.shape)
