@@ -190,8 +190,8 @@ class NewtonLogisticHead:
       delta, _ = jax.scipy.sparse.linalg.cg(hvp, -grad, maxiter=self.cg_steps)
       # Backtracking on a fixed ladder of step sizes, evaluated together: the largest with Armijo's decrease (else none).
       steps = 0.5 ** jnp.arange(_LINE_SEARCH_STEPS, dtype=feats.dtype)
-      values = jax.vmap(lambda a: self._objective(b + a * delta, feats, labels, class_mask))(steps)
-      decrease = values <= self._objective(b, feats, labels, class_mask) + 1e-4 * steps * jnp.vdot(grad, delta)
+      values = jax.vmap(lambda a: self.objective(b + a * delta, feats, labels, class_mask))(steps)
+      decrease = values <= self.objective(b, feats, labels, class_mask) + 1e-4 * steps * jnp.vdot(grad, delta)
       return b + jnp.where(jnp.any(decrease), steps[jnp.argmax(decrease)], 0.0) * delta
 
     start = RidgeHead(l2=self.l2).fit(feats, labels, class_mask) / 0.1
@@ -199,16 +199,17 @@ class NewtonLogisticHead:
 
   def gradient_norm(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Array:
     """``||dL/dbeta||`` at ``beta``: how far the fit is from the head's optimum (zero there)."""
-    return jnp.linalg.norm(jax.grad(self._objective)(beta, feats, labels, class_mask))
+    return jnp.linalg.norm(jax.grad(self.objective)(beta, feats, labels, class_mask))
 
-  def _objective(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Scalar:
+  def objective(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Scalar:
+    """``mean_i CE([f_i, 1] beta, y_i) + l2/2 ||beta||^2``, absent classes masked: what :meth:`fit` minimises."""
     z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
     logits = jnp.where(class_mask, z @ beta, _MASKED_LOGIT)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) + 0.5 * self.l2 * jnp.sum(beta**2)
 
   def loss(self, params: tuple[()], feats: Array, labels: Array, class_mask: Array) -> Scalar:
     del params
-    return self._objective(self.fit(feats, labels, class_mask), feats, labels, class_mask)
+    return self.objective(self.fit(feats, labels, class_mask), feats, labels, class_mask)
 
   def predict(self, params: tuple[()], feats: Array, class_mask: Array, *, fit_feats: Array, fit_labels: Array) -> Array:
     del params
