@@ -42,6 +42,18 @@ def test_digits_needs_no_files(no_env_data_dir):
   assert np.allclose(x_train * 16, np.round(x_train * 16))
 
 
+def test_embedded_mnist_10k_is_the_documented_part_of_mnist(no_env_data_dir, real_data_dir):
+  """mnist_10k ships in the package: MNIST's first 10,000 training images and every fifth test image."""
+  (x, y), (xt, yt) = udd_jax.load_dataset("mnist_10k")
+  assert x.shape == (10000, 28, 28) and xt.shape == (2000, 28, 28) and x.dtype == np.float32 and y.dtype == np.int32
+  assert set(np.unique(y)) == set(range(10)) == set(np.unique(yt))
+  (fx, fy), (fxt, fyt) = udd_jax.load_dataset("mnist", data_dir=real_data_dir)
+  np.testing.assert_array_equal(x, fx[:10000])
+  np.testing.assert_array_equal(y, fy[:10000])
+  np.testing.assert_array_equal(xt, fxt[::5])
+  np.testing.assert_array_equal(yt, fyt[::5])
+
+
 @pytest.mark.parametrize(
     "name, n_train, n_test, image_shape, train_counts",
     [

@@ -18,13 +18,18 @@ from udd_jax import _validation
 
 DATA_DIR_ENV = "UDD_DATA_DIR"
 
-BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "usps")
+BUILTIN_DATASETS = ("digits", "mnist_10k", "mnist", "fashion_mnist", "usps")
+EMBEDDED_DATASETS = ("digits", "mnist_10k")  # shipped inside the package: no data_dir needed
 
 # The 1797 8x8 images of scikit-learn's ``load_digits`` (UCI optdigits test set,
 # values 0..16), embedded so that the default job needs no files. Split in file
 # order: the first 1437 (80%) for training, the last 360 for testing.
 _DIGITS_FILE = "digits.csv.gz"
 _DIGITS_N_TRAIN = 1437
+# MNIST (LeCun, Cortes & Burges), 28x28, a part small enough to ship (2 MB): the first 10,000
+# training images and every fifth test image (indices 0, 5, ..., 9995; the test set's first
+# half is cleaner than its second, and every fifth takes both alike), uint8 as published.
+_MNIST_10K_FILE = "mnist_10k.npz"
 
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -60,15 +65,16 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> tuple[Split, Split]:
   """Loads a labelled image dataset, offline.
 
-  Sources, in order: the embedded ``digits``; ``<data_dir>/<name>.npz`` with
+  Sources, in order: the embedded ``digits`` and ``mnist_10k``; ``<data_dir>/<name>.npz`` with
   arrays ``x_train, y_train, x_test, y_test`` (the format of ``shared/data``);
   the four original IDX files (``train-images-idx3-ubyte[.gz]`` and so on) in
   ``<data_dir>/<name>/``; finally, when tensorflow-datasets is installed, an
   already prepared tfds dataset of that name (never downloaded).
 
   Args:
-    name: ``"digits"`` (8x8, embedded), ``"mnist"``, ``"fashion_mnist"``, ``"usps"``,
-      or any name tensorflow-datasets knows.
+    name: ``"digits"`` (8x8, embedded), ``"mnist_10k"`` (28x28, embedded: the first 10,000
+      MNIST training images and every fifth test image, 2,000), ``"mnist"``,
+      ``"fashion_mnist"``, ``"usps"``, or any name tensorflow-datasets knows.
     data_dir: directory holding the files; defaults to ``$UDD_DATA_DIR``.
 
   Returns:
@@ -86,10 +92,13 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> tup
   """
   if not isinstance(name, str):
     raise TypeError(f"name must be a dataset name string; got {type(name).__name__}.")
-  if name == "digits":
+  if name in EMBEDDED_DATASETS:
     if data_dir is not None:  # embedded, but a data_dir given by mistake should not pass silently
       resolve_data_dir(data_dir)
-    return _load_digits()
+    if name == "digits":
+      return _load_digits()
+    with importlib.resources.as_file(importlib.resources.files("udd_jax.data").joinpath(_MNIST_10K_FILE)) as path:
+      return _load_npz(path)
   path = resolve_data_dir(data_dir)
   looked_for: list[str] = []
   if path is not None:
