@@ -144,7 +144,7 @@ def evaluate(
   n_rows = (n_variants * (1 + sum(b in baselines for b in ("random_subset", "kmeans")))
             + (joint_params is not None) + sum(b in baselines for b in ("raw_pixels", "random_w", "full_data", "supervised")))
   keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
-  cache = _baseline_cache(baseline_cache, probe, keys, baselines, recipes, recipe, inner=inner, n_distill=d_images.shape[0],
+  cache = _baseline_cache(baseline_cache, probe, keys, baselines, recipes, recipe, n_distill=d_images.shape[0],
                           n_hidden=n_hidden, init_scale=standard_recipe.init_scale,
                           convergence_factor=convergence_factor, layout=layout)
   n_cached = 0 if cache is None else sum(n_variants if b in ("random_subset", "kmeans") else 1 for b in baselines
@@ -164,7 +164,7 @@ def evaluate(
 
 
 def _baseline_cache(directory, probe: Probe, keys: PRNGKeyArray, baselines: Sequence[str],
-                    recipes: list[tuple[str, Recipe]], recipe: Recipe, *, inner: Any, n_distill: int, n_hidden: int,
+                    recipes: list[tuple[str, Recipe]], recipe: Recipe, *, n_distill: int, n_hidden: int,
                     init_scale: float, convergence_factor: int, layout: Layout | None) -> BaselineCache | None:
   """The cache of the baseline rows of this evaluation, or None (none asked for, or no baselines)."""
   if directory is None or not baselines:
