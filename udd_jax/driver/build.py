@@ -79,7 +79,7 @@ def state_shardings(layout: Layout, solver: Any, state: Any) -> Any:
   return shardings._replace(**{f: jax.tree.map(lambda _: layout.split(), getattr(state, f)) for f in solver.member_fields})
 
 
-def check_layout(layout: Layout, solver: Any, batch_size: int) -> None:
+def _check_layout(layout: Layout, solver: Any, batch_size: int) -> None:
   """Raises a ValueError, before anything is compiled, unless the axis the run splits fits the devices."""
   if solver.member_fields:
     layout.check_divides(solver.n_members, f"the {solver.name} solver's {solver.member_axis}")
@@ -129,10 +129,10 @@ def build(s: Settings, layout: Layout | None = None) -> Run:
 
   With a ``layout``, the state and the real tasks are placed on its devices (every
   process of a multi-process run builds the same values); a layout that cannot split the
-  run's axis is refused first (:func:`check_layout`), before anything is computed.
+  run's axis is refused first (:func:`_check_layout`), before anything is computed.
   """
   if layout is not None:
-    check_layout(layout, s.solver, s.batch_size)
+    _check_layout(layout, s.solver, s.batch_size)
   image_shape = s.tasks[0][0].shape[1:]
   prep = fit_preprocessing(s.tasks[0][0], method=s.preprocessing)
   z_tasks = [(prep.apply(xj), yj) for xj, yj in s.tasks]
