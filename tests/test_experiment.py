@@ -90,7 +90,7 @@ def test_helpfull_lists_choices_and_defaults_and_starts_no_run(tmp_path, name):
   assert list(tmp_path.iterdir()) == [], "--helpfull wrote files"
   out = proc.stdout + proc.stderr
   assert "--workdir: (required)" in out
-  assert "<digits|mnist|fashion_mnist|usps>" in out
+  assert "<digits|mnist_10k|mnist|fashion_mnist|usps>" in out
   if name != "seed_table":
     assert "--inner: <ae|score_matching|denoising_score_matching>" in out
   if name == "distill":
