@@ -183,7 +183,7 @@ def finished_run(workdir: str | pathlib.Path, request: Mapping[str, Any]) -> tup
 def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baselines, transfers, joint, devices,
                     progress, baseline_cache):
   """D on each task (every baseline on the first, only raw pixels and random W on the others), with transfer rows."""
-  report = None
+  report, from_cache = None, []
   for j, (name, (train, test)) in enumerate(zip(names, splits)):
     part = evaluate(
         result.images, train, test, n_hidden=n_hidden, inner=inner, recipe=result.recipe, n_seeds=n_seeds,
@@ -201,16 +201,14 @@ def _evaluate_tasks(result, names, splits, *, n_hidden, inner, n_seeds, baseline
         part.rows.append(row)
     for row in part.rows if len(names) > 1 else ():
       row.name = f"{name}: {row.name}"
-    cached = part.settings.get("baseline_cache")
-    if cached is not None and len(names) > 1:
-      cached["rows_from_cache"] = [f"{name}: {b}" for b in cached["rows_from_cache"]]
+    hits = part.settings.get("baseline_cache", {}).get("rows_from_cache", [])
+    from_cache += [f"{name}: {b}" for b in hits] if len(names) > 1 else hits
     if report is None:
       report = part
     else:
       report.rows.extend(part.rows)
-      if cached is not None:
-        report.settings.setdefault("baseline_cache", dict(cached, rows_from_cache=[]))["rows_from_cache"] += \
-            cached["rows_from_cache"]
+  if report is not None and "baseline_cache" in report.settings:  # the first task's record, naming every task's hits
+    report.settings["baseline_cache"]["rows_from_cache"] = from_cache
   return report
 
 

@@ -141,14 +141,13 @@ def evaluate(
                              head_steps=head_steps, sigma2=sigma2, noise_std=noise_std)
   probe = dataclasses.replace(probe, head_method=head_method)
   n_variants = len(recipes) + bool(convergence_factor)
-  n_rows = (n_variants * (1 + sum(b in baselines for b in ("random_subset", "kmeans")))
-            + (joint_params is not None) + sum(b in baselines for b in ("raw_pixels", "random_w", "full_data", "supervised")))
+  rows_of = lambda b: n_variants if b in ("random_subset", "kmeans") else 1  # a learner row per recipe variant
+  n_rows = n_variants + (joint_params is not None) + sum(rows_of(b) for b in baselines)
   keys = jax.random.split(_validation.as_key(seed, "seed")[0], n_seeds)
   cache = _baseline_cache(baseline_cache, probe, keys, baselines, recipes, recipe, n_distill=d_images.shape[0],
                           n_hidden=n_hidden, init_scale=standard_recipe.init_scale,
                           convergence_factor=convergence_factor, layout=layout)
-  n_cached = 0 if cache is None else sum(n_variants if b in ("random_subset", "kmeans") else 1 for b in baselines
-                                         if cache.stored(b, baseline_key(b)))
+  n_cached = 0 if cache is None else sum(rows_of(b) for b in baselines if cache.stored(b, baseline_key(b)))
   on_row = _RowProgress(n_rows, n_cached) if progress else (lambda row, cached=False: None)
   if layout is not None:  # the real data and D on every device, the seeds split across them
     probe = dataclasses.replace(probe, **layout.put({f: getattr(probe, f) for f in ("z_train", "y_train", "z_test", "y_test")}))

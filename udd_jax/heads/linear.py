@@ -50,8 +50,14 @@ def _spd_solve_bwd(residuals, ct):
 
 spd_solve.defvjp(_spd_solve_fwd, _spd_solve_bwd)
 
+def _with_bias(feats: Array) -> Array:
+  """``[f, 1]``: the features with a constant column, whose coefficient is the bias."""
+  return jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+
+
 HEADS = ("softmax", "ridge", "standardized_ridge", "ridge_ce", "logistic")
 _MASKED_LOGIT = -1e9
+RIDGE_CE_TEMPERATURE = 0.1  # the head "ridge_ce", and the logistic head's starting point
 _LINE_SEARCH_STEPS = 8  # the logistic head's Newton steps try 1, 1/2, ..., 1/128 of the Newton direction
 
 
@@ -121,7 +127,7 @@ class RidgeHead:
     if self.standardize:
       mean = jnp.mean(fit_feats, axis=0)
       feats = (feats - mean) / jnp.sqrt(jnp.var(fit_feats, axis=0) + 1e-8)
-    return jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+    return _with_bias(feats)
 
   def fit(self, feats: Array, labels: Array, class_mask: Array) -> Array:
     """The ridge coefficients ``beta`` (K+1, C) on ``feats``; last row is the bias."""
@@ -174,7 +180,7 @@ class NewtonLogisticHead:
   def fit(self, feats: Array, labels: Array, class_mask: Array) -> Array:
     """The head ``beta`` (K+1, C) on ``feats`` after the Newton steps; last row is the bias, padded classes zero."""
     feats = jax.lax.stop_gradient(feats)
-    z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
+    z = _with_bias(feats)
     targets = jax.nn.one_hot(labels, class_mask.shape[0], dtype=feats.dtype)
     n = feats.shape[0]
     probs = lambda b: jax.nn.softmax(jnp.where(class_mask, z @ b, _MASKED_LOGIT), axis=-1)
@@ -194,7 +200,7 @@ class NewtonLogisticHead:
       decrease = values <= self.objective(b, feats, labels, class_mask) + 1e-4 * steps * jnp.vdot(grad, delta)
       return b + jnp.where(jnp.any(decrease), steps[jnp.argmax(decrease)], 0.0) * delta
 
-    start = RidgeHead(l2=self.l2).fit(feats, labels, class_mask) / 0.1
+    start = RidgeHead(l2=self.l2).fit(feats, labels, class_mask) / RIDGE_CE_TEMPERATURE
     return jax.lax.fori_loop(0, self.newton_steps, newton, jnp.where(class_mask, start, 0.0))
 
   def gradient_norm(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Array:
@@ -203,8 +209,7 @@ class NewtonLogisticHead:
 
   def objective(self, beta: Array, feats: Array, labels: Array, class_mask: Array) -> Scalar:
     """``mean_i CE([f_i, 1] beta, y_i) + l2/2 ||beta||^2``, absent classes masked: what :meth:`fit` minimises."""
-    z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
-    logits = jnp.where(class_mask, z @ beta, _MASKED_LOGIT)
+    logits = jnp.where(class_mask, _with_bias(feats) @ beta, _MASKED_LOGIT)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) + 0.5 * self.l2 * jnp.sum(beta**2)
 
   def loss(self, params: tuple[()], feats: Array, labels: Array, class_mask: Array) -> Scalar:
@@ -213,8 +218,7 @@ class NewtonLogisticHead:
 
   def predict(self, params: tuple[()], feats: Array, class_mask: Array, *, fit_feats: Array, fit_labels: Array) -> Array:
     del params
-    z = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1), feats.dtype)], axis=1)
-    scores = z @ self.fit(fit_feats, fit_labels, class_mask)
+    scores = _with_bias(feats) @ self.fit(fit_feats, fit_labels, class_mask)
     return jnp.argmax(jnp.where(class_mask, scores, _MASKED_LOGIT), axis=-1)
 
 
@@ -233,7 +237,7 @@ def get_head(name: str | Head, *, l2: float | None = None) -> Head:
   if name == "softmax":
     return SoftmaxHead(**kwargs)
   if name == "ridge_ce":
-    return RidgeHead(temperature=0.1, **kwargs)
+    return RidgeHead(temperature=RIDGE_CE_TEMPERATURE, **kwargs)
   if name == "logistic":
     return NewtonLogisticHead(**kwargs)
   return RidgeHead(standardize=name == "standardized_ridge", **kwargs)
