@@ -1,5 +1,6 @@
 """The supervised experiment end to end on the embedded digits, and unsupervised sets in its table."""
 
+import itertools
 import json
 
 import numpy as np
@@ -55,6 +56,28 @@ def test_nearest_labels_match_brute_force():
     compare.nearest_labels(queries[:, :3], train, labels)
 
 
+def test_balanced_labels_solve_the_assignment_by_brute_force():
+  rng = np.random.default_rng(1)
+  train, labels = rng.standard_normal((60, 3, 3, 1)), np.arange(60) % 3
+  queries = rng.standard_normal((6, 3, 3, 1))
+  d = ((queries.reshape(6, 1, -1) - train.reshape(1, 60, -1)) ** 2).sum(-1)
+  per_class = np.stack([d[:, labels == c].min(1) for c in range(3)], axis=1)  # (6, 3)
+  # Every way of giving each of the 3 classes 2 of the 6 images, by brute force.
+  best = min((assignment for assignment in itertools.product(range(3), repeat=6)
+              if np.all(np.bincount(assignment, minlength=3) == 2)),
+             key=lambda a: per_class[np.arange(6), a].sum())
+  got = compare.balanced_labels(queries, train, labels, ipc=2)
+  np.testing.assert_array_equal(got, best)
+  assert np.bincount(got, minlength=3).tolist() == [2, 2, 2]
+  # Already balanced nearest labels are kept.
+  near = train[[0, 1, 2]] + 1e-3
+  np.testing.assert_array_equal(compare.balanced_labels(near, train, labels, ipc=1), labels[:3])
+  with pytest.raises(ValueError, match="ipc=1 with 3 classes needs 3"):
+    compare.balanced_labels(queries, train, labels, ipc=1)
+  with pytest.raises(ValueError, match="lacks class"):
+    compare.balanced_labels(queries[:3], train, np.where(labels == 1, 0, labels), ipc=1)
+
+
 @pytest.mark.slow
 def test_udd_method_evaluates_an_unsupervised_set_with_nearest_labels(digits, unsupervised_set, tmp_path):
   evaluation = experiment.run(method="udd", dataset="digits", data_dir=None, ipc=1, network="mlp", workdir=str(tmp_path),
@@ -64,14 +87,25 @@ def test_udd_method_evaluates_an_unsupervised_set_with_nearest_labels(digits, un
   (x, y), _ = digits
   mean, std = float(x.mean()), float(x.std())
   np.testing.assert_allclose(result.images[..., 0], (source.images - mean) / std, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(result.labels, compare.nearest_labels(result.images, ((x - mean) / std)[..., None], y))
+  np.testing.assert_array_equal(result.labels,
+                                compare.balanced_labels(result.images, ((x - mean) / std)[..., None], y, ipc=1))
   assert result.config["method"] == "udd" and result.config["source"] == str(unsupervised_set)
-  assert sum(result.config["label_counts"]) == 10 and len(evaluation["rows"]) == 1
+  assert result.config["label_counts"] == [1] * 10 and len(evaluation["rows"]) == 1
+  experiment.run(method="udd", dataset="digits", data_dir=None, ipc=1, network="mlp", workdir=str(tmp_path / "nearest"),
+                 eval_runs=0, options={"source": str(unsupervised_set), "labels": "nearest"})
+  nearest = artifacts.load_result(tmp_path / "nearest" / "result.npz")
+  np.testing.assert_array_equal(nearest.labels, compare.nearest_labels(result.images, ((x - mean) / std)[..., None], y))
 
 
 def test_udd_method_errors(unsupervised_set, tmp_path):
   with pytest.raises(ValueError, match="options\\['source'\\]"):
     experiment.run(method="udd", dataset="digits", data_dir=None, ipc=1, workdir=str(tmp_path), eval_runs=0)
+  with pytest.raises(ValueError, match="unknown labels 'closest'"):
+    experiment.run(method="udd", dataset="digits", data_dir=None, ipc=1, workdir=str(tmp_path), eval_runs=0,
+                   options={"source": str(unsupervised_set), "labels": "closest"})
+  with pytest.raises(ValueError, match="takes the options 'source' and 'labels'; got also \\['lr'\\]"):
+    experiment.run(method="udd", dataset="digits", data_dir=None, ipc=1, workdir=str(tmp_path), eval_runs=0,
+                   options={"source": str(unsupervised_set), "lr": 1})
   with pytest.raises(ValueError, match="holds 10 images; ipc=2 with 10 classes needs 20"):
     experiment.run(method="udd", dataset="digits", data_dir=None, ipc=2, workdir=str(tmp_path), eval_runs=0,
                    options={"source": str(unsupervised_set)})

@@ -94,7 +94,8 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
     method: one of ``METHODS``: a distiller (``dd``, ``dc``, ``dsa``, ``dm``, ``mtt``,
       ``kip``, ``gtn``), a coreset baseline (``random``, ``herding``, ``kcenter``), or
       ``udd``: the unsupervised distilled set ``options["source"]`` (a ``distilled.npz``)
-      with the labels of its nearest real training images (:mod:`compare`).
+      with the labels of its nearest real training images, ``ipc`` per class unless
+      ``options["labels"]`` is ``"nearest"`` (:func:`compare.from_unsupervised`).
     dataset: ``mnist``, ``fashion_mnist``, ``usps`` or ``digits`` (embedded).
     data_dir: directory with ``<dataset>.npz`` (default ``$UDD_DATA_DIR``).
     ipc: images per class.
@@ -176,7 +177,10 @@ def _distilled_set(method, dataset, z_train, y_train, prepare, prep_config, *, i
                               config=dict(method=method, ipc=ipc, seed=base.as_key(seed, "seed")[1], iterations=0,
                                           seconds=time.perf_counter() - t0))
   elif method == "udd":
-    result = compare.from_unsupervised(options.pop("source"), prepare, z_train, y_train, ipc=ipc)
+    source, labels = options.pop("source"), options.pop("labels", "balanced")
+    if options:
+      raise ValueError(f"method 'udd' takes the options 'source' and 'labels'; got also {sorted(options)}.")
+    result = compare.from_unsupervised(source, prepare, z_train, y_train, ipc=ipc, labels=labels)
   else:
     result = _distil(method, z_train, y_train, ipc=ipc, network=network, width=width, iterations=iterations,
                      max_seconds=max_seconds, seed=seed, workdir=workdir, options=options, preprocessing=prep_config)
