@@ -13,7 +13,7 @@ Examples:
   >>> net.apply({"params": params}, x).shape
   (2, 10)
   >>> net.apply({"params": params}, x, method="embed").shape
-  (2, 1152)
+  (2, 2048)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from udd_jax import _validation
 
 NETWORKS = ("convnet", "mlp", "lenet")
 LENET_MIN_SIZE = 12
+GREY_PADDING = 3  # the first convolution's padding on one-channel inputs (the authors' ConvNet)
 
 
 class _Classifier(nn.Module):
@@ -41,7 +42,13 @@ class _Classifier(nn.Module):
 
 class ConvNet(_Classifier):
   """The ConvNet of DC/DSA/DM/MTT: ``depth`` blocks of [3x3 conv (``width`` channels),
-  instance norm, ReLU, 2x2 average pooling], then one linear layer."""
+  instance norm, ReLU, 2x2 average pooling], then one linear layer.
+
+  As in the authors' code (DC/DSA/DM's ``networks.py``), the first convolution pads a
+  one-channel input by 3 pixels instead of 1: MNIST's 28x28 becomes 32x32, then 16, 8 and
+  4 after the poolings (``width x 4 x 4`` features), where padding 1 would give 14, 7 and 3
+  and drop the last row and column at the third pooling (docs/SUPERVISED.md, "Parity").
+  """
 
   n_classes: int
   width: int = 128
@@ -54,6 +61,8 @@ class ConvNet(_Classifier):
     self.classifier = nn.Dense(self.n_classes)
 
   def embed(self, x: Float[Array, "n H W C"]) -> Float[Array, "n f"]:
+    if x.shape[-1] == 1:  # with the conv's own padding of 1: padding 3, as the authors' ConvNet on grey images
+      x = jnp.pad(x, ((0, 0), (GREY_PADDING - 1,) * 2, (GREY_PADDING - 1,) * 2, (0, 0)))
     for conv, norm in zip(self.convs, self.norms):
       x = nn.avg_pool(nn.relu(norm(conv(x))), (2, 2), strides=(2, 2))
     return x.reshape(x.shape[0], -1)

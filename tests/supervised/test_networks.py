@@ -1,0 +1,36 @@
+"""The ConvNet against a by-hand forward pass: the authors' padding of grey inputs, instance norm, pooling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from udd_jax.supervised import networks
+
+
+def by_hand_embed(params, x, *, depth):
+  """DC/DSA/DM's ConvNet ``embed`` written out: the first conv pads a one-channel input by 3, the others by 1."""
+  for d in range(depth):
+    pad = 3 if d == 0 and x.shape[-1] == 1 else 1
+    conv = params[f"convs_{d}"]
+    x = jax.lax.conv_general_dilated(x, conv["kernel"], (1, 1), [(pad, pad), (pad, pad)],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    var = x.var(axis=(1, 2), keepdims=True)
+    norm = params[f"norms_{d}"]
+    x = jnp.maximum((x - mean) / jnp.sqrt(var + 1e-5) * norm["scale"] + norm["bias"], 0.0)
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return x.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("shape, features", [((28, 28, 1), 4 * 4), ((28, 28, 3), 3 * 3), ((16, 16, 1), 2 * 2)])
+def test_convnet_embed_matches_the_authors_layout(shape, features):
+  net = networks.get_network("convnet", 10, width=4)
+  x = jax.random.normal(jax.random.key(0), (2, *shape))
+  params = net.init(jax.random.key(1), x)["params"]
+  # Non-trivial norm parameters, so that the check covers them.
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  got = net.apply({"params": params}, x, method="embed")
+  assert got.shape == (2, 4 * features)
+  np.testing.assert_allclose(got, by_hand_embed(params, x, depth=3), rtol=1e-4, atol=1e-5)
