@@ -137,6 +137,22 @@ def test_distill_dd_result_and_config(dd_run):
   assert c["seconds"] > 0 and c["init_lr"] == 0.1
 
 
+def test_distill_dd_defaults_follow_the_reference_schedule(digits3):
+  x, y = digits3
+  n = x.shape[0]
+  result = dd.distill_dd(x, y, ipc=1, seed=0, network="mlp", width=4, steps=2, epochs=1, max_seconds=1e-9)
+  c = result.config
+  # 400 epochs of the real data in batches of 1024 (all n < 1024 images here: one iteration per epoch), the step
+  # sizes halved every 40 epochs, one fresh init per iteration, initial step sizes 0.02, Adam's b1 0.5.
+  assert n < 1024 and c["batch_real"] == n
+  assert c["max_iterations"] == 400 and c["decay"] == {"every_iterations": 40, "factor": 0.5}
+  assert (c["n_inits"], c["init_lr"], c["adam_b1"], c["iterations"], c["stopped"]) == (1, 0.02, 0.5, 1, "max_seconds")
+  big = np.concatenate([x] * (2048 // n + 1))[:2049]
+  c = dd.distill_dd(big, np.resize(y, 2049), ipc=1, seed=0, network="mlp", width=4, steps=2, epochs=1,
+                    max_seconds=1e-9).config
+  assert c["max_iterations"] == 400 * 3 and c["decay"]["every_iterations"] == 40 * 3  # ceil(2049 / 1024) = 3
+
+
 def test_distill_dd_compiles_its_step_once(dd_run):
   _, messages, _ = dd_run
   assert sum("Compiling jit(dd_step)" in m for m in messages) == 1

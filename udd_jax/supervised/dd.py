@@ -26,7 +26,11 @@ from udd_jax.supervised.networks import cross_entropy, get_network, init_params,
 from udd_jax.supervised.result import SupervisedResult
 from udd_jax.training import unroll
 
-DEFAULTS = dict(network="lenet", iterations=400)
+DEFAULTS = dict(network="lenet")
+# The reference code's schedule (github.com/SsnL/dataset-distillation, base_options.py): 400 epochs of the real
+# training set in batches of 1024 (about 23,500 iterations on MNIST), the step size halved every 40 epochs.
+DEFAULT_EPOCHS, DECAY_EPOCHS, DECAY_FACTOR = 400, 40, 0.5
+ADAM_B1 = 0.5  # Adam(betas=(0.5, 0.999)) on the images and the step sizes, as the reference code
 
 
 def step_batches(n_classes: int, ipc: int, steps: int) -> np.ndarray:
@@ -48,13 +52,23 @@ def step_batches(n_classes: int, ipc: int, steps: int) -> np.ndarray:
 
 
 class _DDState(NamedTuple):
-  syn: dict[str, Array]  # {"images": (n, H, W, C), "log_step_sizes": (steps * epochs,)}
+  syn: dict[str, Array]  # {"images": (n, H, W, C), "raw_step_sizes": (steps * epochs,)}
   opt_state: optax.OptState
+
+
+def _step_sizes(raw: Array) -> Array:
+  """The step sizes from their unconstrained parameters: ``softplus``, as the reference code."""
+  return jax.nn.softplus(raw)
+
+
+def _raw_step_size(step_size: float) -> float:
+  """The inverse of :func:`_step_sizes`: ``log(expm1(step_size))``."""
+  return math.log(math.expm1(step_size))
 
 
 def _make_dd_step(network, optimizer, syn_labels, batches, *, n_inits, batch_real, image_shape):
   def outer_loss(syn, init_keys, x_real, y_real):
-    step_sizes = jnp.exp(syn["log_step_sizes"])
+    step_sizes = _step_sizes(syn["raw_step_sizes"])
 
     def one_init(key):
       params0 = init_params(network, key, image_shape)
@@ -75,17 +89,23 @@ def _make_dd_step(network, optimizer, syn_labels, batches, *, n_inits, batch_rea
 @_validation.renamed(key="seed", lr_images="image_lr", lr_step_sizes="step_size_lr")
 def distill_dd(
     x: Float[ArrayLike, "n H W C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int, steps: int = 10,
-    epochs: int = 3, n_inits: int = 2, image_lr: float = 0.01, step_size_lr: float = 0.01, init_lr: float = 0.01,
-    batch_real: int = 256, **common: Unpack[base.CommonOptions],
+    epochs: int = 3, n_inits: int = 1, image_lr: float = 0.01, step_size_lr: float = 0.01, init_lr: float = 0.02,
+    batch_real: int = 1024, **common: Unpack[base.CommonOptions],
 ) -> SupervisedResult:
   """Dataset Distillation with random inits (Wang et al., 2018): images and per-step step sizes.
 
   The set holds ``ipc`` images per class, initialised from N(0, 1) (the paper's random
   init; real images are expected standardised). Each iteration samples ``n_inits`` fresh
   network inits, trains each (vmapped) by ``steps x epochs`` SGD steps on the set laid
-  out by :func:`step_batches`, step ``t`` with its own step size ``exp(log_step_size[t])``,
+  out by :func:`step_batches`, step ``t`` with its own step size ``softplus(raw[t])``,
   and takes the mean cross-entropy of the trained networks on a real batch as the loss;
-  Adam updates the images and the log step sizes; :func:`retrain_dd` re-trains with the recipe.
+  Adam (``b1 = 0.5``) updates the images and the raw step sizes, its step size halved
+  every 40 epochs of the real data; :func:`retrain_dd` re-trains with the recipe.
+
+  The defaults are the reference code's (docs/SUPERVISED.md, "DD against its reference
+  schedule"): one fresh init per iteration, 1024 real images per iteration, initial step
+  sizes 0.02, and ``iterations`` 400 epochs of the real data (``400 * ceil(n / batch_real)``,
+  about 23,500 on MNIST).
 
   Args:
     x: real images ``(n, H, W)`` or ``(n, H, W, C)``, in the networks' input space.
@@ -101,17 +121,20 @@ def distill_dd(
     batch_real: real images per iteration (at most ``n``).
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
       ``width``, ``depth``, ``iterations``, ``n_classes``, ``max_seconds``,
-      ``callback``); DD's defaults: ``network="lenet"``, ``iterations=400``.
+      ``callback``); DD's defaults: ``network="lenet"``, ``iterations`` 400 epochs.
 
   Returns:
     A :class:`SupervisedResult`: class-major images and labels, the learned step sizes
     ``(steps * epochs,)`` in ``step_sizes``, the loss per iteration in ``history``.
   """
-  s = base.setup(x, y, ipc=ipc, seed=seed, **(DEFAULTS | common))
+  batch_real = _validation.check_positive_int(batch_real, "batch_real")
+  n_real = np.shape(x)[0] if np.ndim(x) else 0  # checked by base.setup below
+  epoch = max(1, math.ceil(n_real / batch_real))  # iterations per epoch of the real data
+  s = base.setup(x, y, ipc=ipc, seed=seed, **(DEFAULTS | {"iterations": DEFAULT_EPOCHS * epoch} | common))
   steps = _validation.check_positive_int(steps, "steps")
   epochs = _validation.check_positive_int(epochs, "epochs")
   n_inits = _validation.check_positive_int(n_inits, "n_inits")
-  batch_real = min(_validation.check_positive_int(batch_real, "batch_real"), s.data.images.shape[0])
+  batch_real = min(batch_real, s.data.images.shape[0])
   image_lr = _validation.check_positive_float(image_lr, "image_lr")
   step_size_lr = _validation.check_positive_float(step_size_lr, "step_size_lr", allow_zero=True)
   init_lr = _validation.check_positive_float(init_lr, "init_lr")
@@ -121,11 +144,12 @@ def distill_dd(
   key, k_images = jax.random.split(s.key)
   syn = {
       "images": jax.random.normal(k_images, (len(syn_labels), *s.image_shape), dtype=s.dtype),
-      "log_step_sizes": jnp.full((steps * epochs,), math.log(init_lr), dtype=s.dtype),
+      "raw_step_sizes": jnp.full((steps * epochs,), _raw_step_size(init_lr), dtype=s.dtype),
   }
+  decayed = lambda lr: optax.exponential_decay(lr, DECAY_EPOCHS * epoch, DECAY_FACTOR, staircase=True)
   optimizer = optax.partition(
-      {"images": optax.adam(image_lr), "log_step_sizes": optax.adam(step_size_lr)},
-      {"images": "images", "log_step_sizes": "log_step_sizes"},
+      {"images": optax.adam(decayed(image_lr), b1=ADAM_B1), "raw_step_sizes": optax.adam(decayed(step_size_lr), b1=ADAM_B1)},
+      {"images": "images", "raw_step_sizes": "raw_step_sizes"},
   )
   dd_step = _make_dd_step(
       s.network, optimizer, jnp.asarray(syn_labels), jnp.asarray(batches),
@@ -135,14 +159,15 @@ def distill_dd(
   state, log = s.run(lambda st, k: dd_step(st, k, s.data.images, s.data.labels), state, key)
   config = s.config(
       "dd", log, steps=steps, epochs=epochs, n_inits=n_inits, image_lr=image_lr, step_size_lr=step_size_lr,
-      init_lr=init_lr, batch_real=batch_real, init="random", preprocessing="none",
+      init_lr=init_lr, batch_real=batch_real, init="random", preprocessing="none", adam_b1=ADAM_B1,
+      decay=dict(every_iterations=DECAY_EPOCHS * epoch, factor=DECAY_FACTOR),
   )
   return SupervisedResult(
       images=np.asarray(state.syn["images"], dtype=np.float32),
       labels=syn_labels,
       config=config,
       history=log.history,
-      step_sizes=np.asarray(jnp.exp(state.syn["log_step_sizes"]), dtype=np.float32),
+      step_sizes=np.asarray(_step_sizes(state.syn["raw_step_sizes"]), dtype=np.float32),
   )
 
 
