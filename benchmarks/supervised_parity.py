@@ -1,4 +1,4 @@
-"""DM parity with the authors' reference code (VICO-UoE/DatasetCondensation) at equal budget.
+"""DM, DC and DSA parity with the authors' reference code (VICO-UoE/DatasetCondensation) at equal budget.
 
 Issue 18, item 1. Method DM, MNIST, 1 image per class: the authors' PyTorch components and
 ``udd_jax.supervised.dm.distill_dm`` run side by side, from the same initial images, for
@@ -58,12 +58,38 @@ would be ~2.5 h at width 128):
   python benchmarks/supervised_parity.py --reference_dir /work/scratch/dc_ref --iterations 2,5 \\
       --seeds 0 --eval_runs 1 --eval_epochs 5 --out /tmp/supervised_parity_quick.json           # smoke, ~1 min
 
+DC and DSA (``--method dc|dsa``; ``dm`` is the default and what the text above describes): the reference
+side is our loop over their ``get_network``, ``get_loops``, ``match_loss`` (``dis_metric='ours'``),
+``DiffAugment``/``ParamDiffAug``, ``TensorDataset`` and ``epoch``, mirroring main.py lines 35-38, 79-102 and
+147-218 (one iteration: a fresh ConvNet; ``outer_loop`` rounds of [per-class gradient matching on a real batch
+of ``batch_real`` and the class's synthetic images, one SGD(lr_img 0.1, momentum 0.5) step; ``inner_loop``
+epochs of their ``epoch`` on the synthetic set, mini-batches of ``batch_train``, SGD(lr_net 0.01)], the
+BatchNorm branch being inert for ConvNet); ours is ``udd_jax.supervised.dc.distill_dc`` (``dsa=True`` for DSA)
+with the same lr_img, lr_net, loops (their ``get_loops(1)`` = 1, 1: at ipc 1 the network is never trained),
+batch_real, width and strategy, started from the same images (``dc.initial_images`` swapped). Same seeding as
+DM (seeded clock for ``get_network``, one DSA seed per class from ``default_rng([s, 1])``,
+``RandomState(s).permutation`` for real batches) and the same torch-2.x workarounds (the overlapping setitem;
+the NCHW re-layout, here by wrapping their ``DiffAugment`` so that ``epoch`` gets it too). DSA's strategy
+defaults to ``color_crop_cutout_scale_rotate``, their readme's string for MNIST (no flip); DC runs without DSA
+(main.py: ``args.dsa`` is True only for ``--method DSA``). ``--image_lr`` defaults to 0.1 for DC/DSA
+(main.py), 1.0 for DM (main_DM.py). Both sides are started from real images (main.py's DSA runs use
+``--init real``; its DC default is noise). Rows carry ``method``.
+
+  python benchmarks/supervised_parity.py --method dc --reference_dir /work/scratch/dc_ref --iterations 10,50,100 \\
+      --seeds 0,1,2 --width 32 --eval_runs 10 --eval_epochs 300 --out benchmarks/results/supervised_parity_dc.json
+  python benchmarks/supervised_parity.py --method dsa --reference_dir /work/scratch/dc_ref --iterations 10,50,100 \\
+      --seeds 0,1,2 --width 32 --eval_runs 10 --eval_epochs 300 --out benchmarks/results/supervised_parity_dsa.json
+
+At width 32 on the 2 shared cores (load 5-7) both DC and DSA take ~3.5 s per iteration on the reference side and
+~5 s on ours, so the grid with a 200-iteration budget (~1 h 45 min) is cut to 10,50,100 (~1 h).
+
 Prints a markdown table, writes benchmarks/results/supervised_parity.json (``--out``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import pathlib
 import statistics
@@ -77,7 +103,7 @@ import numpy as np
 
 import _common
 import udd_jax
-from udd_jax.supervised import augment, dm, networks, train
+from udd_jax.supervised import augment, dc, dm, networks, train
 
 try:
   import torch
@@ -87,6 +113,14 @@ except ImportError:  # pragma: no cover
 N_CLASSES, IPC = 10, 1
 REFERENCE_MODELS = {32: "ConvNetW32", 64: "ConvNetW64", 128: "ConvNet", 256: "ConvNetW256"}  # their get_network names
 REFERENCE_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # main_DM.py's --dsa_strategy default (every dataset)
+# DSA (main.py --method DSA): readme.md's "Basic experiments" note, "use color_crop_cutout_flip_scale_rotate for
+# FashionMNIST CIFAR10/100, and color_crop_cutout_scale_rotate for the digit datasets (MNIST and SVHN)".
+REFERENCE_DSA_STRATEGY_DIGITS = "color_crop_cutout_scale_rotate"
+METHOD_DEFAULTS = {  # per --method: DSA strategy, image lr (main_DM.py's --lr_img 1.0; main.py's 0.1)
+    "dm": dict(dsa_strategy=REFERENCE_DSA_STRATEGY, image_lr=1.0),
+    "dc": dict(dsa_strategy="none", image_lr=0.1),  # main.py: --dsa_strategy 'None', args.dsa False for --method DC
+    "dsa": dict(dsa_strategy=REFERENCE_DSA_STRATEGY_DIGITS, image_lr=0.1),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +272,106 @@ def reference_dm(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width,
         yield it + 1, image_syn.detach().numpy().transpose(0, 2, 3, 1).copy(), loss_avg, per_it
 
 
+@contextlib.contextmanager
+def contiguous_diff_augment(ref_utils):
+  """Their ``DiffAugment`` followed by an NCHW-strided copy, wherever their code calls it (our loop, their ``epoch``).
+
+  torch 2.x: their crop returns a 1-channel tensor with channels-last strides (which counts as contiguous, so their
+  ``x.contiguous()`` keeps it), the convolutions keep that layout and ``ConvNet.forward``'s ``.view`` fails; torch 1.2
+  gave NCHW strides. The same re-layout as the DM loop's, done by wrapping the module's function so that ``epoch``
+  (which looks ``DiffAugment`` up in their module) gets it too.
+  """
+  original = ref_utils.DiffAugment
+
+  def diff_augment(*a, **kw):
+    return original(*a, **kw).clone(memory_format=torch.contiguous_format)
+
+  ref_utils.DiffAugment = diff_augment
+  try:
+    yield
+  finally:
+    ref_utils.DiffAugment = original
+
+
+def reference_dc(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width, dsa_strategy, image_lr, batch_real,
+                 network_lr, batch_train, outer_loop, inner_loop):
+  """DC (``dsa_strategy`` 'none') or DSA with their components, mirroring main.py's training loop; yields
+  ``(iterations, images NHWC, loss_avg, seconds_per_iteration)`` at each budget."""
+  torch.manual_seed(seed)
+  images_all = torch.from_numpy(np.ascontiguousarray(x_train.transpose(0, 3, 1, 2)))  # NCHW, as their loaders give
+  indices_class = [np.flatnonzero(y_train == c) for c in range(N_CLASSES)]
+  perm_rng = np.random.RandomState(seed)
+  dsa_rng = np.random.default_rng([seed, 1])
+  use_dsa = dsa_strategy not in ("none", "None")
+  # main.py lines 35-38: the fields of ``args`` that match_loss and epoch read; args.dsa from the method.
+  args = types.SimpleNamespace(device="cpu", dis_metric="ours", dsa=use_dsa, dsa_strategy=dsa_strategy if use_dsa
+                               else "None", dsa_param=ref_utils.ParamDiffAug(), dc_aug_param=None)
+  model = REFERENCE_MODELS[width]
+  channel, im_size = 1, (28, 28)
+
+  def get_images(c, n):  # main.py lines 79-81
+    return images_all[perm_rng.permutation(indices_class[c])[:n]]
+
+  # main.py lines 88-94 (``--init real``; the chosen real images) and 100-102: SGD(lr_img, momentum 0.5), CE loss.
+  image_syn = images_all[init_idx].clone().requires_grad_(True)
+  label_syn = torch.tensor(np.repeat(np.arange(N_CLASSES), IPC), dtype=torch.long)
+  optimizer_img = torch.optim.SGD([image_syn], lr=image_lr, momentum=0.5)
+  optimizer_img.zero_grad()
+  criterion = torch.nn.CrossEntropyLoss()
+  times = []
+  with seeded_clock(ref_utils, seed), overlapping_setitem(), contiguous_diff_augment(ref_utils):
+    for it in range(max(budgets)):
+      t0 = time.perf_counter()
+      # main.py lines 147-153: a fresh random network, SGD(lr_net) on it.
+      net = ref_utils.get_network(model, channel, N_CLASSES, im_size)
+      net.train()
+      net_parameters = list(net.parameters())
+      optimizer_net = torch.optim.SGD(net.parameters(), lr=network_lr)
+      optimizer_net.zero_grad()
+      loss_avg = 0.0
+      for ol in range(outer_loop):  # main.py lines 156-216
+        # main.py lines 158-174 (freezing BatchNorm statistics) do nothing for ConvNet: instance norm, no BatchNorm.
+        # main.py lines 177-199: per class, their match_loss between the CE gradients on a real batch and on the
+        # synthetic images, with one DSA seed per class shared by both.
+        loss = torch.tensor(0.0)
+        for c in range(N_CLASSES):
+          img_real = get_images(c, batch_real)
+          lab_real = torch.ones((img_real.shape[0],), dtype=torch.long) * c
+          img_syn = image_syn[c * IPC:(c + 1) * IPC].reshape((IPC, channel, *im_size))
+          lab_syn = torch.ones((IPC,), dtype=torch.long) * c
+          if use_dsa:
+            dsa_seed = int(dsa_rng.integers(100000))  # main.py line 186: int(time.time() * 1000) % 100000
+            img_real = ref_utils.DiffAugment(img_real, args.dsa_strategy, seed=dsa_seed, param=args.dsa_param)
+            img_syn = ref_utils.DiffAugment(img_syn, args.dsa_strategy, seed=dsa_seed, param=args.dsa_param)
+          output_real = net(img_real)
+          loss_real = criterion(output_real, lab_real)
+          gw_real = torch.autograd.grad(loss_real, net_parameters)
+          gw_real = list(g.detach().clone() for g in gw_real)
+          output_syn = net(img_syn)
+          loss_syn = criterion(output_syn, lab_syn)
+          gw_syn = torch.autograd.grad(loss_syn, net_parameters, create_graph=True)
+          loss += ref_utils.match_loss(gw_syn, gw_real, args)
+        # main.py lines 201-207.
+        optimizer_img.zero_grad()
+        loss.backward()
+        optimizer_img.step()
+        loss_avg += loss.item()
+        if ol == outer_loop - 1:
+          break
+        # main.py lines 210-215: inner_loop epochs of their ``epoch`` over the synthetic set, mini-batches of
+        # batch_train, shuffled, DSA (per image, no shared seed) for DSA. (At ipc 1 outer_loop is 1: never reached.)
+        image_syn_train, label_syn_train = copy.deepcopy(image_syn.detach()), copy.deepcopy(label_syn.detach())
+        dst_syn_train = ref_utils.TensorDataset(image_syn_train, label_syn_train)
+        trainloader = torch.utils.data.DataLoader(dst_syn_train, batch_size=batch_train, shuffle=True, num_workers=0)
+        for _ in range(inner_loop):
+          ref_utils.epoch("train", trainloader, net, optimizer_net, criterion, args, aug=use_dsa)
+      loss_avg /= N_CLASSES * outer_loop  # main.py line 218
+      times.append(time.perf_counter() - t0)
+      if it + 1 in budgets:
+        per_it = statistics.mean(times[1:]) if len(times) > 1 else times[0]
+        yield it + 1, image_syn.detach().numpy().transpose(0, 2, 3, 1).copy(), loss_avg, per_it
+
+
 def reference_embed_dim(ref_utils, width):
   net = ref_utils.get_network(REFERENCE_MODELS[width], 1, N_CLASSES, (28, 28))
   return int(net.embed(torch.zeros(1, 1, 28, 28)).shape[1])
@@ -248,19 +382,24 @@ def reference_embed_dim(ref_utils, width):
 # ---------------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def fixed_initial_images(images):
-  """Makes ``distill_dm`` start from ``images`` (class-major) instead of its own random real pick."""
-  original, used = dm.initial_images, []
+def fixed_initial_images(images, module=dm):
+  """Makes ``module.distill_*`` (``dm`` or ``dc``; both call the ``initial_images`` they import from
+  ``labelled``) start from ``images`` (class-major) instead of their own random real pick."""
+  original, used = module.initial_images, []
 
   def pick(data, key, ipc, init):
     used.append(True)
     return jnp.asarray(images, data.images.dtype)
 
-  dm.initial_images = pick
+  module.initial_images = pick
   try:
     yield used
   finally:
-    dm.initial_images = original
+    module.initial_images = original
+
+
+def _seconds_per_iteration(hist):
+  return (hist[-1]["seconds"] - hist[0]["seconds"]) / (len(hist) - 1) if len(hist) > 1 else hist[0]["seconds"]
 
 
 def ours_dm(x_train, y_train, init_images, *, iterations, seed, width, dsa_strategy, image_lr, batch_real):
@@ -271,8 +410,23 @@ def ours_dm(x_train, y_train, init_images, *, iterations, seed, width, dsa_strat
                            augment.DSA_STRATEGY_DIGITS)
   assert used, "distill_dm did not take the given initial images"
   hist = result.history
-  per_it = (hist[-1]["seconds"] - hist[0]["seconds"]) / (len(hist) - 1) if len(hist) > 1 else hist[0]["seconds"]
-  return result.images, hist[-1]["loss"], per_it
+  return result.images, hist[-1]["loss"], _seconds_per_iteration(hist)
+
+
+def ours_dc(x_train, y_train, init_images, *, iterations, seed, width, dsa_strategy, image_lr, batch_real,
+            network_lr, batch_train, outer_loop, inner_loop):
+  """``distill_dc`` (DSA: ``dsa=True``) from ``init_images``. ``batch_train`` is not an option of ours: its network
+  steps are full-batch, the same as one mini-batch of 256 for sets of at most 256 images."""
+  del batch_train
+  use_dsa = dsa_strategy not in ("none", "None")
+  with fixed_initial_images(init_images, dc) as used:
+    result = dc.distill_dc(x_train, y_train, ipc=IPC, seed=seed, network="convnet", width=width, iterations=iterations,
+                           dsa=use_dsa, dsa_strategy=dsa_strategy if use_dsa else augment.DSA_STRATEGY_DIGITS,
+                           image_lr=image_lr, network_lr=network_lr, batch_real=batch_real, init="real",
+                           outer_loop=outer_loop, inner_loop=inner_loop)
+  assert used, "distill_dc did not take the given initial images"
+  hist = result.history
+  return result.images, hist[-1]["loss"], _seconds_per_iteration(hist)
 
 
 def ours_embed_dim(width):
@@ -294,47 +448,67 @@ def evaluate(images, test, *, seed, width, runs, epochs, eval_dsa):
 
 
 def summary(rows):
-  """Markdown: per (iterations, side), the mean and std over seeds of the per-seed mean accuracy, and s/iteration."""
+  """Markdown: per (method, iterations, side), the mean and std over seeds of the per-seed mean accuracy, and
+  s/iteration (rows without a method, from before --method, are DM)."""
   groups = {}
   for r in rows:
-    groups.setdefault((r["iterations"], r["side"]), []).append(r)
+    groups.setdefault((r.get("method", "dm"), r["iterations"], r["side"]), []).append(r)
   table = []
-  for (its, side), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+  for (method, its, side), rs in sorted(groups.items(), key=lambda kv: kv[0]):
     accs = [100 * r["acc_mean"] for r in rs]
     spi = [r["seconds_per_iteration"] for r in rs if r.get("seconds_per_iteration") is not None]
-    table.append([its, side, len(rs), f"{statistics.mean(accs):.2f}",
+    table.append([method, its, side, len(rs), f"{statistics.mean(accs):.2f}",
                   f"{statistics.pstdev(accs):.2f}" if len(accs) > 1 else "-",
                   " ".join(f"{a:.1f}" for a in accs), statistics.median(spi) if spi else None])
-  return _common.markdown_table(["iterations", "side", "seeds", "acc % (mean over seeds)", "std over seeds",
+  return _common.markdown_table(["method", "iterations", "side", "seeds", "acc % (mean over seeds)", "std over seeds",
                                  "per seed", "s / iteration"], table)
 
 
 def main():
   parser = _common.argument_parser(__doc__)
   parser.add_argument("--reference_dir", required=True, help="exported snapshot of VICO-UoE/DatasetCondensation")
+  parser.add_argument("--method", default="dm", choices=sorted(METHOD_DEFAULTS),
+                      help="dm (main_DM.py), dc or dsa (main.py --method DC / DSA)")
   parser.add_argument("--iterations", default="10,50,200", help="budgets, comma-separated")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--width", type=int, default=32, choices=sorted(REFERENCE_MODELS))
   parser.add_argument("--sides", default="reference,ours")
-  parser.add_argument("--dsa_strategy", default=REFERENCE_DSA_STRATEGY, help="'none' for no DSA")
-  parser.add_argument("--image_lr", type=float, default=1.0)
+  parser.add_argument("--dsa_strategy", default=None,
+                      help=f"'none' for no DSA; default per method: dm {REFERENCE_DSA_STRATEGY}, dsa "
+                           f"{REFERENCE_DSA_STRATEGY_DIGITS} (their readme's string for MNIST), dc none")
+  parser.add_argument("--image_lr", type=float, default=None, help="default: dm 1.0 (main_DM.py), dc/dsa 0.1 (main.py)")
   parser.add_argument("--batch_real", type=int, default=256)
+  parser.add_argument("--network_lr", type=float, default=0.01, help="dc/dsa: main.py's lr_net")
+  parser.add_argument("--batch_train", type=int, default=256, help="dc/dsa: main.py's batch_train (reference side)")
+  parser.add_argument("--outer_loop", type=int, default=None, help="dc/dsa: default their get_loops(ipc)")
+  parser.add_argument("--inner_loop", type=int, default=None, help="dc/dsa: default their get_loops(ipc)")
   parser.add_argument("--eval_runs", type=int, default=10)
   parser.add_argument("--eval_epochs", type=int, default=300)
   parser.add_argument("--eval_dsa", action="store_true", help="train the evaluation networks with per-image DSA")
   parser.add_argument("--no_init_row", action="store_true", help="skip evaluating the initial real images")
   parser.add_argument("--out", default=str(_common.RESULTS / "supervised_parity.json"))
   args = parser.parse_args()
+  for name, value in METHOD_DEFAULTS[args.method].items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  if args.method == "dc" and args.dsa_strategy not in ("none", "None"):
+    parser.error("--method dc runs without DSA (main.py: args.dsa is False for DC); use --method dsa")
+  if args.method == "dsa" and args.dsa_strategy in ("none", "None"):
+    parser.error("--method dsa needs a DSA strategy")
   budgets = sorted({int(v) for v in args.iterations.split(",")})
   seeds = [int(v) for v in args.seeds.split(",")]
   sides = [s for s in args.sides.split(",") if s]
 
   ref_utils, stubbed = import_reference(args.reference_dir)
+  if args.method != "dm":
+    loops = ref_utils.get_loops(IPC)  # main.py line 35
+    args.outer_loop = loops[0] if args.outer_loop is None else args.outer_loop
+    args.inner_loop = loops[1] if args.inner_loop is None else args.inner_loop
   x_train, y_train, x_test, y_test, prep = load_standardised(args.data_dir)
   test = (x_test, y_test)
   meta = _common.machine()
   print(_common.header(meta), flush=True)
-  config = dict(vars(args), budgets=budgets, seeds=seeds, sides=sides, dataset="mnist", ipc=IPC, method="dm",
+  config = dict(vars(args), budgets=budgets, seeds=seeds, sides=sides, dataset="mnist", ipc=IPC,
                 preprocessing=prep, torchvision_stub=stubbed, reference_model=REFERENCE_MODELS[args.width],
                 evaluator="udd_jax.supervised.train.evaluate_synset", eval_network=f"udd_jax convnet width {args.width}",
                 eval_seed="1000 + seed (both sides)",
@@ -344,14 +518,22 @@ def main():
   rows = []
 
   def record(row):
+    row = dict(method=args.method, **row)
     rows.append(row)
-    print(f"  {row['side']:9s} it={row['iterations']:4d} seed={row['seed']}: acc {100 * row['acc_mean']:.2f} +- "
-          f"{100 * row['acc_std']:.2f}%  s/it {row.get('seconds_per_iteration') or 0:.3f}  loss {row.get('final_loss')}",
+    print(f"  {row['method']} {row['side']:9s} it={row['iterations']:4d} seed={row['seed']}: "
+          f"acc {100 * row['acc_mean']:.2f} +- {100 * row['acc_std']:.2f}%  "
+          f"s/it {row.get('seconds_per_iteration') or 0:.3f}  loss {row.get('final_loss')}",
           flush=True)
     _common.write_json(out, meta, rows, config=config)
 
   eval_kw = dict(width=args.width, runs=args.eval_runs, epochs=args.eval_epochs, eval_dsa=args.eval_dsa)
   dm_kw = dict(width=args.width, dsa_strategy=args.dsa_strategy, image_lr=args.image_lr, batch_real=args.batch_real)
+  if args.method == "dm":
+    reference_run, ours_run = reference_dm, ours_dm
+  else:
+    reference_run, ours_run = reference_dc, ours_dc
+    dm_kw.update(network_lr=args.network_lr, batch_train=args.batch_train, outer_loop=args.outer_loop,
+                 inner_loop=args.inner_loop)
   for seed in seeds:
     init_idx = initial_indices(y_train, seed)
     init_images = x_train[init_idx]
@@ -360,19 +542,22 @@ def main():
     if not args.no_init_row:
       record(dict(side="init", iterations=0, **common, **evaluate(init_images, test, seed=seed, **eval_kw)))
     if "reference" in sides:
-      for its, images, loss, per_it in reference_dm(ref_utils, x_train, y_train, init_idx, budgets=budgets, seed=seed,
+      for its, images, loss, per_it in reference_run(ref_utils, x_train, y_train, init_idx, budgets=budgets, seed=seed,
                                                     **dm_kw):
         record(dict(side="reference", iterations=its, **common, final_loss=loss, seconds_per_iteration=per_it,
                     **evaluate(images, test, seed=seed, **eval_kw)))
     if "ours" in sides:
       for its in budgets:
-        images, loss, per_it = ours_dm(x_train, y_train, init_images, iterations=its, seed=seed, **dm_kw)
+        images, loss, per_it = ours_run(x_train, y_train, init_images, iterations=its, seed=seed, **dm_kw)
         record(dict(side="ours", iterations=its, **common, final_loss=loss, seconds_per_iteration=per_it,
                     **evaluate(images, test, seed=seed, **eval_kw)))
   print()
-  print(f"DM, MNIST, ipc {IPC}, width {args.width}, DSA '{args.dsa_strategy}', image_lr {args.image_lr}, "
-        f"batch_real {args.batch_real}; evaluator: evaluate_synset, convnet width {args.width}, {args.eval_runs} runs x "
-        f"{args.eval_epochs} epochs{' + DSA' if args.eval_dsa else ''}, seed 1000+s")
+  loops = (f", network_lr {args.network_lr}, batch_train {args.batch_train}, loops {args.outer_loop}/{args.inner_loop}"
+           if args.method != "dm" else "")
+  print(f"{args.method.upper()}, MNIST, ipc {IPC}, width {args.width}, DSA '{args.dsa_strategy}', "
+        f"image_lr {args.image_lr}, batch_real {args.batch_real}{loops}; evaluator: evaluate_synset, convnet width "
+        f"{args.width}, {args.eval_runs} runs x {args.eval_epochs} epochs{' + DSA' if args.eval_dsa else ''}, "
+        f"seed 1000+s")
   print(summary(rows))
   _common.write_json(out, meta, rows, config=config, table=summary(rows))
 
