@@ -115,8 +115,8 @@ def distill_dd(
     steps: gradient steps per epoch over the set.
     epochs: passes over the set; ``steps * epochs`` learned step sizes.
     n_inits: fresh network inits per iteration (each one unrolled training and its backward pass).
-    image_lr: Adam step size on the images.
-    step_size_lr: Adam step size on the log step sizes.
+    image_lr: Adam step size on the images (halved every 40 epochs of the real data).
+    step_size_lr: Adam step size on the step sizes' raw parameters (``softplus(raw)``; halved likewise).
     init_lr: initial value of every step size.
     batch_real: real images per iteration (at most ``n``).
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
