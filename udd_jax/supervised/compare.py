@@ -40,12 +40,6 @@ from udd_jax.supervised.result import SupervisedResult
 NEAREST_CHUNK = 256  # distilled images per distance block against the whole training set
 
 
-@jax.jit
-def _nearest_rows(queries: Array, train: Array) -> Array:
-  sq_norms = jnp.sum(train * train, axis=1)
-  return jax.vmap(lambda q: jnp.argmin(coresets.sq_distances(train, q, sq_norms)))(queries)
-
-
 def nearest_labels(
     images: Float[ArrayLike, "n ..."], x_train: Float[ArrayLike, "m ..."], y_train: Int[ArrayLike, " m"]
 ) -> np.ndarray:
@@ -60,19 +54,26 @@ def nearest_labels(
     ``(n,)`` int32 labels.
   """
   images, x_train, y_train = _check_labelling(images, x_train, y_train)
-  train = jnp.asarray(x_train.reshape(x_train.shape[0], -1), jnp.float32)
-  flat = images.reshape(images.shape[0], -1).astype(np.float32)
-  rows = [np.asarray(_nearest_rows(jnp.asarray(flat[i:i + NEAREST_CHUNK]), train))
-          for i in range(0, flat.shape[0], NEAREST_CHUNK)]
-  return np.asarray(y_train)[np.concatenate(rows)].astype(np.int32)
+  return np.argmin(_class_distances(images, x_train, y_train), axis=1).astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("n_classes",))
-def _class_distances(queries: Array, train: Array, labels: Array, n_classes: int) -> Array:
+def _class_distances_block(queries: Array, train: Array, labels: Array, n_classes: int) -> Array:
   """``(q, classes)``: each query's squared distance to its nearest training image of each class."""
   sq_norms = jnp.sum(train * train, axis=1)
   d = jax.vmap(lambda q: coresets.sq_distances(train, q, sq_norms))(queries)  # (q, m)
   return jax.ops.segment_min(d.T, labels, num_segments=n_classes).T
+
+
+def _class_distances(images: np.ndarray, x_train: np.ndarray, y_train: np.ndarray) -> np.ndarray:
+  """``(n, classes)``: each image's squared distance to the nearest training image of each class
+  (``inf`` for a class without one), ``NEAREST_CHUNK`` images at a time against the whole training set."""
+  train = jnp.asarray(x_train.reshape(x_train.shape[0], -1), jnp.float32)
+  flat = images.reshape(images.shape[0], -1).astype(np.float32)
+  labels, n_classes = jnp.asarray(y_train), int(y_train.max()) + 1
+  return np.concatenate([np.asarray(_class_distances_block(jnp.asarray(flat[i:i + NEAREST_CHUNK]), train, labels,
+                                                           n_classes))
+                         for i in range(0, flat.shape[0], NEAREST_CHUNK)])
 
 
 def balanced_labels(
@@ -110,12 +111,8 @@ def balanced_labels(
                      "image to be assigned.")
   if images.shape[0] != ipc * n_classes:
     raise ValueError(f"images has {images.shape[0]} rows; ipc={ipc} with {n_classes} classes needs {ipc * n_classes}.")
-  train = jnp.asarray(x_train.reshape(x_train.shape[0], -1), jnp.float32)
-  flat = images.reshape(images.shape[0], -1).astype(np.float32)
-  cost = np.concatenate([np.asarray(_class_distances(jnp.asarray(flat[i:i + NEAREST_CHUNK]), train,
-                                                     jnp.asarray(y_train), n_classes))
-                         for i in range(0, flat.shape[0], NEAREST_CHUNK)])
-  rows, slots = scipy.optimize.linear_sum_assignment(np.repeat(cost.astype(np.float64), ipc, axis=1))
+  cost = _class_distances(images, x_train, y_train).astype(np.float64)
+  rows, slots = scipy.optimize.linear_sum_assignment(np.repeat(cost, ipc, axis=1))
   labels = np.empty(images.shape[0], np.int32)
   labels[rows] = slots // ipc
   return labels
@@ -173,16 +170,15 @@ def from_unsupervised(
   if z.shape[1:] != tuple(np.shape(z_train)[1:]):
     raise ValueError(f"{os.fspath(path)!r} holds images of shape {images.shape[1:]}, which do not map to the "
                      f"training images' shape {tuple(np.shape(z_train)[1:])} (another dataset?).")
-  labeling = labels
-  if labeling == "balanced":
-    labels = balanced_labels(z, z_train, y_train, ipc=ipc)
+  if labels == "balanced":
+    assigned = balanced_labels(z, z_train, y_train, ipc=ipc)
   else:
-    labels = nearest_labels(z, z_train, y_train)
+    assigned = nearest_labels(z, z_train, y_train)
   cfg = distilled.config
-  config = dict(method="udd", ipc=ipc, source=os.fspath(path), labels=LABEL_DESCRIPTIONS[labeling],
-                label_counts=np.bincount(labels, minlength=n_classes).tolist(), iterations=cfg.get("steps"),
+  config = dict(method="udd", ipc=ipc, source=os.fspath(path), labels=LABEL_DESCRIPTIONS[labels],
+                label_counts=np.bincount(assigned, minlength=n_classes).tolist(), iterations=cfg.get("steps"),
                 seconds=cfg.get("seconds"), unsupervised_config=cfg)
-  return SupervisedResult(images=np.asarray(z, np.float32), labels=labels, config=config)
+  return SupervisedResult(images=np.asarray(z, np.float32), labels=assigned, config=config)
 
 
 @_validation.renamed(seeds="n_seeds")

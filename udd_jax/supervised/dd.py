@@ -148,7 +148,8 @@ def distill_dd(
   }
   decayed = lambda lr: optax.exponential_decay(lr, DECAY_EPOCHS * epoch, DECAY_FACTOR, staircase=True)
   optimizer = optax.partition(
-      {"images": optax.adam(decayed(image_lr), b1=ADAM_B1), "raw_step_sizes": optax.adam(decayed(step_size_lr), b1=ADAM_B1)},
+      {"images": optax.adam(decayed(image_lr), b1=ADAM_B1),
+       "raw_step_sizes": optax.adam(decayed(step_size_lr), b1=ADAM_B1)},
       {"images": "images", "raw_step_sizes": "raw_step_sizes"},
   )
   dd_step = _make_dd_step(
