@@ -45,8 +45,9 @@ def dm_loss(network: nn.Module, params: PyTree, real: Float[Array, "classes b H 
   """DM's loss: ``sum_c || mean embed(real_c) - mean embed(syn_c) ||^2``.
 
   Embeddings are ``network.apply(..., method="embed")``; the real ones are constants
-  (``stop_gradient``). Classes are ``vmap``-ped. With ``aug_keys`` (one per class) both
-  batches of class ``c`` get the DSA transform drawn from ``aug_keys[c]``.
+  (``stop_gradient``). Classes are looped over
+  (:func:`~udd_jax.supervised.image_updates.sum_over_classes`). With ``aug_keys`` (one per
+  class) both batches of class ``c`` get the DSA transform drawn from ``aug_keys[c]``.
 
   Args:
     network: flax network with an ``embed`` method.

@@ -64,22 +64,27 @@ def image_step(
 
 
 def sum_over_classes(
-    one_class: Callable[[Array, Array, Array], Scalar], real: Float[Array, "classes b H W C"],
+    one_class: Callable[[Array, Array, int], Scalar], real: Float[Array, "classes b H W C"],
     syn: Float[Array, "classes ipc H W C"], aug_keys: PRNGKeyArray | None, dsa_strategy: str,
 ) -> Scalar:
-  """``sum_c one_class(real_c, syn_c, c)``, classes ``vmap``-ped: DC's and DM's losses.
+  """``sum_c one_class(real_c, syn_c, c)``: DC's and DM's losses, one class at a time.
 
   With ``aug_keys`` (one per class) both batches of class ``c`` first get the same DSA
   transform, drawn from ``aug_keys[c]`` (Siamese augmentation).
+
+  The classes are a Python loop, unrolled under ``jit``, not a ``vmap``: ``vmap`` over
+  classes turns DC's per-class weight gradients into batch-grouped convolutions, which
+  XLA:CPU ran about 3 times slower (3.5 s against 1.1-1.4 s per round at width 32), and
+  runs DM's forward pass on one batch of ``classes * b`` images, 2 times slower than ``b``
+  at a time (docs/BENCHMARKS.md (q)). ``lax.map`` was slower still (26 s: convolutions in
+  loop bodies are slow on the CPU). The price is compile time, which grows with the
+  number of classes (DC at width 32: 13 s against 7 s for 10 classes).
   """
-
-  def augmented(real_c, syn_c, key, label):
-    if key is not None:
-      real_c = augment_lib.dsa(real_c, key, dsa_strategy)
-      syn_c = augment_lib.dsa(syn_c, key, dsa_strategy)
-    return one_class(real_c, syn_c, label)
-
-  labels = jnp.arange(real.shape[0])
-  if aug_keys is None:
-    return jnp.sum(jax.vmap(lambda r, s, c: augmented(r, s, None, c))(real, syn, labels))
-  return jnp.sum(jax.vmap(augmented)(real, syn, aug_keys, labels))
+  total = jnp.zeros((), real.dtype)
+  for c in range(real.shape[0]):
+    real_c, syn_c = real[c], syn[c]
+    if aug_keys is not None:
+      real_c = augment_lib.dsa(real_c, aug_keys[c], dsa_strategy)
+      syn_c = augment_lib.dsa(syn_c, aug_keys[c], dsa_strategy)
+    total = total + one_class(real_c, syn_c, c)
+  return total
