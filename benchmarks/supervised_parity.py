@@ -110,7 +110,7 @@ try:
 except ImportError:  # pragma: no cover
   sys.exit("supervised_parity.py needs PyTorch: pip install 'torch==2.13.0' (or pip install -e '.[bench]').")
 
-N_CLASSES, IPC = 10, 1
+N_CLASSES = 10
 REFERENCE_MODELS = {32: "ConvNetW32", 64: "ConvNetW64", 128: "ConvNet", 256: "ConvNetW256"}  # their get_network names
 REFERENCE_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # main_DM.py's --dsa_strategy default (every dataset)
 # DSA (main.py --method DSA): readme.md's "Basic experiments" note, "use color_crop_cutout_flip_scale_rotate for
@@ -140,10 +140,13 @@ def load_standardised(data_dir):
       mean=mean, std=std)
 
 
-def initial_indices(y, seed):
-  """One real training image per class, picked by ``np.random.default_rng(seed)``: rows of the training set."""
+def initial_indices(y, seed, ipc=1):
+  """``ipc`` real training images per class (distinct), picked by ``np.random.default_rng(seed)``: rows of the
+  training set, class-major. (At ipc 1 one ``rng.choice`` per class, the draw of the runs recorded before --ipc.)"""
   rng = np.random.default_rng(seed)
-  return np.array([rng.choice(np.flatnonzero(y == c)) for c in range(N_CLASSES)])
+  if ipc == 1:
+    return np.array([rng.choice(np.flatnonzero(y == c)) for c in range(N_CLASSES)])
+  return np.concatenate([rng.choice(np.flatnonzero(y == c), ipc, replace=False) for c in range(N_CLASSES)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +221,8 @@ def overlapping_setitem():
     torch.Tensor.__setitem__ = original
 
 
-def reference_dm(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width, dsa_strategy, image_lr, batch_real):
+def reference_dm(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width, dsa_strategy, image_lr, batch_real,
+                 ipc):
   """DM with their components; yields ``(iterations, images NHWC, loss_avg, seconds_per_iteration)`` at each budget."""
   torch.manual_seed(seed)
   images_all = torch.from_numpy(np.ascontiguousarray(x_train.transpose(0, 3, 1, 2)))  # NCHW, as their loaders give
@@ -249,7 +253,7 @@ def reference_dm(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width,
       loss = torch.tensor(0.0)
       for c in range(N_CLASSES):
         img_real = get_images(c, batch_real)
-        img_syn = image_syn[c * IPC:(c + 1) * IPC].reshape((IPC, channel, *im_size))
+        img_syn = image_syn[c * ipc:(c + 1) * ipc].reshape((ipc, channel, *im_size))
         if use_dsa:
           dsa_seed = int(dsa_rng.integers(100000))  # main_DM.py: int(time.time() * 1000) % 100000
           img_real = ref_utils.DiffAugment(img_real, dsa_strategy, seed=dsa_seed, param=param)
@@ -294,7 +298,7 @@ def contiguous_diff_augment(ref_utils):
 
 
 def reference_dc(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width, dsa_strategy, image_lr, batch_real,
-                 network_lr, batch_train, outer_loop, inner_loop):
+                 network_lr, batch_train, outer_loop, inner_loop, ipc):
   """DC (``dsa_strategy`` 'none') or DSA with their components, mirroring main.py's training loop; yields
   ``(iterations, images NHWC, loss_avg, seconds_per_iteration)`` at each budget."""
   torch.manual_seed(seed)
@@ -314,7 +318,7 @@ def reference_dc(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width,
 
   # main.py lines 88-94 (``--init real``; the chosen real images) and 100-102: SGD(lr_img, momentum 0.5), CE loss.
   image_syn = images_all[init_idx].clone().requires_grad_(True)
-  label_syn = torch.tensor(np.repeat(np.arange(N_CLASSES), IPC), dtype=torch.long)
+  label_syn = torch.tensor(np.repeat(np.arange(N_CLASSES), ipc), dtype=torch.long)
   optimizer_img = torch.optim.SGD([image_syn], lr=image_lr, momentum=0.5)
   optimizer_img.zero_grad()
   criterion = torch.nn.CrossEntropyLoss()
@@ -337,8 +341,8 @@ def reference_dc(ref_utils, x_train, y_train, init_idx, *, budgets, seed, width,
         for c in range(N_CLASSES):
           img_real = get_images(c, batch_real)
           lab_real = torch.ones((img_real.shape[0],), dtype=torch.long) * c
-          img_syn = image_syn[c * IPC:(c + 1) * IPC].reshape((IPC, channel, *im_size))
-          lab_syn = torch.ones((IPC,), dtype=torch.long) * c
+          img_syn = image_syn[c * ipc:(c + 1) * ipc].reshape((ipc, channel, *im_size))
+          lab_syn = torch.ones((ipc,), dtype=torch.long) * c
           if use_dsa:
             dsa_seed = int(dsa_rng.integers(100000))  # main.py line 186: int(time.time() * 1000) % 100000
             img_real = ref_utils.DiffAugment(img_real, args.dsa_strategy, seed=dsa_seed, param=args.dsa_param)
@@ -402,9 +406,9 @@ def _seconds_per_iteration(hist):
   return (hist[-1]["seconds"] - hist[0]["seconds"]) / (len(hist) - 1) if len(hist) > 1 else hist[0]["seconds"]
 
 
-def ours_dm(x_train, y_train, init_images, *, iterations, seed, width, dsa_strategy, image_lr, batch_real):
+def ours_dm(x_train, y_train, init_images, *, iterations, seed, width, dsa_strategy, image_lr, batch_real, ipc):
   with fixed_initial_images(init_images) as used:
-    result = dm.distill_dm(x_train, y_train, ipc=IPC, seed=seed, network="convnet", width=width, iterations=iterations,
+    result = dm.distill_dm(x_train, y_train, ipc=ipc, seed=seed, network="convnet", width=width, iterations=iterations,
                            image_lr=image_lr, batch_real=batch_real, dsa=dsa_strategy not in ("none", "None"),
                            dsa_strategy=dsa_strategy if dsa_strategy not in ("none", "None") else
                            augment.DSA_STRATEGY_DIGITS)
@@ -414,13 +418,13 @@ def ours_dm(x_train, y_train, init_images, *, iterations, seed, width, dsa_strat
 
 
 def ours_dc(x_train, y_train, init_images, *, iterations, seed, width, dsa_strategy, image_lr, batch_real,
-            network_lr, batch_train, outer_loop, inner_loop):
+            network_lr, batch_train, outer_loop, inner_loop, ipc):
   """``distill_dc`` (DSA: ``dsa=True``) from ``init_images``. ``batch_train`` is not an option of ours: its network
   steps are full-batch, the same as one mini-batch of 256 for sets of at most 256 images."""
   del batch_train
   use_dsa = dsa_strategy not in ("none", "None")
   with fixed_initial_images(init_images, dc) as used:
-    result = dc.distill_dc(x_train, y_train, ipc=IPC, seed=seed, network="convnet", width=width, iterations=iterations,
+    result = dc.distill_dc(x_train, y_train, ipc=ipc, seed=seed, network="convnet", width=width, iterations=iterations,
                            dsa=use_dsa, dsa_strategy=dsa_strategy if use_dsa else augment.DSA_STRATEGY_DIGITS,
                            image_lr=image_lr, network_lr=network_lr, batch_real=batch_real, init="real",
                            outer_loop=outer_loop, inner_loop=inner_loop)
@@ -439,10 +443,10 @@ def ours_embed_dim(width):
 # Evaluation, output
 # ---------------------------------------------------------------------------------------------------------------
 
-def evaluate(images, test, *, seed, width, runs, epochs, eval_dsa):
+def evaluate(images, test, *, seed, width, runs, epochs, eval_dsa, ipc):
   module = networks.get_network("convnet", N_CLASSES, width=width)
   aug = functools.partial(augment.dsa_per_image, strategy=augment.DSA_STRATEGY_DIGITS) if eval_dsa else None
-  out = train.evaluate_synset(np.asarray(images, np.float32), np.repeat(np.arange(N_CLASSES), IPC), test,
+  out = train.evaluate_synset(np.asarray(images, np.float32), np.repeat(np.arange(N_CLASSES), ipc), test,
                               seed=1000 + seed, network=module, runs=runs, epochs=epochs, augment=aug)
   return dict(acc_mean=out["mean"], acc_std=out["std"], accuracies=out["accuracies"], eval_seconds=out["seconds"])
 
@@ -471,6 +475,7 @@ def main():
                       help="dm (main_DM.py), dc or dsa (main.py --method DC / DSA)")
   parser.add_argument("--iterations", default="10,50,200", help="budgets, comma-separated")
   parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--ipc", type=int, default=1, help="images per class")
   parser.add_argument("--width", type=int, default=32, choices=sorted(REFERENCE_MODELS))
   parser.add_argument("--sides", default="reference,ours")
   parser.add_argument("--dsa_strategy", default=None,
@@ -501,14 +506,14 @@ def main():
 
   ref_utils, stubbed = import_reference(args.reference_dir)
   if args.method != "dm":
-    loops = ref_utils.get_loops(IPC)  # main.py line 35
+    loops = ref_utils.get_loops(args.ipc)  # main.py line 35
     args.outer_loop = loops[0] if args.outer_loop is None else args.outer_loop
     args.inner_loop = loops[1] if args.inner_loop is None else args.inner_loop
   x_train, y_train, x_test, y_test, prep = load_standardised(args.data_dir)
   test = (x_test, y_test)
   meta = _common.machine()
   print(_common.header(meta), flush=True)
-  config = dict(vars(args), budgets=budgets, seeds=seeds, sides=sides, dataset="mnist", ipc=IPC,
+  config = dict(vars(args), budgets=budgets, seeds=seeds, sides=sides, dataset="mnist",
                 preprocessing=prep, torchvision_stub=stubbed, reference_model=REFERENCE_MODELS[args.width],
                 evaluator="udd_jax.supervised.train.evaluate_synset", eval_network=f"udd_jax convnet width {args.width}",
                 eval_seed="1000 + seed (both sides)",
@@ -526,8 +531,9 @@ def main():
           flush=True)
     _common.write_json(out, meta, rows, config=config)
 
-  eval_kw = dict(width=args.width, runs=args.eval_runs, epochs=args.eval_epochs, eval_dsa=args.eval_dsa)
-  dm_kw = dict(width=args.width, dsa_strategy=args.dsa_strategy, image_lr=args.image_lr, batch_real=args.batch_real)
+  eval_kw = dict(width=args.width, runs=args.eval_runs, epochs=args.eval_epochs, eval_dsa=args.eval_dsa, ipc=args.ipc)
+  dm_kw = dict(width=args.width, dsa_strategy=args.dsa_strategy, image_lr=args.image_lr, batch_real=args.batch_real,
+               ipc=args.ipc)
   if args.method == "dm":
     reference_run, ours_run = reference_dm, ours_dm
   else:
@@ -535,7 +541,7 @@ def main():
     dm_kw.update(network_lr=args.network_lr, batch_train=args.batch_train, outer_loop=args.outer_loop,
                  inner_loop=args.inner_loop)
   for seed in seeds:
-    init_idx = initial_indices(y_train, seed)
+    init_idx = initial_indices(y_train, seed, args.ipc)
     init_images = x_train[init_idx]
     print(f"seed {seed}: initial images = training rows {init_idx.tolist()}", flush=True)
     common = dict(seed=seed, init_rows=init_idx.tolist())
@@ -554,7 +560,7 @@ def main():
   print()
   loops = (f", network_lr {args.network_lr}, batch_train {args.batch_train}, loops {args.outer_loop}/{args.inner_loop}"
            if args.method != "dm" else "")
-  print(f"{args.method.upper()}, MNIST, ipc {IPC}, width {args.width}, DSA '{args.dsa_strategy}', "
+  print(f"{args.method.upper()}, MNIST, ipc {args.ipc}, width {args.width}, DSA '{args.dsa_strategy}', "
         f"image_lr {args.image_lr}, batch_real {args.batch_real}{loops}; evaluator: evaluate_synset, convnet width "
         f"{args.width}, {args.eval_runs} runs x {args.eval_epochs} epochs{' + DSA' if args.eval_dsa else ''}, "
         f"seed 1000+s")
