@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from udd_jax.supervised import augment, dc, gradient_matching, labelled, networks
+from udd_jax.supervised import augment, dc, gradient_matching, image_updates, labelled, networks
 
 from .images import blob_images
 
@@ -115,6 +115,28 @@ def test_dsa_loss_uses_one_transform_for_both_batches(batches):
   assert float(shared) < 1e-3
   # ... where other images, or the same images transformed independently, do not match.
   assert float(other_images) > 0.1 and float(independent) > 0.1
+
+
+@pytest.mark.parametrize("dsa", [False, True])
+def test_unrolled_and_mapped_class_loops_agree_in_value_and_gradient(batches, dsa):
+  real, params = batches
+  syn = real[:, :2] + 0.5
+  aug_keys, strategy = (jax.random.split(jax.random.key(5), 2), "crop_rotate") if dsa else (None, "crop_rotate")
+  grad = jax.grad(lambda p, x, c: networks.cross_entropy(NET, p, x, jnp.full(x.shape[0], c)))
+
+  def one_class(real_c, syn_c, label):
+    return distance(jax.lax.stop_gradient(grad(params, real_c, label)), grad(params, syn_c, label))
+
+  def total(syn, loop):
+    return image_updates.sum_over_classes(one_class, real, syn, aug_keys, strategy, loop=loop)
+
+  unrolled = jax.jit(jax.value_and_grad(lambda s: total(s, "unroll")))(syn)
+  mapped = jax.jit(jax.value_and_grad(lambda s: total(s, "map")))(syn)
+  assert float(unrolled[0]) > 0.1 and float(jnp.max(jnp.abs(unrolled[1]))) > 0
+  np.testing.assert_allclose(mapped[0], unrolled[0], rtol=1e-10)
+  np.testing.assert_allclose(mapped[1], unrolled[1], rtol=1e-8, atol=1e-12)
+  with pytest.raises(ValueError, match="loop"):
+    total(syn, "vmap")
 
 
 def test_class_batches_are_balanced_and_distinct():

@@ -45,7 +45,7 @@ def dm_loss(network: nn.Module, params: PyTree, real: Float[Array, "classes b H 
   """DM's loss: ``sum_c || mean embed(real_c) - mean embed(syn_c) ||^2``.
 
   Embeddings are ``network.apply(..., method="embed")``; the real ones are constants
-  (``stop_gradient``). Classes are looped over
+  (``stop_gradient``). Classes run one at a time under ``lax.map``
   (:func:`~udd_jax.supervised.image_updates.sum_over_classes`). With ``aug_keys`` (one per
   class) both batches of class ``c`` get the DSA transform drawn from ``aug_keys[c]``.
 
@@ -78,7 +78,7 @@ def dm_loss(network: nn.Module, params: PyTree, real: Float[Array, "classes b H 
     mean_real = jax.lax.stop_gradient(jnp.mean(embed(real_c), axis=0))
     return jnp.sum(jnp.square(mean_real - jnp.mean(embed(syn_c), axis=0)))
 
-  return image_updates.sum_over_classes(one_class, real, syn, aug_keys, dsa_strategy)
+  return image_updates.sum_over_classes(one_class, real, syn, aug_keys, dsa_strategy, loop="map")
 
 
 class _DMState(NamedTuple):

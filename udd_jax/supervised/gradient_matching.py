@@ -77,7 +77,7 @@ def dc_loss(network: nn.Module, params: PyTree, real: Float[Array, "classes b H 
 
   Class ``c``'s batches are labelled ``c``; the gradients are w.r.t. the network
   parameters; the real gradient is a constant (``stop_gradient``), as in DC. Classes are
-  looped over (:func:`~udd_jax.supervised.image_updates.sum_over_classes`). With ``aug_keys``
+  an unrolled loop (:func:`~udd_jax.supervised.image_updates.sum_over_classes`). With ``aug_keys``
   (one key per class), both batches of class ``c`` are augmented by the same DSA transform
   drawn from ``aug_keys[c]`` (DSA).
 

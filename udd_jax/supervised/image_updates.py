@@ -63,28 +63,56 @@ def image_step(
   return optax.apply_updates(images, updates), opt_state, loss
 
 
+CLASS_LOOPS = ("unroll", "map")
+"""How :func:`sum_over_classes` runs the classes: a Python loop unrolled under ``jit``, or ``lax.map``."""
+
+
 def sum_over_classes(
-    one_class: Callable[[Array, Array, int], Scalar], real: Float[Array, "classes b H W C"],
-    syn: Float[Array, "classes ipc H W C"], aug_keys: PRNGKeyArray | None, dsa_strategy: str,
+    one_class: Callable[[Array, Array, Array | int], Scalar], real: Float[Array, "classes b H W C"],
+    syn: Float[Array, "classes ipc H W C"], aug_keys: PRNGKeyArray | None, dsa_strategy: str, *,
+    loop: str = "unroll",
 ) -> Scalar:
   """``sum_c one_class(real_c, syn_c, c)``: DC's and DM's losses, one class at a time.
 
   With ``aug_keys`` (one per class) both batches of class ``c`` first get the same DSA
   transform, drawn from ``aug_keys[c]`` (Siamese augmentation).
 
-  The classes are a Python loop, unrolled under ``jit``, not a ``vmap``: ``vmap`` over
-  classes turns DC's per-class weight gradients into batch-grouped convolutions, which
-  XLA:CPU ran about 3 times slower (3.5 s against 1.1-1.4 s per round at width 32), and
-  runs DM's forward pass on one batch of ``classes * b`` images, 2 times slower than ``b``
-  at a time (docs/BENCHMARKS.md (q)). ``lax.map`` was slower still (26 s: convolutions in
-  loop bodies are slow on the CPU). The price is compile time, which grows with the
-  number of classes (DC at width 32: 13 s against 7 s for 10 classes).
+  The classes run one after another, never ``vmap``-ped: ``vmap`` over classes turns DC's
+  per-class weight gradients into batch-grouped convolutions and puts DM's forward pass on
+  one batch of ``classes * b`` images, both slow on XLA:CPU. Which loop is fastest depends
+  on the loss (docs/BENCHMARKS.md (q), width 32, DC / DM + DSA per step): ``"unroll"``
+  (a Python loop, unrolled under ``jit``; DC's choice) 2.2 / 0.60 s, ``"map"``
+  (``lax.map``; DM's choice, whose loop body has no weight gradient) 26 / 0.38 s,
+  ``vmap`` 7.8 / 0.88 s. Unrolling costs compile time, which grows with the number of
+  classes (DC: 21 s against 12 s for ``vmap`` at 10 classes).
+
+  Args:
+    one_class: ``(real_c, syn_c, label) -> loss``; ``label`` is a Python int with
+      ``"unroll"``, a traced int with ``"map"``.
+    real: real batches, class-major.
+    syn: synthetic images, class-major.
+    aug_keys: ``(classes,)`` PRNG keys for DSA, or None.
+    dsa_strategy: DSA operations.
+    loop: one of :data:`CLASS_LOOPS`.
+
+  Returns:
+    The loss summed over classes.
   """
+
+  def augmented(real_c, syn_c, key, label):
+    if key is not None:
+      real_c = augment_lib.dsa(real_c, key, dsa_strategy)
+      syn_c = augment_lib.dsa(syn_c, key, dsa_strategy)
+    return one_class(real_c, syn_c, label)
+
+  loop = _validation.check_choice(loop, "loop", CLASS_LOOPS)
+  n_classes = real.shape[0]
+  if loop == "map":
+    labels = jnp.arange(n_classes)
+    if aug_keys is None:
+      return jnp.sum(jax.lax.map(lambda a: augmented(a[0], a[1], None, a[2]), (real, syn, labels)))
+    return jnp.sum(jax.lax.map(lambda a: augmented(*a), (real, syn, aug_keys, labels)))
   total = jnp.zeros((), real.dtype)
-  for c in range(real.shape[0]):
-    real_c, syn_c = real[c], syn[c]
-    if aug_keys is not None:
-      real_c = augment_lib.dsa(real_c, aug_keys[c], dsa_strategy)
-      syn_c = augment_lib.dsa(syn_c, aug_keys[c], dsa_strategy)
-    total = total + one_class(real_c, syn_c, c)
+  for c in range(n_classes):
+    total = total + augmented(real[c], syn[c], None if aug_keys is None else aug_keys[c], c)
   return total
