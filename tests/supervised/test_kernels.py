@@ -65,11 +65,14 @@ def fc_apply(params, x, readout_features=False):
   return h if readout_features else dense(h, *params[-1])[:, 0]
 
 
-def conv_apply(params, x, readout_features=False):
+def conv_apply(params, x, readout_features=False, pool=False):
   convs, readout = params
   h = x
   for w, b in convs:
     h = jax.nn.relu(dense(patches(h), w, b))
+    if pool:  # 2 x 2 average pooling, stride 2
+      n, height, width, c = h.shape
+      h = h[:, : height // 2 * 2, : width // 2 * 2].reshape(n, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
   h = h.reshape(h.shape[0], -1)
   return h if readout_features else dense(h, *readout)
 
@@ -119,6 +122,80 @@ def test_conv_kernel_matches_wide_random_networks(conv_monte_carlo):
   x, (nngp_mc, ntk_mc) = conv_monte_carlo
   assert_close_to_monte_carlo(conv_kernel(x, x, depth=2, kind="nngp", w_var=W_VAR, b_var=B_VAR), nngp_mc)
   assert_close_to_monte_carlo(conv_kernel(x, x, depth=2, kind="ntk", w_var=W_VAR, b_var=B_VAR), ntk_mc)
+
+
+@pytest.mark.slow
+def test_pooled_conv_kernel_matches_wide_random_pooled_networks():
+  x = tiny_images(size=4, channels=2)
+  make = functools.partial(conv_net, channels=2, width=32, depth=2, size=1)  # 4 -> 2 -> 1 positions
+  nngp_mc, ntk_mc = monte_carlo(x, make=make, apply=functools.partial(conv_apply, pool=True), seeds=256)
+  options = dict(depth=2, w_var=W_VAR, b_var=B_VAR, pooling="avg")
+  assert_close_to_monte_carlo(conv_kernel(x, x, kind="nngp", **options), nngp_mc)
+  assert_close_to_monte_carlo(conv_kernel(x, x, kind="ntk", **options), ntk_mc)
+  with pytest.raises(AssertionError):  # the check can fail: the unpooled kernel is far off
+    assert_close_to_monte_carlo(conv_kernel(x, x, kind="nngp", depth=2, w_var=W_VAR, b_var=B_VAR), nngp_mc)
+
+
+def relu_expectations(k12, k11, k22):
+  """Cho & Saul's arc-cosine expectations, written out again in numpy (independent of ``kernels._relu``)."""
+  norm = np.sqrt(k11 * k22)
+  angle = np.arccos(np.clip(k12 / norm, -1.0, 1.0))
+  return norm * (np.sin(angle) + (np.pi - angle) * np.cos(angle)) / (2 * np.pi), (np.pi - angle) / (2 * np.pi)
+
+
+def pooled_kernel_over_all_position_pairs(x, *, depth, kind, prepend_conv, filter_size=3):
+  """The pooled ConvNet kernel by brute force: covariances of every position with every position.
+
+  ``K[a, h, w, b, k, l]`` pairs position ``(h, w)`` of image ``a`` with ``(k, l)`` of image ``b``; a
+  convolution averages the 3 x 3 taps shifted together on both sides, pooling averages 2 x 2
+  windows on both sides, the readout averages equal positions.
+  """
+  n, lo = x.shape[0], (filter_size - 1) // 2
+  hi = filter_size - 1 - lo
+  s = np.einsum("ahwc,bklc->ahwbkl", x, x) / x.shape[-1]
+
+  def conv(a):
+    size = a.shape[1]
+    a = np.pad(a, [(0, 0), (lo, hi), (lo, hi), (0, 0), (lo, hi), (lo, hi)])
+    taps = [a[:, i : i + size, j : j + size, :, i : i + size, j : j + size] for i in range(filter_size) for j in range(filter_size)]
+    return np.mean(taps, axis=0)
+
+  def pool(a):
+    h = a.shape[1] // 2
+    a = a[:, : 2 * h, : 2 * h, :, : 2 * h, : 2 * h]
+    return a.reshape(n, h, 2, h, 2, n, h, 2, h, 2).mean(axis=(2, 4, 7, 9))
+
+  theta_post = None
+  for pooled in [False] * prepend_conv + [True] * depth:
+    k = W_VAR * conv(s) + B_VAR
+    theta = k if theta_post is None else k + W_VAR * conv(theta_post)
+    var = np.einsum("ahwahw->ahw", k)
+    t, tdot = relu_expectations(k, var[:, :, :, None, None, None], var[None, None, None])
+    s, theta_post = (pool(t), pool(tdot * theta)) if pooled else (t, tdot * theta)
+  out = W_VAR * np.einsum("ahwbhw->ab", s) / s.shape[1] ** 2 + B_VAR
+  return out if kind == "nngp" else out + W_VAR * np.einsum("ahwbhw->ab", theta_post) / s.shape[1] ** 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("prepend_conv", [False, True])
+def test_pooled_conv_kernel_equals_the_sum_over_all_position_pairs(kind, prepend_conv):
+  # 7 x 7 images: the second pooling drops a row and a column (7 -> 3 -> 1), as 28 -> 14 -> 7 -> 3 does.
+  x = np.asarray(tiny_images(n=4, size=7, channels=2), np.float64)
+  kernel = jax.jit(functools.partial(conv_kernel, depth=2, kind=kind, w_var=W_VAR, b_var=B_VAR, pooling="avg",
+                                     prepend_conv=prepend_conv))
+  expected = pooled_kernel_over_all_position_pairs(x, depth=2, kind=kind, prepend_conv=prepend_conv)
+  np.testing.assert_allclose(kernel(x[:3], x[1:]), expected[:3, 1:], rtol=1e-10)
+  unpooled = conv_kernel(x[:3], x[1:], depth=2 + prepend_conv, kind=kind, w_var=W_VAR, b_var=B_VAR)
+  assert np.abs(np.asarray(unpooled) - expected[:3, 1:]).max() > 0.01 * np.abs(expected).max()
+
+
+@pytest.mark.slow
+def test_pooled_kernel_gradients_match_finite_differences():
+  x1 = jax.random.normal(jax.random.key(7), (2, 4, 4, 1))
+  x2 = jax.random.normal(jax.random.key(8), (2, 4, 4, 1))
+  kernel = get_kernel("conv", kind="ntk", depth=2, pooling="avg", prepend_conv=True)
+  check_grads(jax.jit(kernel), (x1, x2), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("wrong", [dict(depth=2, filter_size=1), dict(depth=1), dict(depth=2, b_var=0.0)])
@@ -245,4 +322,10 @@ def test_bad_arguments_are_named():
     get_kernel("fc", filter_size=3)
   with pytest.raises(ValueError, match="b_var"):
     get_kernel("conv", b_var=float("nan"))
+  with pytest.raises(ValueError, match="unknown pooling 'max'"):
+    get_kernel("conv", pooling="max")
+  with pytest.raises(ValueError, match=r"halves the images 3 times.*smaller than 8 x 8"):
+    conv_kernel(jnp.ones((2, 7, 7, 1)), jnp.ones((2, 7, 7, 1)), pooling="avg")
+  with pytest.raises(ValueError, match="prepend_conv=True needs pooling='avg'"):
+    conv_kernel(x, x, prepend_conv=True)
   assert kernels.KINDS == ("ntk", "nngp")

@@ -170,10 +170,27 @@ def test_result_config_history_and_callback():
   assert [r["iteration"] for r in result.history] == [0.0, 3.0, 6.0]
   config = result.config
   assert config["method"] == "kip" and config["ipc"] == 2 and config["iterations"] == 7
-  assert config["kernel"] == "conv" and config["kernel_options"] == {"depth": 1, "kind": "ntk", "w_var": 2.0, "b_var": 1e-4, "filter_size": 3}
+  assert config["kernel"] == "conv" and config["kernel_options"] == {"depth": 1, "kind": "ntk", "w_var": 2.0, "b_var": 1e-4, "filter_size": 3,
+                                                                 "pooling": "none", "prepend_conv": False}
   assert config["batch_target"] == 12 and config["learn_labels"] is False and config["preprocessing"] == "none"
   assert config["seed"] == np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
   assert config["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_pooled_conv_kernel_is_recorded_and_used_by_kip_accuracy():
+  x = np.concatenate([np.asarray(images(21, 6, size=4)), np.asarray(images(22, 6, size=4)) + 1.0])
+  y = np.repeat([0, 1], 6)
+  result = distill_kip(x, y, ipc=1, seed=0, kernel="conv", depth=1, pooling="avg", prepend_conv=True, iterations=3)
+  assert result.config["kernel_options"]["pooling"] == "avg" and result.config["kernel_options"]["prepend_conv"] is True
+  losses = [r["loss"] for r in result.history]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  # kip_accuracy rebuilds the pooled kernel from the config: the same predictions as passing it.
+  pooled = get_kernel("conv", depth=1, kind="ntk", w_var=2.0, b_var=1e-4, pooling="avg", prepend_conv=True)
+  test = (x, y)
+  assert kip_accuracy(result, test) == kip_accuracy(result, test, kernel_fn=pooled, reg=result.config["reg"])
+  with pytest.raises(ValueError, match="pooling='avg' and prepend_conv=False need kernel='conv'"):
+    distill_kip(x, y, ipc=1, seed=0, kernel="fc", pooling="avg")
 
 
 def test_same_key_same_result_other_key_or_init_other_result():

@@ -48,6 +48,7 @@ from udd_jax import _validation
 
 KERNELS = ("fc", "conv")
 KINDS = ("ntk", "nngp")
+POOLINGS = ("none", "avg")
 
 KernelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -233,15 +234,138 @@ def _conv(x1: jax.Array, x2: jax.Array, *, depth: int, kind: str, filter_size: i
   return ntk if kind == "ntk" else k12
 
 
+def _shifted(a: jax.Array, radius: int, fill: float = 0.0) -> jax.Array:
+  """``out[..., dy, dx, h, w] = a[..., h + dy - radius, w + dx - radius]`` (``fill`` outside ``a``).
+
+  ``a`` is ``(..., H, W)``; the result is ``(..., D, D, H, W)`` with ``D = 2 radius + 1``:
+  the value at every offset within ``radius`` of each position.
+  """
+  height, width = a.shape[-2:]
+  size = 2 * radius + 1
+  pad = [(0, 0)] * (a.ndim - 2) + [(radius, radius)] * 2
+  a = jnp.pad(a, pad, constant_values=fill)
+  rows = [jnp.stack([a[..., dy : dy + height, dx : dx + width] for dx in range(size)], axis=-3) for dy in range(size)]
+  return jnp.stack(rows, axis=-4)
+
+
+def _avg_pool_offsets(a: jax.Array, radius: int) -> jax.Array:
+  """2 x 2 average pooling (stride 2, VALID) of both members of a covariance held at offsets.
+
+  ``a[..., dy, dx, h, w]`` is the covariance of position ``p = (h, w)`` of one input with
+  ``p + delta`` of the other, ``delta = (dy, dx) - radius`` (odd ``radius``). The pooled
+  covariance of window ``P`` with window ``P + Delta`` averages ``a`` over ``p = 2P + i``
+  and ``p + delta = 2P + 2 Delta + j``, ``i, j`` in the 2 x 2 window: ``delta = 2 Delta + j - i``.
+  Offsets within ``radius`` give the pooled ones within ``(radius - 1) / 2``.
+  """
+  height, width = a.shape[-2] // 2, a.shape[-1] // 2
+  out = 0.0
+  for iy in (0, 1):
+    for ix in (0, 1):
+      for jy in (0, 1):
+        for jx in (0, 1):
+          dy, dx = jy - iy + 1, jx - ix + 1  # delta index of Delta index 0
+          out = out + a[..., dy : dy + 2 * radius - 1 : 2, dx : dx + 2 * radius - 1 : 2,
+                        iy : iy + 2 * height : 2, ix : ix + 2 * width : 2]
+  return out / 16
+
+
+# Pairs per vmapped batch of the pooled kernel: each pair holds (2^(depth+1) - 1)^2 H W covariances
+# (176k for 28 x 28 at depth 3) in a few dozen intermediates, so 64 pairs stay within ~2 GB.
+_POOLED_PAIR_BATCH = 64
+
+
+def _input_covariance(a: jax.Array, b: jax.Array, radius: int) -> jax.Array:
+  """``<a(p), b(p + delta)> / C`` at every offset within ``radius``: ``(D, D, H, W)`` from images ``(C, H, W)``."""
+  return jnp.einsum("chw,cdehw->dehw", a, _shifted(b, radius)) / a.shape[0]
+
+
+def _pooled_pair(s: jax.Array, variances: tuple[list[jax.Array], list[jax.Array]] | None, *, depth: int, kind: str,
+                 filter_size: int, w_var: float, b_var: float, prepend_conv: bool) -> jax.Array | list[jax.Array]:
+  """The pooled ConvNet kernel of one pair of images, from their input covariance ``s`` at offsets.
+
+  ``variances`` holds each image's pre-activation variance map of every layer; ``None``
+  means the pair is an image with itself, whose zero offset gives them: the list of maps
+  is then returned instead of the kernel.
+  """
+
+  def conv_layer(a):
+    return w_var * _patch_mean(a, filter_size) + b_var
+
+  radius = 2**depth - 1
+  own, theta_post = [], None
+  for layer, pool in enumerate([False] * prepend_conv + [True] * depth):
+    k = conv_layer(s)
+    if kind == "ntk":
+      theta = k if theta_post is None else k + w_var * _patch_mean(theta_post, filter_size)
+    if variances is None:
+      v1 = v2 = k[radius, radius]
+      own.append(v1)
+    else:
+      v1, v2 = variances[0][layer], variances[1][layer]
+    # Offsets that leave the image pair a position with padding: unit variance, masked below.
+    valid = _shifted(jnp.ones_like(v1), radius)
+    t, tdot = _relu(k, v1, _shifted(v2, radius, fill=1.0))
+    s = t * valid
+    if kind == "ntk":
+      theta_post = tdot * theta * valid
+    if pool:
+      s = _avg_pool_offsets(s, radius)
+      if kind == "ntk":
+        theta_post = _avg_pool_offsets(theta_post, radius)
+      radius = (radius - 1) // 2
+      valid = _shifted(jnp.ones(s.shape[-2:], s.dtype), radius)
+      s = s * valid
+      if kind == "ntk":
+        theta_post = theta_post * valid
+  if variances is None:
+    return own
+  # Flatten then dense: fan-in H' W' C, so the readout averages the pooled positions.
+  k_out = w_var * jnp.mean(s[0, 0]) + b_var
+  return k_out if kind == "nngp" else k_out + w_var * jnp.mean(theta_post[0, 0])
+
+
+def _conv_pooled(x1: jax.Array, x2: jax.Array, *, depth: int, kind: str, filter_size: int, w_var: float,
+                 b_var: float, prepend_conv: bool) -> jax.Array:
+  """The ConvNet kernel with 2 x 2 average pooling after every ReLU (see :func:`conv_kernel`).
+
+  Each pair's covariances are ``(2^(depth+1) - 1)^2 H W`` numbers, so the pairs are
+  computed in vmapped batches (``lax.map``) and rematerialised in the backward pass.
+  """
+  radius = 2**depth - 1
+  options = dict(depth=depth, filter_size=filter_size, w_var=w_var, b_var=b_var, prepend_conv=prepend_conv)
+  x1, x2 = jnp.moveaxis(x1, -1, 1), jnp.moveaxis(x2, -1, 1)  # (n, C, H, W)
+
+  @jax.checkpoint
+  def own_variances(a):
+    return _pooled_pair(_input_covariance(a, a, radius), None, kind="nngp", **options)
+
+  v1 = jax.lax.map(own_variances, x1, batch_size=_POOLED_PAIR_BATCH)
+  v2 = jax.lax.map(own_variances, x2, batch_size=_POOLED_PAIR_BATCH)
+
+  def row(a_and_variances):
+    a, va = a_and_variances
+
+    @jax.checkpoint
+    def pair(b_and_variances):
+      b, vb = b_and_variances
+      return _pooled_pair(_input_covariance(a, b, radius), (va, vb), kind=kind, **options)
+
+    return jax.lax.map(pair, (x2, v2), batch_size=_POOLED_PAIR_BATCH)
+
+  return jax.lax.map(row, (x1, v1))
+
+
 def conv_kernel(
     x1: Float[ArrayLike, "n1 H W C"], x2: Float[ArrayLike, "n2 H W C"], *, depth: int = 3, kind: str = "ntk",
-    filter_size: int = 3, w_var: float = 2.0, b_var: float = 0.01, block_size: int | None = None,
+    filter_size: int = 3, w_var: float = 2.0, b_var: float = 0.01, pooling: str = "none",
+    prepend_conv: bool = False, block_size: int | None = None,
 ) -> Float[Array, "n1 n2"]:
   """Infinite-width kernel of a ReLU ConvNet with a flatten ("vectorised") readout.
 
   The network is ``depth`` blocks of [``filter_size`` x ``filter_size`` convolution with
-  SAME zero padding, ReLU], then flatten and one dense readout, in the NTK parameterisation
-  (a convolution's fan-in is ``C_in * filter_size^2``; padded positions count as zeros).
+  SAME zero padding, ReLU] (each followed by 2 x 2 average pooling with ``pooling="avg"``),
+  then flatten and one dense readout, in the NTK parameterisation (a convolution's fan-in
+  is ``C_in * filter_size^2``; padded positions count as zeros).
 
   Derivation. Write ``K(p, p')`` for the covariance of the pre-activations at spatial
   positions ``p`` of one input and ``p'`` of the other (identical for every channel in the
@@ -259,6 +383,16 @@ def conv_kernel(
   same path: ``Theta_next(p) = K_next(p) + w_var * mean_q (T' Theta)(p + q)`` through the
   convolutions, and ``w_var * mean_p (T' Theta)(p)`` at the readout.
 
+  Pooling (the ConvNet of KIP's ConvNet experiments and of DC, without its normalisation)
+  averages 2 x 2 windows, so it pairs *different* positions: the pooled covariance at
+  ``(P, P')`` averages ``T(p, p')`` over ``p`` in window ``P`` and ``p'`` in ``P'``. The
+  covariances are then held at every offset ``delta = p' - p`` within a radius: the
+  readout needs offset 0, a pooling needs offsets within ``2 r + 1`` below one within
+  ``r``, a convolution keeps the offset (both members shift by the same tap). The first
+  layer needs ``2^depth - 1`` (15 x 15 offsets at depth 3): ``(2^(depth+1) - 1)^2`` times
+  the work and memory of the unpooled first layer, against ``(H W)^2`` for all position
+  pairs. Variances come from the same recursion applied to each input with itself.
+
   Args:
     x1: images ``(n1, H, W, C)`` (NHWC, like the networks of this package).
     x2: images ``(n2, H, W, C)``.
@@ -267,8 +401,13 @@ def conv_kernel(
     filter_size: side of the square filters.
     w_var: weight variance ``sigma_w^2``.
     b_var: bias variance ``sigma_b^2`` (>= 0).
+    pooling: ``"none"`` or ``"avg"`` (2 x 2 average pooling after every ReLU, stride 2,
+      windows that do not fit dropped; needs ``H, W >= 2^depth``).
+    prepend_conv: with ``pooling="avg"``, one more [convolution, ReLU] block without
+      pooling before the ``depth`` pooled ones: the KIP authors' ConvNet
+      (``prepend_conv_layer=True`` in their finite-network code).
     block_size: compute at most this many rows of ``x1`` at a time; memory is
-      ``O(block_size * n2 * H * W)``.
+      ``O(block_size * n2 * H * W)`` (times ``(2^(depth+1) - 1)^2`` with pooling).
 
   Returns:
     The ``(n1, n2)`` kernel matrix.
@@ -282,10 +421,20 @@ def conv_kernel(
   """
   depth, kind, w_var, b_var = _check_options(depth, kind, w_var, b_var)
   filter_size = _validation.check_positive_int(filter_size, "filter_size")
+  pooling = _validation.check_choice(pooling, "pooling", POOLINGS)
+  prepend_conv = _validation.check_bool(prepend_conv, "prepend_conv")
+  if prepend_conv and pooling == "none":
+    raise ValueError("prepend_conv=True needs pooling='avg'; without pooling every block is alike: use depth + 1.")
   x1, x2 = _check_pair(x1, x2, ndim=4)
+  if pooling == "avg" and min(x1.shape[1:3]) < 2**depth:
+    raise ValueError(f"pooling='avg' halves the images {depth} times (depth); images of shape {tuple(x1.shape[1:3])} "
+                     f"are smaller than {2**depth} x {2**depth}.")
   if block_size is not None:
     block_size = _validation.check_positive_int(block_size, "block_size")
   fn = functools.partial(_conv, depth=depth, kind=kind, filter_size=filter_size, w_var=w_var, b_var=b_var)
+  if pooling == "avg":
+    fn = functools.partial(_conv_pooled, depth=depth, kind=kind, filter_size=filter_size, w_var=w_var, b_var=b_var,
+                           prepend_conv=prepend_conv)
   return _in_row_blocks(fn, x1, x2, block_size)
 
 
@@ -311,7 +460,7 @@ def get_kernel(name: str, **options: Any) -> KernelFn:
     True
   """
   _validation.check_choice(name, "kernel", KERNELS)
-  allowed = {"depth", "kind", "w_var", "b_var", "block_size"} | ({"filter_size"} if name == "conv" else set())
+  allowed = {"depth", "kind", "w_var", "b_var", "block_size"} | ({"filter_size", "pooling", "prepend_conv"} if name == "conv" else set())
   unknown = sorted(set(options) - allowed)
   if unknown:
     raise TypeError(f"unknown option(s) {unknown} for the {name!r} kernel; valid options are {sorted(allowed)}.")
@@ -326,8 +475,12 @@ def get_kernel(name: str, **options: Any) -> KernelFn:
 
 @functools.lru_cache(maxsize=64)
 def _cached_kernel(name: str, options: tuple[tuple[str, str, Any], ...]) -> KernelFn:
-  fn = functools.partial(fc_kernel if name == "fc" else conv_kernel, **{k: v for k, _, v in options})
-  # Run the option checks once here so that a typo fails before any tracing.
-  probe = jnp.zeros((1, 3, 3, 1))
+  kwargs = {k: v for k, _, v in options}
+  fn = functools.partial(fc_kernel if name == "fc" else conv_kernel, **kwargs)
+  # Run the option checks once here so that a typo fails before any tracing (a pooled
+  # kernel needs images of at least 2^depth pixels a side).
+  depth = kwargs.get("depth", 3)
+  size = 2**depth if kwargs.get("pooling") == "avg" and isinstance(depth, int) and 1 < depth <= 8 else 3
+  probe = jnp.zeros((1, size, size, 1))
   jax.eval_shape(fn, probe, probe)
   return fn

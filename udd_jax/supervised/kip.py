@@ -136,7 +136,7 @@ def _train_step(state, step_key, data, table, counts, hyper, *, kernel_fn, learn
 def distill_kip(
     x: Float[ArrayLike, "n H W *C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int,
     kernel: str = "fc", kind: str = "ntk", depth: int | None = None, w_var: float = 2.0, b_var: float = 1e-4,
-    filter_size: int = 3, iterations: int = 1000, lr: float = 0.01, batch_target: int | None = None,
+    filter_size: int = 3, pooling: str = "none", prepend_conv: bool = False, iterations: int = 1000, lr: float = 0.01, batch_target: int | None = None,
     learn_labels: bool = True, reg: float = 1e-6, init: str = "real", block_size: int | None = None,
     preprocessing: Any = None, max_seconds: float | None = None, log_every: int = 10,
     callback: base.Callback | None = None,
@@ -154,9 +154,12 @@ def distill_kip(
     y: integer labels ``(n,)`` in ``[0, n_classes)``; every class must occur.
     ipc: images per class (>= 1).
     seed: int seed or PRNG key of the initial support set and the target batches.
-    kernel, kind, depth, w_var, b_var, filter_size: the kernel (:func:`get_kernel`):
-      ``"fc"`` or ``"conv"`` (ConvNet, flatten readout), ``"ntk"`` or ``"nngp"``, hidden
-      layers / conv blocks (default 1 / 3), weight and bias variances, filter side (conv).
+    kernel, kind, depth, w_var, b_var, filter_size, pooling, prepend_conv: the kernel
+      (:func:`get_kernel`): ``"fc"`` or ``"conv"`` (ConvNet, flatten readout), ``"ntk"`` or
+      ``"nngp"``, hidden layers / conv blocks (default 1 / 3), weight and bias variances; for
+      ``"conv"`` the filter side, ``"none"`` / ``"avg"`` (2 x 2 average pooling after every
+      block) and an unpooled block in front (``pooling="avg", prepend_conv=True`` is the
+      KIP authors' ConvNet; see :func:`udd_jax.supervised.kernels.conv_kernel` for its cost).
     lr: Adam learning rate (KIP: 0.01 on MNIST).
     batch_target: real images per target batch, rounded down to a multiple of the number
       of classes (default 1000 for ``"fc"``, 100 for ``"conv"``, at most ``n``).
@@ -193,7 +196,7 @@ def distill_kip(
   record_prep = _preprocessing_record(preprocessing)
   x_np, y_np, n_classes = _check_data(x, y, ipc, init)
   kernel_fn, kernel_options = _kernel(kernel, block_size, depth=depth, kind=kind, w_var=w_var, b_var=b_var,
-                                      filter_size=filter_size)
+                                      filter_size=filter_size, pooling=pooling, prepend_conv=prepend_conv)
   per_class = _per_class(batch_target, kernel, x_np.shape[0], n_classes)
 
   k_init, k_run = jax.random.split(key)
@@ -214,10 +217,14 @@ def distill_kip(
                           config=config, history=log.history)
 
 
-def _kernel(kernel: str, block_size: Any, *, filter_size: Any, **options: Any) -> tuple[KernelFn, dict[str, Any]]:
+def _kernel(kernel: str, block_size: Any, *, filter_size: Any, pooling: Any, prepend_conv: Any,
+            **options: Any) -> tuple[KernelFn, dict[str, Any]]:
   """The kernel function and its options as recorded in ``config["kernel_options"]``."""
   if kernel == "conv":
-    options["filter_size"] = filter_size
+    options |= dict(filter_size=filter_size, pooling=pooling, prepend_conv=prepend_conv)
+  elif pooling != "none" or prepend_conv:
+    raise ValueError(f"pooling={pooling!r} and prepend_conv={prepend_conv!r} need kernel='conv'; "
+                     "the 'fc' kernel has no spatial axes.")
   kernel_fn = get_kernel(kernel, block_size=block_size, **options)
   return kernel_fn, {k: (float(v) if k in ("w_var", "b_var") else v) for k, v in options.items()}
 
