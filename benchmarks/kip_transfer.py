@@ -22,7 +22,9 @@ and without learned labels, and scores every snapshot in several ways:
 * ``matched``: the finite network whose infinite-width limit is the kernel, trained with the
   KIP authors' finite-network recipe (below): for ``fc`` a 1-hidden-layer ReLU MLP of
   ``--matched_width`` units, for ``conv`` ``--conv_depth`` x [3x3 SAME conv, ReLU] at full
-  resolution, flatten, dense (no norm, no pooling: ``kernels.conv_kernel``'s network);
+  resolution, flatten, dense (no norm, no pooling: ``kernels.conv_kernel``'s network), and
+  with ``--conv_pooling paper`` (the kernel of their ConvNet, ``pooling="avg",
+  prepend_conv=True``) their ConvNet below;
 * ``paper_convnet``: the KIP authors' finite ConvNet (nn_training.ipynb ``ConvNet``,
   ``prepend_conv_layer=True``, ``use_gap=False``: conv + ReLU, then 3 x [conv, ReLU, 2x2 average
   pool], flatten, dense; no normalisation) with their recipe.
@@ -266,6 +268,9 @@ def main():
   parser.add_argument("--fc_iterations", type=ints, default=ints("300,2500,12000"))
   parser.add_argument("--conv_iterations", type=ints, default=ints("20,60,180"))
   parser.add_argument("--conv_depth", type=int, default=3)
+  parser.add_argument("--conv_pooling", choices=("none", "paper"), default="none",
+                      help="conv kernel without pooling, or the KIP authors' ConvNet kernel (an unpooled conv block, "
+                           "then --conv_depth blocks with 2x2 average pooling; 'matched' is then their ConvNet)")
   parser.add_argument("--prep", choices=("kip_zca", "standardize"), default="kip_zca")
   parser.add_argument("--width", type=int, default=32, help="the app's ConvNet channels (the table's 32)")
   parser.add_argument("--eval_runs", type=int, default=2)
@@ -296,7 +301,8 @@ def main():
   k99 = int(np.searchsorted(np.cumsum(s ** 2) / np.sum(s ** 2), 0.99)) + 1
   basis = vt[:k99]
   fc_kernel = get_kernel("fc", depth=1, kind="ntk", w_var=2.0, b_var=1e-4)  # distill_kip's defaults
-  conv_kernel = get_kernel("conv", depth=args.conv_depth, kind="ntk", w_var=2.0, b_var=1e-4, filter_size=3)
+  pooling = dict(pooling="avg", prepend_conv=True) if args.conv_pooling == "paper" else {}
+  conv_kernel = get_kernel("conv", depth=args.conv_depth, kind="ntk", w_var=2.0, b_var=1e-4, filter_size=3, **pooling)
   config = dict(vars(args), preprocessing=prep_config, real_image_norm=real_norm, real_pcs_99=k99,
                 real_pixel_range=[float(x_train.min()), float(x_train.max())])
   rows = []
@@ -334,8 +340,12 @@ def main():
       row["convnet_init_images"] = summarize(train.evaluate_synset(init_images, labels, test, network=convnet, **ev))
     row["convnet_ce"] = summarize(train.evaluate_synset(images, labels.argmax(1), test, network=convnet, **ev))
     row["mlp"] = summarize(train.evaluate_synset(images, labels, test, network="mlp", n_classes=N_CLASSES, **ev))
-    matched = (FCNet(width=args.matched_width) if kernel == "fc"
-               else KernelConvNet(width=args.kernel_conv_width, depth=args.conv_depth))
+    if kernel == "fc":
+      matched = FCNet(width=args.matched_width)
+    elif pooling:
+      matched = PaperConvNet(width=args.kernel_conv_width, depth=args.conv_depth)
+    else:
+      matched = KernelConvNet(width=args.kernel_conv_width, depth=args.conv_depth)
     pr = dict(seed=args.seed + 1000, runs=args.eval_runs, steps=args.paper_steps, x_probe=x_probe)
     row["matched"] = paper_recipe(matched, images, labels, test, **pr)
     row["paper_convnet"] = paper_recipe(PaperConvNet(width=args.paper_width), images, labels, test, **pr)
@@ -356,7 +366,7 @@ def main():
     for learn_labels in [t.strip().lower() == "true" for t in args.learn_labels.split(",")]:
       options = dict(ipc=args.ipc, seed=args.seed, kernel=kernel, learn_labels=learn_labels, preprocessing=prep_config)
       if kernel == "conv":
-        options["depth"] = args.conv_depth
+        options |= dict(depth=args.conv_depth, **pooling)
       # The initial support (iteration 0) is the same real images for every budget.
       init = kip.distill_kip(x_train, y_train, **options, iterations=1, lr=1e-30)
       evaluate.init_images[kernel] = np.asarray(init.images)
