@@ -144,6 +144,20 @@ def jit_step(step: Callable, *, chunk: int = 1, donate: bool = True) -> Callable
   return jax.jit(run, donate_argnums=0 if donate else ())
 
 
+def first_and_median(fn: Callable, *args: Any, repeats: int) -> tuple[Any, float, float]:
+  """``fn(*args)``'s output, the seconds of its first call (compilation, for a jitted ``fn``) and the
+  median seconds of ``repeats`` calls after it."""
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return out, first_s, statistics.median(times)
+
+
 def time_step(step: Callable, state: Any, *, steps: int, warmup: int = 1, max_seconds: float | None = None,
               min_steps: int = 3) -> dict[str, Any]:
   """Compile time of the first call, then per-step times after ``warmup`` more calls.

@@ -15,11 +15,9 @@ and 100). Compile time (first call) and the median of ``--repeats`` calls after 
 from __future__ import annotations
 
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import _common
 from udd_jax.supervised.kernels import get_kernel
@@ -30,18 +28,6 @@ KERNELS = {
     "conv, pooled (3 blocks)": ("conv", dict(depth=3, pooling="avg")),
     "conv, their ConvNet (1 + 3 pooled blocks)": ("conv", dict(depth=3, pooling="avg", prepend_conv=True)),
 }
-
-
-def timed(fn, *args, repeats):
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return compile_s, float(np.median(times))
 
 
 def main():
@@ -61,8 +47,8 @@ def main():
     kernel = get_kernel(name, kind="ntk", w_var=2.0, b_var=1e-4, **options)
     forward = jax.jit(kernel)
     grad = jax.jit(jax.grad(lambda s, t: jnp.sum(kernel(t, s)) + jnp.sum(kernel(s, s))))  # noqa: B023
-    f_compile, f_step = timed(forward, target, support, repeats=args.repeats)
-    g_compile, g_step = timed(grad, support, target, repeats=args.repeats)
+    _, f_compile, f_step = _common.first_and_median(forward, target, support, repeats=args.repeats)
+    _, g_compile, g_step = _common.first_and_median(grad, support, target, repeats=args.repeats)
     rows.append(dict(kernel=label, forward_compile_s=f_compile, forward_s=f_step, grad_compile_s=g_compile, grad_s=g_step))
     print(rows[-1], flush=True)
     _common.write_json(pathlib.Path(args.out), meta, rows, config=vars(args))
