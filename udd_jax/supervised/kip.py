@@ -136,7 +136,8 @@ def _train_step(state, step_key, data, table, counts, hyper, *, kernel_fn, learn
 def distill_kip(
     x: Float[ArrayLike, "n H W *C"], y: Int[ArrayLike, " n"], *, ipc: int, seed: PRNGKeyArray | int,
     kernel: str = "fc", kind: str = "ntk", depth: int | None = None, w_var: float = 2.0, b_var: float = 1e-4,
-    filter_size: int = 3, pooling: str = "none", prepend_conv: bool = False, iterations: int = 1000, lr: float = 0.01, batch_target: int | None = None,
+    filter_size: int = 3, pooling: str = "none", prepend_conv: bool = False, iterations: int = 1000,
+    lr: float = 0.01, batch_target: int | None = None,
     learn_labels: bool = True, reg: float = 1e-6, init: str = "real", block_size: int | None = None,
     preprocessing: Any = None, max_seconds: float | None = None, log_every: int = 10,
     callback: base.Callback | None = None,
