@@ -1,5 +1,6 @@
 """The ConvNet against a by-hand forward pass: the authors' padding of grey inputs, instance norm, pooling."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,3 +35,22 @@ def test_convnet_embed_matches_the_authors_layout(shape, features):
   got = net.apply({"params": params}, x, method="embed")
   assert got.shape == (2, 4 * features)
   np.testing.assert_allclose(got, by_hand_embed(params, x, depth=3), rtol=1e-4, atol=1e-5)
+
+
+def test_convnet_gradients_match_the_by_hand_network_in_float64():
+  """The instance norm's backward pass too: input and parameter gradients against the written-out network."""
+  net = networks.get_network("convnet", 10, width=4)
+  x = jax.random.normal(jax.random.key(0), (3, 12, 12, 1), jnp.float64)
+  params = net.init(jax.random.key(1), x)["params"]  # flax initialises in float32
+  params = jax.tree.map(lambda p: p.astype(jnp.float64) + 0.1 * jax.random.normal(jax.random.key(2), p.shape, jnp.float64),
+                        params)
+  weights = jax.random.normal(jax.random.key(3), (3, 4 * 2 * 2), jnp.float64)
+
+  def ours(p, x):
+    return jnp.sum(weights * net.apply({"params": p}, x, method="embed"))
+
+  def theirs(p, x):
+    return jnp.sum(weights * by_hand_embed(p, x, depth=3))
+
+  got, want = jax.grad(ours, argnums=(0, 1))(params, x), jax.grad(theirs, argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(got, want, rtol=1e-9, atol=1e-12)
