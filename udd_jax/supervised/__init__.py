@@ -13,6 +13,7 @@ docs/SUPERVISED.md describes each method and how it departs from its paper.
 from udd_jax.supervised.artifacts import load_result as load_result
 from udd_jax.supervised.artifacts import save_result as save_result
 from udd_jax.supervised.augment import dsa as dsa
+from udd_jax.supervised.base import Checkpoint as Checkpoint
 from udd_jax.supervised.base import Setup as Setup
 from udd_jax.supervised.base import run_outer_loop as run_outer_loop
 from udd_jax.supervised.base import setup as setup

@@ -5,7 +5,8 @@ options every method shares (the network, the budget, the callback) go through
 :func:`setup`, which checks them once into a :class:`Setup`. :func:`run_outer_loop` is the
 one outer-loop driver: it runs a method's jitted step for the budget, logs, and stops on a
 non-finite loss, returning the last state whose loss was finite (one behaviour for every
-method).
+method). Given a :class:`Checkpoint`, it saves its progress every few minutes (and when
+interrupted), and a later call with the same checkpoint resumes where it stopped.
 
 Examples:
   >>> import numpy as np
@@ -17,7 +18,10 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict
@@ -29,7 +33,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
-from udd_jax import _validation
+from udd_jax import _validation, io
 from udd_jax.supervised import networks as networks_lib
 from udd_jax.supervised.labelled import LabelledData, prepare_data, synthetic_labels
 
@@ -97,21 +101,59 @@ def meta_step(
   return optax.apply_updates(params, updates), opt_state, loss
 
 
+class Checkpoint(NamedTuple):
+  """Where :func:`run_outer_loop` saves its progress, how often, and what identifies the run.
+
+  The file holds the method's state, the run's PRNG key, the iterations done, the seconds
+  spent and the history. A call whose checkpoint file exists resumes from it: the state's
+  structure and shapes and ``tag`` must match (a ``ValueError`` says what differs); the
+  method's other options are not checked, so one checkpoint file belongs to one run. The
+  same steps follow as in an uninterrupted run (the key is saved with the state), so on the
+  same machine the result is the same.
+
+  Attributes:
+    path: the ``.npz`` file.
+    every_seconds: save after the first iteration that ends this long after the last save
+      (and at the end, and when the loop is interrupted by an exception, e.g. Ctrl-C).
+    tag: a string that names the run (``experiment.run`` puts its flags there).
+  """
+
+  path: pathlib.Path
+  every_seconds: float = 300.0
+  tag: str = ""
+
+  @classmethod
+  def check(cls, checkpoint: Any) -> Checkpoint | None:
+    """None, a :class:`Checkpoint`, or a path (saved every 300 s, empty tag)."""
+    if checkpoint is None:
+      return None
+    if isinstance(checkpoint, (str, os.PathLike)):
+      checkpoint = cls(pathlib.Path(checkpoint))
+    if not isinstance(checkpoint, Checkpoint):
+      raise TypeError(f"checkpoint must be a path or a base.Checkpoint; got {type(checkpoint).__name__}.")
+    every = _validation.check_positive_float(checkpoint.every_seconds, "checkpoint.every_seconds", allow_zero=True)
+    if not isinstance(checkpoint.tag, str):
+      raise TypeError(f"checkpoint.tag must be a string; got {type(checkpoint.tag).__name__}.")
+    return cls(pathlib.Path(checkpoint.path), every, checkpoint.tag)
+
+
 class Budget(NamedTuple):
-  """How long a method runs and whom it tells: ``iterations``, ``max_seconds``, ``callback``."""
+  """How long a method runs, whom it tells and where it saves: ``iterations``, ``max_seconds``,
+  ``callback``, ``checkpoint``."""
 
   iterations: int
   max_seconds: float | None = None
   callback: Callback | None = None
+  checkpoint: Checkpoint | None = None
 
   @classmethod
-  def check(cls, iterations: Any, max_seconds: Any = None, callback: Any = None) -> Budget:
+  def check(cls, iterations: Any, max_seconds: Any = None, callback: Any = None, checkpoint: Any = None) -> Budget:
     iterations = _validation.check_positive_int(iterations, "iterations")
     if max_seconds is not None:
       max_seconds = _validation.check_positive_float(max_seconds, "max_seconds")
     if callback is not None and not callable(callback):
       raise TypeError(f"callback must be callable as callback(iteration, record); got {type(callback).__name__}.")
-    return cls(iterations, max_seconds, callback)
+    return cls(iterations, max_seconds, callback, Checkpoint.check(checkpoint))
 
 
 class RunLog(NamedTuple):
@@ -139,13 +181,15 @@ def run_outer_loop(
   non-finite logged loss condemns that state (an update before it diverged), so the loop
   stops and returns the last state seen with a finite loss rather than losing the run.
   Iteration ``i`` (0-based) logs when ``i % log_every == 0``, at the last iteration and when
-  the time is up; the record's ``iteration`` is ``i + first``.
+  the time is up; the record's ``iteration`` is ``i + first``. With ``budget.checkpoint``
+  the loop resumes from its file when there is one, and saves to it (:class:`Checkpoint`);
+  ``max_seconds`` and the records' ``seconds`` then count the time of the earlier calls too.
 
   Args:
     step: the method's step, ``(state, key) -> (state, metrics)``.
-    state: the initial state.
+    state: the initial state (with a checkpoint to resume: any state of the same structure).
     key: the run's key: split once per iteration, or folded with ``i`` when ``fold_in``.
-    budget: iterations, wall-time limit and callback (``callback(iteration, record)``).
+    budget: iterations, wall-time limit, callback and checkpoint (``callback(iteration, record)``).
     log_every: log (and check the loss) every this many iterations; in between the
       steps are dispatched without waiting for them.
     fold_in: iteration ``i`` gets ``fold_in(key, i)`` instead of the next split of ``key``.
@@ -153,35 +197,106 @@ def run_outer_loop(
 
   Returns:
     The state and a :class:`RunLog`; ``RunLog.iterations`` counts the updates in the state.
+
+  Raises:
+    ValueError: the checkpoint file is unreadable or was written by another run.
   """
   history: list[dict[str, float]] = []
-  start = time.perf_counter()
-  stopped, done = "iterations", 0
-  finite_state, finite_done = state, 0
-  for i in range(budget.iterations):
-    if fold_in:
-      sub = jax.random.fold_in(key, i)
-    else:
-      key, sub = jax.random.split(key)
-    new_state, metrics = step(state, sub)
-    if budget.max_seconds is not None:
-      jax.block_until_ready(metrics)  # so that the clock measures the work, not its dispatch
-    out_of_time = budget.max_seconds is not None and time.perf_counter() - start >= budget.max_seconds
-    if i % log_every == 0 or i + 1 == budget.iterations or out_of_time:
-      record = {"iteration": i + first, **{k: float(v) for k, v in metrics.items()}}
-      record["seconds"] = time.perf_counter() - start
-      if not math.isfinite(record["loss"]):
-        stopped, state, done = "non_finite_loss", finite_state, finite_done
+  done, spent = 0, 0.0
+  checkpoint = budget.checkpoint
+  if checkpoint is not None and checkpoint.path.exists():
+    state, key, done, spent, history = _load_checkpoint(checkpoint, state, key)
+  start = time.perf_counter() - spent
+  saved_at = time.perf_counter()
+  stopped = "iterations"
+  finite_state, finite_done, done_key, resumed = state, done, key, done
+
+  def save(state, key, done):  # the records of the iterations in ``state`` (not one logged before a failed update)
+    if checkpoint is not None and done > resumed:
+      kept = [r for r in history if r["iteration"] < done + first]
+      _save_checkpoint(checkpoint, state, key, done, time.perf_counter() - start, kept)
+
+  try:
+    for i in range(done, budget.iterations):
+      if fold_in:
+        sub = jax.random.fold_in(key, i)
+      else:
+        key, sub = jax.random.split(key)
+      new_state, metrics = step(state, sub)
+      if budget.max_seconds is not None:
+        jax.block_until_ready(metrics)  # so that the clock measures the work, not its dispatch
+      out_of_time = budget.max_seconds is not None and time.perf_counter() - start >= budget.max_seconds
+      if i % log_every == 0 or i + 1 == budget.iterations or out_of_time:
+        record = {"iteration": i + first, **{k: float(v) for k, v in metrics.items()}}
+        record["seconds"] = time.perf_counter() - start
+        if not math.isfinite(record["loss"]):
+          stopped, state, done = "non_finite_loss", finite_state, finite_done
+          break
+        finite_state, finite_done = state, done
+        history.append(record)
+        if budget.callback is not None:
+          budget.callback(record["iteration"], record)
+      state, done, done_key = new_state, i + 1, key
+      if out_of_time:
+        stopped = "max_seconds"
         break
-      finite_state, finite_done = state, done
-      history.append(record)
-      if budget.callback is not None:
-        budget.callback(record["iteration"], record)
-    state, done = new_state, i + 1
-    if out_of_time:
-      stopped = "max_seconds"
-      break
+      if checkpoint is not None and time.perf_counter() - saved_at >= checkpoint.every_seconds:
+        save(state, key, done)
+        saved_at = time.perf_counter()
+  except BaseException:
+    save(state, done_key, done)  # the last completed iteration's state, with the key that follows it
+    raise
+  if stopped != "non_finite_loss":
+    save(state, key, done)
   return state, RunLog(history, done, time.perf_counter() - start, stopped)
+
+
+def _state_signature(tree: Any) -> str:
+  return json.dumps([str(jax.tree.structure(tree)), [[list(np.shape(x)), str(x.dtype)] for x in jax.tree.leaves(tree)]])
+
+
+def _save_checkpoint(checkpoint: Checkpoint, state: Any, key: PRNGKeyArray, done: int, seconds: float,
+                     history: list[dict[str, float]]) -> None:
+  names = sorted({k for record in history for k in record})
+  arrays = io.pytree_arrays((state, key), "state/")
+  arrays |= {f"history/{k}": np.asarray([r.get(k, np.nan) for r in history], np.float64) for k in names}
+  meta = dict(done=done, seconds=seconds, tag=checkpoint.tag, signature=_state_signature((state, key)), history=names,
+              library_version=io.library_version())
+  arrays["meta"] = np.asarray(json.dumps(meta))
+  checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+  io.atomic_savez(checkpoint.path, arrays)
+
+
+def _tag_difference(saved: str, wanted: str) -> str:
+  """The fields that differ when both tags are JSON objects, else both tags."""
+  try:
+    a, b = json.loads(saved), json.loads(wanted)
+  except json.JSONDecodeError:
+    a = b = None
+  if not (isinstance(a, dict) and isinstance(b, dict)):
+    return f"its tag is {saved!r}, this run's {wanted!r}"
+  return "; ".join(f"{k} is {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def _load_checkpoint(checkpoint: Checkpoint, state: Any, key: PRNGKeyArray):
+  """``(state, key, done, seconds, history)`` from ``checkpoint``'s file, checked against this run."""
+  path = checkpoint.path
+  try:
+    arrays = io.read_npz(path, "checkpoint")
+    meta = json.loads(str(arrays["meta"]))
+  except (ValueError, KeyError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not a readable checkpoint of a supervised run ({e}). Delete it to start over.") from None
+  if meta["tag"] != checkpoint.tag:
+    raise ValueError(f"the checkpoint {path} belongs to another run: {_tag_difference(meta['tag'], checkpoint.tag)}. "
+                     "Delete it, or give this run another checkpoint path.")
+  if meta["signature"] != _state_signature((state, key)):
+    raise ValueError(f"the checkpoint {path} belongs to another run: its state has another structure or shapes "
+                     "(another method, ipc, network or image size). Delete it, or give this run another checkpoint path.")
+  state, key = io.pytree_from_arrays((state, key), arrays, "state/")
+  columns = {k: arrays[f"history/{k}"] for k in meta["history"]}
+  history = [{k: (int(v[j]) if k == "iteration" else float(v[j])) for k, v in columns.items() if not np.isnan(v[j])}
+             for j in range(len(next(iter(columns.values()), [])))]
+  return state, key, int(meta["done"]), float(meta["seconds"]), history
 
 
 class CommonOptions(TypedDict, total=False):
@@ -194,6 +309,7 @@ class CommonOptions(TypedDict, total=False):
   n_classes: int | None
   max_seconds: float | None
   callback: Callback | None
+  checkpoint: Checkpoint | str | os.PathLike | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +373,7 @@ def setup(
     n_classes: Any = None,
     max_seconds: Any = None,
     callback: Any = None,
+    checkpoint: Any = None,
     min_per_class: int = 0,
 ) -> Setup:
   """Checks the arguments every method shares and puts the data on the device.
@@ -273,12 +390,13 @@ def setup(
     n_classes: number of classes; ``max(y) + 1`` when None.
     max_seconds: stop after this many seconds (checked between iterations).
     callback: called as ``callback(iteration, record)`` with every logged record.
+    checkpoint: a :class:`Checkpoint` or a path: save progress there, and resume from it.
     min_per_class: every class must have at least this many real images.
   """
   data = prepare_data(x, y, n_classes=n_classes, min_per_class=min_per_class)
   ipc = _validation.check_positive_int(ipc, "ipc")
   key, seed = as_key(seed)
-  budget = Budget.check(iterations, max_seconds, callback)
+  budget = Budget.check(iterations, max_seconds, callback, checkpoint)
   net, record = None, {}
   if network is not None:
     net = networks_lib.get_network(network, data.n_classes, width=width, depth=depth)

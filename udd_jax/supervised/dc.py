@@ -148,7 +148,7 @@ def distill_dc(
     preprocessing: recorded as ``config["preprocessing"]`` (e.g. the mean and std used).
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
       ``width``, ``depth``, ``iterations``, ``n_classes``, ``max_seconds``,
-      ``callback``); DC's defaults: ``network="convnet"``, ``iterations=1000``.
+      ``callback``, ``checkpoint``); DC's defaults: ``network="convnet"``, ``iterations=1000``.
 
   Returns:
     A :class:`SupervisedResult` with ``ipc`` images per class (class-major) and integer

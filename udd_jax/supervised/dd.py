@@ -121,7 +121,7 @@ def distill_dd(
     batch_real: real images per iteration (at most ``n``).
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
       ``width``, ``depth``, ``iterations``, ``n_classes``, ``max_seconds``,
-      ``callback``); DD's defaults: ``network="lenet"``, ``iterations`` 400 epochs.
+      ``callback``, ``checkpoint``); DD's defaults: ``network="lenet"``, ``iterations`` 400 epochs.
 
   Returns:
     A :class:`SupervisedResult`: class-major images and labels, the learned step sizes

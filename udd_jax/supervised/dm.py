@@ -132,7 +132,7 @@ def distill_dm(
     preprocessing: recorded as ``config["preprocessing"]``.
     **common: the options of :func:`udd_jax.supervised.base.setup` (``network``,
       ``width``, ``depth``, ``iterations``, ``n_classes``, ``max_seconds``,
-      ``callback``); DM's defaults: ``network="convnet"``, ``iterations=20000``.
+      ``callback``, ``checkpoint``); DM's defaults: ``network="convnet"``, ``iterations=20000``.
 
   Returns:
     A :class:`SupervisedResult`, ``ipc`` images per class (class-major), integer labels;

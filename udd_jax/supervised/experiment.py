@@ -30,6 +30,7 @@ from udd_jax.supervised.result import SupervisedResult
 
 DISTILLERS = tuple(REGISTRY)
 CORESETS = ("random", "herding", "kcenter")
+CHECKPOINT = "checkpoint.npz"  # in the workdir: a distillation's progress, saved every 5 minutes
 # An unsupervised distilled set (udd_jax.distill's distilled.npz, --opt source=...) labelled by
 # its nearest real training images: it enters the same evaluation table.
 EXTERNAL = ("udd",)
@@ -58,6 +59,10 @@ def _distil(method: str, x: np.ndarray, y: np.ndarray, *, ipc: int, network: str
     kwargs["preprocessing"] = preprocessing
   if entry.workdir:
     kwargs["workdir"] = workdir
+  if entry.checkpoint:  # a stopped run resumes from here; the tag refuses a checkpoint of other flags
+    run = {k: v for k, v in kwargs.items() if k not in ("callback", "max_seconds", "workdir")}
+    tag = json.dumps(dict(method=method, **run, options=options), sort_keys=True, default=str)
+    kwargs["checkpoint"] = base.Checkpoint(workdir / CHECKPOINT, tag=tag)
   return entry.distill(x, y, **kwargs, **options)
 
 
@@ -89,6 +94,11 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
         eval_runs: int = 5, eval_epochs: int = 300, eval_dsa: bool = True, cross_arch: tuple[str, ...] = (),
         options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Distils (or picks a coreset), evaluates and writes a workdir; returns the evaluation dict.
+
+  The set goes to ``<workdir>/result.npz``; a workdir that has one is only evaluated. A
+  distillation saves its progress to ``<workdir>/checkpoint.npz`` every 5 minutes and when
+  interrupted (every method but KIP), and the same command resumes it; other flags with
+  that workdir are refused (:class:`~udd_jax.supervised.base.Checkpoint`).
 
   Args:
     method: one of ``METHODS``: a distiller (``dd``, ``dc``, ``dsa``, ``dm``, ``mtt``,

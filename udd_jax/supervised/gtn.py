@@ -123,7 +123,7 @@ def distill_gtn(
     batch_real: real images per iteration (at most ``n``).
     **common: the options of :func:`udd_jax.supervised.base.setup` but ``network``
       (``width`` and ``depth`` of the learner, ``iterations``, ``n_classes``,
-      ``max_seconds``, ``callback``); GTN's default: ``iterations=300``.
+      ``max_seconds``, ``callback``, ``checkpoint``); GTN's default: ``iterations=300``.
 
   Returns:
     A :class:`SupervisedResult`: the generated images and their labels, the learned

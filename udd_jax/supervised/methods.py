@@ -49,20 +49,22 @@ class Method:
     network: it takes the run's ``network`` and ``width``.
     preprocessing: it records the run's preprocessing (``preprocessing=``).
     workdir: it keeps files of its own in the run's workdir (``workdir=``).
+    checkpoint: it saves its progress and resumes (``checkpoint=``, :class:`base.Checkpoint`).
   """
 
   distill: Callable[..., SupervisedResult]
   network: bool = False
   preprocessing: bool = False
   workdir: bool = False
+  checkpoint: bool = False
 
 
 DISTILLERS: dict[str, Method] = {
-    "dd": Method(dd.distill_dd, network=True),
-    "dc": Method(dc.distill_dc, network=True, preprocessing=True),
-    "dsa": Method(functools.partial(dc.distill_dc, dsa=True), network=True, preprocessing=True),
-    "dm": Method(dm.distill_dm, network=True, preprocessing=True),
-    "mtt": Method(distill_mtt_with_experts, network=True, workdir=True),
+    "dd": Method(dd.distill_dd, network=True, checkpoint=True),
+    "dc": Method(dc.distill_dc, network=True, preprocessing=True, checkpoint=True),
+    "dsa": Method(functools.partial(dc.distill_dc, dsa=True), network=True, preprocessing=True, checkpoint=True),
+    "dm": Method(dm.distill_dm, network=True, preprocessing=True, checkpoint=True),
+    "mtt": Method(distill_mtt_with_experts, network=True, workdir=True, checkpoint=True),
     "kip": Method(kip.distill_kip),
-    "gtn": Method(gtn.distill_gtn),
+    "gtn": Method(gtn.distill_gtn, checkpoint=True),
 }

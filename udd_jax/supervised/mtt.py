@@ -134,7 +134,7 @@ def distill_mtt(
     expert_dir: str | pathlib.Path, syn_steps: int = 20, expert_epochs: int = 2, max_start_epoch: int | None = None,
     image_lr: float = 100.0, student_lr_lr: float = 1e-5, init_student_lr: float = 0.01, batch_syn: int | None = None,
     init: str = "real", remat: bool = True, iterations: int = 500, max_seconds: float | None = None,
-    callback: base.Callback | None = None,
+    callback: base.Callback | None = None, checkpoint: base.Checkpoint | str | None = None,
 ) -> SupervisedResult:
   """Matching Training Trajectories: images and a student step size from saved expert trajectories.
 
@@ -163,7 +163,7 @@ def distill_mtt(
       images: N(0, 1) noise).
     remat: recompute each student step's activations in the backward pass (memory of
       one step instead of ``syn_steps``).
-    iterations, max_seconds, callback: the budget, as in :func:`udd_jax.supervised.base.setup`.
+    iterations, max_seconds, callback, checkpoint: the budget, as in :func:`udd_jax.supervised.base.setup`.
 
   Returns:
     A :class:`SupervisedResult`: class-major images and labels, the learned student step
@@ -171,7 +171,8 @@ def distill_mtt(
   """
   base.check_init(init)
   manifest, trajectories = load_experts(expert_dir)
-  s = _setup(x, y, manifest, ipc=ipc, seed=seed, init=init, iterations=iterations, max_seconds=max_seconds, callback=callback)
+  s = _setup(x, y, manifest, ipc=ipc, seed=seed, init=init, iterations=iterations, max_seconds=max_seconds, callback=callback,
+             checkpoint=checkpoint)
   syn_steps = _validation.check_positive_int(syn_steps, "syn_steps")
   expert_epochs, max_start_epoch = _start_epochs(manifest["epochs"], expert_epochs, max_start_epoch)
   image_lr, init_student_lr = (_validation.check_positive_float(v, n) for v, n in (
