@@ -144,6 +144,13 @@ def jit_step(step: Callable, *, chunk: int = 1, donate: bool = True) -> Callable
   return jax.jit(run, donate_argnums=0 if donate else ())
 
 
+def xla_flops(compiled: Any) -> float:
+  """XLA's FLOP count of a compiled function (``cost_analysis``; NaN when it gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
 def first_and_median(fn: Callable, *args: Any, repeats: int) -> tuple[Any, float, float]:
   """``fn(*args)``'s output, the seconds of its first call (compilation, for a jitted ``fn``) and the
   median seconds of ``repeats`` calls after it."""

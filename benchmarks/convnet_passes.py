@@ -49,8 +49,7 @@ class _ConvNetWithNorm(networks.ConvNet):
 def _timed(fn, *args, repeats):
   """Median seconds of the jitted ``fn`` and XLA's FLOP count of it."""
   compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  flops = _common.xla_flops(compiled)
   _, _, seconds = _common.first_and_median(compiled, *args, repeats=repeats)
   return seconds, flops
 

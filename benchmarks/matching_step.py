@@ -84,9 +84,7 @@ def measure(fn, args, repeats):
   compiled = step.lower(*args).compile()
   lower_s = time.perf_counter() - t0
   out, first_s, median_s = _common.first_and_median(compiled, *args, repeats=repeats)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return out, lower_s + first_s, median_s, float(cost.get("flops", float("nan")))
+  return out, lower_s + first_s, median_s, _common.xla_flops(compiled)
 
 
 def main():
