@@ -1,9 +1,14 @@
 """A supervised distillation stopped midway resumes from its checkpoint and ends where an uninterrupted run ends."""
 
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from udd_jax.supervised import base, dm
+from udd_jax.supervised import base, dm, kip
 
 
 class _Stop(Exception):
@@ -41,6 +46,53 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
   np.testing.assert_array_equal([r["loss"] for r in resumed.history], [r["loss"] for r in whole.history])
   # A finished checkpoint resumes to the same set without another step.
   np.testing.assert_array_equal(_distil(ckpt).images, whole.images)
+
+
+def test_sigterm_saves_and_the_run_resumes_to_the_uninterrupted_result(tmp_path):
+  whole = _distil()
+  ckpt = base.Checkpoint(tmp_path / "ckpt.npz", every_seconds=1e9, tag="dm test")  # no periodic save
+
+  def terminate(i, record):
+    if i == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(SystemExit) as stopped:
+    _distil(ckpt, callback=terminate)
+  assert stopped.value.code == 128 + signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
+  assert ckpt.path.is_file()
+  resumed = _distil(ckpt)
+  np.testing.assert_array_equal(resumed.images, whole.images)
+  np.testing.assert_array_equal([r["loss"] for r in resumed.history], [r["loss"] for r in whole.history])
+
+
+def test_a_diverged_state_is_never_saved(tmp_path):
+  def step(x, key):  # the update after x = 3 diverges; the loss is the entering state's
+    return jnp.where(x < 3, x + 1, jnp.nan), {"loss": x}
+
+  ckpt = base.Checkpoint(tmp_path / "ckpt.npz", every_seconds=0.0)
+  budget = base.Budget.check(10, checkpoint=ckpt)
+  state, log = base.run_outer_loop(step, jnp.float32(0.0), jax.random.key(0), budget)
+  assert (float(state), log.iterations, log.stopped) == (3.0, 3, "non_finite_loss")
+  with np.load(ckpt.path) as saved:
+    states = [saved[k] for k in saved.files if k.startswith("state/") and saved[k].dtype == np.float32]
+    assert states and all(np.isfinite(x).all() for x in states)
+    assert '"done": 3' in str(saved["meta"])
+
+
+def test_kip_resumes_to_the_uninterrupted_result(tmp_path):
+  x, y = _data()
+  run = lambda **kw: kip.distill_kip(x.reshape(40, -1, 1, 1)[:, :16], y, ipc=2, seed=0, iterations=6, log_every=1,
+                                     batch_target=8, **kw)
+  whole = run()
+  ckpt = base.Checkpoint(tmp_path / "kip.npz", every_seconds=0.0)
+  with pytest.raises(_Stop):
+    run(checkpoint=ckpt, callback=_stop_at(3))
+  resumed = run(checkpoint=ckpt)
+  np.testing.assert_array_equal(resumed.images, whole.images)
+  np.testing.assert_array_equal(resumed.labels, whole.labels)
+  assert [r["iteration"] for r in resumed.history] == list(range(6))
 
 
 def test_a_longer_budget_continues_from_the_checkpoint(tmp_path):

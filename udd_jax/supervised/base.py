@@ -22,6 +22,8 @@ import json
 import math
 import os
 import pathlib
+import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict
@@ -34,6 +36,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from udd_jax import _validation, io
+from udd_jax.driver.loop import StopOnSignal
 from udd_jax.supervised import networks as networks_lib
 from udd_jax.supervised.labelled import LabelledData, prepare_data, synthetic_labels
 
@@ -184,6 +187,9 @@ def run_outer_loop(
   the time is up; the record's ``iteration`` is ``i + first``. With ``budget.checkpoint``
   the loop resumes from its file when there is one, and saves to it (:class:`Checkpoint`);
   ``max_seconds`` and the records' ``seconds`` then count the time of the earlier calls too.
+  A save during the run holds the last state whose loss was logged finite (so that a state
+  that diverged is never resumed from), and with a checkpoint SIGTERM and SIGINT stop the
+  run after the current iteration, save, and raise ``SystemExit(143)`` / ``KeyboardInterrupt``.
 
   Args:
     step: the method's step, ``(state, key) -> (state, metrics)``.
@@ -209,13 +215,16 @@ def run_outer_loop(
   start = time.perf_counter() - spent
   saved_at = time.perf_counter()
   stopped = "iterations"
-  finite_state, finite_done, done_key, resumed = state, done, key, done
+  # ``done_key`` follows ``state`` (the key entering iteration ``done``); ``finite_*`` are the
+  # last state whose logged loss was finite, its update count and its key.
+  finite_state, finite_done, finite_key, done_key, resumed = state, done, key, key, done
 
   def save(state, key, done):  # the records of the iterations in ``state`` (not one logged before a failed update)
     if checkpoint is not None and done > resumed:
       kept = [r for r in history if r["iteration"] < done + first]
       _save_checkpoint(checkpoint, state, key, done, time.perf_counter() - start, kept)
 
+  stop = StopOnSignal().install() if checkpoint is not None else None
   try:
     for i in range(done, budget.iterations):
       if fold_in:
@@ -232,7 +241,7 @@ def run_outer_loop(
         if not math.isfinite(record["loss"]):
           stopped, state, done = "non_finite_loss", finite_state, finite_done
           break
-        finite_state, finite_done = state, done
+        finite_state, finite_done, finite_key = state, done, done_key
         history.append(record)
         if budget.callback is not None:
           budget.callback(record["iteration"], record)
@@ -240,12 +249,20 @@ def run_outer_loop(
       if out_of_time:
         stopped = "max_seconds"
         break
+      if stop is not None and stop.signum is not None:
+        save(finite_state, finite_key, finite_done)
+        print(f"stopped by {signal.Signals(stop.signum).name} after {finite_done} iterations; the checkpoint is "
+              f"{checkpoint.path}. Call again with it (the same command) to resume.", file=sys.stderr, flush=True)
+        stop.exit()
       if checkpoint is not None and time.perf_counter() - saved_at >= checkpoint.every_seconds:
-        save(state, key, done)
+        save(finite_state, finite_key, finite_done)
         saved_at = time.perf_counter()
-  except BaseException:
-    save(state, done_key, done)  # the last completed iteration's state, with the key that follows it
+  except BaseException:  # e.g. Ctrl-C twice, or an error in the step or the callback
+    save(finite_state, finite_key, finite_done)
     raise
+  finally:
+    if stop is not None:
+      stop.restore()
   if stopped != "non_finite_loss":
     save(state, key, done)
   return state, RunLog(history, done, time.perf_counter() - start, stopped)

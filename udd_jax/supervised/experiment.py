@@ -97,7 +97,7 @@ def run(*, method: str, dataset: str, data_dir: str | None, ipc: int, network: s
 
   The set goes to ``<workdir>/result.npz``; a workdir that has one is only evaluated. A
   distillation saves its progress to ``<workdir>/checkpoint.npz`` every 5 minutes and when
-  interrupted (every method but KIP), and the same command resumes it; other flags with
+  stopped (SIGTERM, Ctrl-C, an error), and the same command resumes it; other flags with
   that workdir are refused (:class:`~udd_jax.supervised.base.Checkpoint`).
 
   Args:

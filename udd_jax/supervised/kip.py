@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -140,7 +141,7 @@ def distill_kip(
     lr: float = 0.01, batch_target: int | None = None,
     learn_labels: bool = True, reg: float = 1e-6, init: str = "real", block_size: int | None = None,
     preprocessing: Any = None, max_seconds: float | None = None, log_every: int = 10,
-    callback: base.Callback | None = None,
+    callback: base.Callback | None = None, checkpoint: base.Checkpoint | str | os.PathLike | None = None,
 ) -> SupervisedResult:
   """Distils labelled images into ``ipc`` images per class with Kernel Inducing Points.
 
@@ -175,6 +176,8 @@ def distill_kip(
     log_every: log (and check) the loss every this many iterations, and at the last one.
     callback: called as ``callback(iteration, record)`` with every logged record
       (iterations count from 0).
+    checkpoint: save the progress there and resume from it (a path or a
+      :class:`udd_jax.supervised.base.Checkpoint`; see ``base.run_outer_loop``).
 
   Returns:
     A :class:`SupervisedResult`: float32 ``images`` ``(ipc * n_classes, H, W, C)`` and label
@@ -190,7 +193,7 @@ def distill_kip(
   kernel = _validation.check_choice(kernel, "kernel", KERNELS)
   kind = _validation.check_choice(kind, "kind", KINDS)
   depth = DEFAULT_DEPTH[kernel] if depth is None else _validation.check_positive_int(depth, "depth")
-  budget = base.Budget.check(iterations, max_seconds, callback)
+  budget = base.Budget.check(iterations, max_seconds, callback, checkpoint)
   lr, reg = _validation.check_positive_float(lr, "lr"), _validation.check_positive_float(reg, "reg", allow_zero=True)
   init = base.check_init(init)
   log_every, _ = _validation.check_positive_int(log_every, "log_every"), _validation.check_bool(learn_labels, "learn_labels")

@@ -65,6 +65,6 @@ DISTILLERS: dict[str, Method] = {
     "dsa": Method(functools.partial(dc.distill_dc, dsa=True), network=True, preprocessing=True, checkpoint=True),
     "dm": Method(dm.distill_dm, network=True, preprocessing=True, checkpoint=True),
     "mtt": Method(distill_mtt_with_experts, network=True, workdir=True, checkpoint=True),
-    "kip": Method(kip.distill_kip),
+    "kip": Method(kip.distill_kip, checkpoint=True),
     "gtn": Method(gtn.distill_gtn, checkpoint=True),
 }
