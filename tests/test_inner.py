@@ -129,6 +129,37 @@ def test_check_grads_order_two_denoising_score_matching():
   )
 
 
+def test_check_grads_order_two_sliced_score_matching():
+  params, x = random_problem(6, 5, 4, seed=4)
+  key = jax.random.key(6)
+  check_grads(lambda p, d: udd_jax.sliced_score_matching_loss(p, d, key, sigma2=0.7), (params, x), order=2,
+              modes=["fwd", "rev"])
+
+
+@pytest.mark.parametrize("sigma2", [1.0, 0.4])
+def test_sliced_score_matching_projection_is_a_jvp_of_the_score(sigma2):
+  """The closed-form v^T (ds/dx) v against jax.jvp of the score, with the same projections v."""
+  params, x = random_problem(9, 6, 4, seed=8)
+  key = jax.random.key(1)
+  v = jax.random.normal(key, x.shape, x.dtype)
+  score_one = lambda xi: udd_jax.score(params, xi[None], sigma2=sigma2)[0]
+  projected = jax.vmap(lambda xi, vi: vi @ jax.jvp(score_one, (xi,), (vi,))[1])(x, v)
+  s = udd_jax.score(params, x, sigma2=sigma2)
+  by_jvp = jnp.mean(0.5 * jnp.sum(v * s, axis=1) ** 2 + projected)
+  value = udd_jax.sliced_score_matching_loss(params, x, key, sigma2=sigma2)
+  assert abs(value - by_jvp) < 1e-12 * abs(by_jvp)
+
+
+def test_sliced_score_matching_averages_to_score_matching():
+  """E_v over the projections is exact score matching (E[v v^T] = I); the AE loss (no trace term) is far off."""
+  params, x = random_problem(3, 5, 4, seed=12)
+  tiled = jnp.tile(x, (20_000, 1))
+  draws = jnp.stack([udd_jax.sliced_score_matching_loss(params, tiled, jax.random.key(i)) for i in range(10)])
+  mean, standard_error = jnp.mean(draws), jnp.std(draws, ddof=1) / jnp.sqrt(10)
+  assert abs(mean - udd_jax.score_matching_loss(params, x)) < 5 * standard_error
+  assert abs(mean - udd_jax.ae_loss(params, x)) > 50 * standard_error
+
+
 def central_difference(f, x, direction, eps=1e-6):
   return (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
 
@@ -216,6 +247,7 @@ def test_denoising_score_matching_matches_its_expectation_in_the_linear_case():
         udd_jax.score_matching_grad_closed_form,
         udd_jax.ae_penalty_closed_form,
         lambda p, x: udd_jax.denoising_score_matching_loss(p, x, jax.random.key(3)),
+        lambda p, x: udd_jax.sliced_score_matching_loss(p, x, jax.random.key(3)),
         lambda p, x: udd_jax.gradient_penalty(udd_jax.score_matching_loss, p, x),
     ],
 )

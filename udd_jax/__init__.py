@@ -45,6 +45,7 @@ from udd_jax.inner import score as score
 from udd_jax.inner import score_matching_grad_closed_form as score_matching_grad_closed_form
 from udd_jax.inner import score_matching_loss as score_matching_loss
 from udd_jax.inner import score_matching_penalty_closed_form as score_matching_penalty_closed_form
+from udd_jax.inner import sliced_score_matching_loss as sliced_score_matching_loss
 from udd_jax.training import STANDARD_RECIPE as STANDARD_RECIPE
 from udd_jax.training import Recipe as Recipe
 

@@ -11,6 +11,7 @@ from udd_jax.inner.grbm import features as features
 from udd_jax.inner.grbm import init_params as init_params
 from udd_jax.inner.grbm import score as score
 from udd_jax.inner.grbm import score_matching_loss as score_matching_loss
+from udd_jax.inner.grbm import sliced_score_matching_loss as sliced_score_matching_loss
 from udd_jax.inner.penalty import gradient_penalty as gradient_penalty
 from udd_jax.inner.learners import INNER_LOSSES as INNER_LOSSES
 from udd_jax.inner.learners import GRBMLearner as GRBMLearner

@@ -131,6 +131,8 @@ class GRBMLearner(InnerLearner):
       return grbm.ae_loss(params, x, sigma2=self.sigma2)
     if self.name == "score_matching":
       return grbm.score_matching_loss(params, x, sigma2=self.sigma2)
+    if self.name == "sliced_score_matching":
+      return grbm.sliced_score_matching_loss(params, x, key, sigma2=self.sigma2)
     return grbm.denoising_score_matching_loss(params, x, key, sigma2=self.sigma2, noise_std=self.noise_std)
 
   def features(self, params: grbm.GRBMParams, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
@@ -152,13 +154,13 @@ class GRBMLearner(InnerLearner):
     return np.asarray(params.W).T
 
   def least_squares(self, params: grbm.GRBMParams, x: Float[Array, "n d"], key: PRNGKeyArray) -> LeastSquares | None:
-    """The AE and DSM losses as ``(1/n) * 1/2 ||r||^2``; None for score matching.
+    """The AE and DSM losses as ``(1/n) * 1/2 ||r||^2``; None for (sliced) score matching.
 
     The AE's residuals are the GRBM score ``(a - x_i)/sigma2 + W h(x_i)`` of each row, the
     denoising loss's are ``s(x~_i) + eps_i / noise_std`` (the same noise as :meth:`loss`
     for the same ``key``). Score matching is not a sum of squares: its loss adds the
-    Laplacian ``tr(grad_x s(x_i))``, a term linear in ``W^2`` with no square to take, so it
-    has no Gauss-Newton matrix.
+    Laplacian ``tr(grad_x s(x_i))`` (sliced: its projection ``v^T grad_x s v``), a term
+    linear in ``W^2`` with no square to take, so it has no Gauss-Newton matrix.
     """
     n = x.shape[0]
     if self.name == "ae":
@@ -173,15 +175,15 @@ class GRBMLearner(InnerLearner):
     return grbm.score(params, x, sigma2=self.sigma2)
 
 
-INNER_LOSSES = ("ae", "score_matching", "denoising_score_matching")
+INNER_LOSSES = ("ae", "score_matching", "denoising_score_matching", "sliced_score_matching")
 
 
 def get_inner_learner(name: str | InnerLearner, *, sigma2: float = 1.0, noise_std: float = 0.1) -> InnerLearner:
   """Returns the :class:`InnerLearner` called ``name`` (an ``InnerLearner`` passes through).
 
   Args:
-    name: ``"ae"`` (the seed's tied autoencoder), ``"score_matching"`` or
-      ``"denoising_score_matching"``.
+    name: ``"ae"`` (the seed's tied autoencoder), ``"score_matching"``,
+      ``"denoising_score_matching"`` or ``"sliced_score_matching"``.
     sigma2: visible variance of the GRBM.
     noise_std: corruption level of denoising score matching.
 
