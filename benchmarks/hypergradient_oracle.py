@@ -4,6 +4,11 @@
   1/2 ||B w - c||^2; relative error of dL/dD against the analytic formula.
 * penalty and value function: the toy problem of tests/test_bilevel.py, whose penalty
   solution is known for every mu; distance of w from the bilevel solution w*(theta*).
+* every solver on a real-data problem with an exact answer: the closed-form learner
+  (``inner="linear_ae"``, docs/METHOD.md section 2.4). The implicit hypergradient at W*(D)
+  against autodiff through the closed form on MNIST (784 pixels); and the exact bilevel
+  objective F(D) (ridge head on the features of W*(D)) before and after 150 steps of each
+  solver at the test settings, on the embedded digits.
 
   python benchmarks/hypergradient_oracle.py
 """
@@ -18,9 +23,11 @@ import optax
 jax.config.update("jax_enable_x64", True)
 
 sys.path.insert(0, "tests")
-from test_bilevel import ToyProblem, ridge_oracle, ridge_problem, run_solver  # noqa: E402
+from test_bilevel import SOLVER_CASES, ToyProblem, digits_tasks, make_solver, ridge_oracle, ridge_problem, run_solver  # noqa: E402
 
+import udd_jax  # noqa: E402
 from udd_jax import bilevel, training  # noqa: E402
+from udd_jax.inner import LinearAELearner, linear_ae_solution  # noqa: E402
 
 
 def rel(a, b):
@@ -60,6 +67,48 @@ def main():
       state, _ = run_solver(bilevel.get_solver(name, **options), ToyProblem(), jnp.zeros((1, 1)), 200000)
       err = float(np.linalg.norm(np.asarray(state.params) + 1.0))
       print(f"| {name} | {mu:g} | {err:.3e} | {2 * np.sqrt(2) / (1 + mu):.3e} |")
+
+  closed_form_learner()
+
+
+def closed_form_learner(reg=0.3):
+  (x, y), _ = udd_jax.load_dataset("mnist_10k")
+  x = jnp.asarray(x.reshape(len(x), -1), jnp.float64)
+  y = jnp.asarray(y)
+  for k in (4, 16):
+    problem = bilevel.make_problem(n_visible=784, n_hidden=k, n_classes=10, inner=LinearAELearner(reg=reg),
+                                   head="softmax", init_scale=0.1)
+    heads = jax.tree.map(lambda h: 0.1 * jax.random.normal(jax.random.key(1), h.shape, h.dtype),
+                         problem.init_heads(jax.random.key(0), jnp.float64))
+    batch = bilevel.sample_batch(jax.random.key(2), [(x, y)], 1024)
+    images = x[:20]
+    star = linear_ae_solution(images, k, reg=reg)
+    expected = jax.grad(lambda d: problem.outer_loss(linear_ae_solution(d, k, reg=reg, signs_like=star.W), heads,
+                                                     batch)[0])(images)
+    v = jax.grad(lambda w: problem.outer_loss(w, heads, batch)[0])(star)
+    inner = lambda w, d: problem.inner_loss(w, d, jax.random.key(0))
+    print()
+    print(f"MNIST, |D| = 20, K = {k}, reg = {reg}: implicit hypergradient at W*(D) against autodiff through the closed form")
+    print("| CG tol | CG steps | relative error of dL/dD |")
+    print("|---|---|---|")
+    for tol in (1e-4, 1e-8, 1e-12):
+      g, stats = bilevel.implicit_hypergradient(inner, star, images, v, damping=0.0, tol=tol, max_steps=2000)
+      print(f"| {tol:g} | {int(stats.num_steps)} | {rel(g, expected):.1e} |")
+
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=4, n_classes=n_classes, inner=LinearAELearner(reg=reg),
+                                 head="ridge", init_scale=0.1)
+  batch = bilevel.sample_batch(jax.random.key(2), tasks, 512)
+  heads = problem.init_heads(jax.random.key(0), jnp.float64)
+  exact = jax.jit(lambda d: problem.outer_loss(linear_ae_solution(d, 4, reg=reg), heads, batch)[0])
+  images = x[:12]
+  print()
+  print(f"Digits, |D| = 12, K = 4, reg = {reg}: the exact bilevel objective F(D) under each solver (test settings)")
+  print("| solver | F before | F after 150 steps | F after 600 steps |")
+  print("|---|---|---|---|")
+  for name in SOLVER_CASES:
+    after = [float(exact(run_solver(make_solver(name), problem, images, n, batch)[0].images)) for n in (150, 600)]
+    print(f"| {name} | {float(exact(images)):.4f} | {after[0]:.4f} | {after[1]:.4f} |")
 
 
 if __name__ == "__main__":

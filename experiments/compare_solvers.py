@@ -11,7 +11,7 @@ from udd_jax import app_flags, experiment
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "digits", experiment.BUILTIN_DATASETS, "Dataset (digits is embedded).")
 flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
-flags.DEFINE_enum("inner", "ae", experiment.INNER_LOSSES, "Inner loss.")
+flags.DEFINE_enum("inner", "ae", experiment.LEARNERS, "Inner loss.")
 flags.DEFINE_integer("n_distill", 20, "Size of the distilled set.")
 flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")
 flags.DEFINE_float("budget_seconds", 60.0, "Wall-time budget of each solver.")

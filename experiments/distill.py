@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 app_flags.define_enum_list("dataset", ["digits"], experiment.BUILTIN_DATASETS,
                            "Dataset(s): digits is embedded, the others read from --data_dir; several share one D.")
 flags.DEFINE_string("data_dir", None, "Directory with <dataset>.npz; defaults to $UDD_DATA_DIR.")
-flags.DEFINE_enum("inner", "ae", experiment.INNER_LOSSES, "Inner loss.")
+flags.DEFINE_enum("inner", "ae", experiment.LEARNERS, "Inner loss.")
 flags.DEFINE_enum("solver", experiment.DEFAULT_SOLVER, sorted(experiment.SOLVERS), "Solver.")
 flags.DEFINE_integer("n_distill", 20, "Size of the distilled set.")
 flags.DEFINE_integer("n_hidden", 32, "Hidden units K.")

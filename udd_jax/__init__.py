@@ -32,6 +32,7 @@ from udd_jax.driver import load_distilled as load_distilled
 from udd_jax.evaluation import EvaluationReport as EvaluationReport
 from udd_jax.evaluation import evaluate as evaluate
 from udd_jax.inner import INNER_LOSSES as INNER_LOSSES
+from udd_jax.inner import LEARNERS as LEARNERS
 from udd_jax.inner import GRBMParams as GRBMParams
 from udd_jax.inner import ae_grad_closed_form as ae_grad_closed_form
 from udd_jax.inner import ae_loss as ae_loss
@@ -41,6 +42,8 @@ from udd_jax.inner import features as features
 from udd_jax.inner import get_inner_learner as get_inner_learner
 from udd_jax.inner import gradient_penalty as gradient_penalty
 from udd_jax.inner import init_params as init_params
+from udd_jax.inner import linear_ae_loss as linear_ae_loss
+from udd_jax.inner import linear_ae_solution as linear_ae_solution
 from udd_jax.inner import score as score
 from udd_jax.inner import score_matching_grad_closed_form as score_matching_grad_closed_form
 from udd_jax.inner import score_matching_loss as score_matching_loss

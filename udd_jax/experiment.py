@@ -23,7 +23,7 @@ from udd_jax.data.preprocessing import PREPROCESSING_METHODS, resize_images
 from udd_jax.driver import DEFAULT_SOLVER, INITS, config_differences, distill
 from udd_jax.driver.arguments import LR_SCHEDULES, solver_and_options
 from udd_jax.evaluation import BASELINES, evaluate
-from udd_jax.inner import INNER_LOSSES
+from udd_jax.inner import LEARNERS
 from udd_jax.sharding import is_primary
 
 JOINT_SOLVERS = ("penalty", "value_function")
@@ -67,7 +67,7 @@ def parse_transfer(spec: str) -> dict[str, Any]:
         raise ValueError(f"transfer K must be a positive integer; got {value!r} in {spec!r}.")
       out[key] = int(value)
     else:
-      out[key] = _validation.check_choice(value, "transfer inner loss", INNER_LOSSES)
+      out[key] = _validation.check_choice(value, "transfer inner loss", LEARNERS)
   return out
 
 
@@ -116,7 +116,7 @@ def check_run_args(
   for name, value in (("eval_every", eval_every), ("eval_seeds", eval_seeds)):
     _validation.check_non_negative_int(value, name)
   _validation.check_choice(solver or DEFAULT_SOLVER, "solver", SOLVERS)
-  _validation.check_choice(inner, "inner loss", INNER_LOSSES)
+  _validation.check_choice(inner, "inner loss", LEARNERS)
   _validation.check_choice(init, "init", INITS)
   _validation.check_choice(preprocessing, "preprocessing", PREPROCESSING_METHODS)
   for b in baselines:

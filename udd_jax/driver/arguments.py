@@ -293,7 +293,7 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   checkpoint_every = _validation.check_positive_int(checkpoint_every, "checkpoint_every")
   _validation.check_choice(init, "init", INITS)
   if not isinstance(inner, learners.InnerLearner):
-    _validation.check_choice(inner, "inner loss", learners.INNER_LOSSES)
+    _validation.check_choice(inner, "inner loss", learners.LEARNERS)
   solver_name = _validation.check_choice(solver if isinstance(solver, str) else solver.name, "solver", solvers_lib.SOLVERS)
   steps = steps if steps is not None else solvers_lib.SOLVERS[solver_name].default_steps
   # A chunk is log_every steps: a run of fewer steps is one shorter chunk, and no run overshoots its steps.

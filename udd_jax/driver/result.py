@@ -32,7 +32,7 @@ def learner_from_config(config: dict[str, Any]) -> learners.InnerLearner:
     ValueError: the config names a learner that is not registered (pass that learner itself).
   """
   name = config.get("inner", "ae")
-  if name not in learners.INNER_LOSSES:
+  if name not in learners.LEARNERS:
     raise ValueError(f"the distilled set was made with the learner {name!r}, which udd_jax does not register: pass "
                      "that learner (load_distilled(path, learner=...)).")
   options = config.get("problem_options", {})

@@ -11,9 +11,15 @@ from udd_jax.inner.grbm import features as features
 from udd_jax.inner.grbm import init_params as init_params
 from udd_jax.inner.grbm import score as score
 from udd_jax.inner.grbm import score_matching_loss as score_matching_loss
+from udd_jax.inner.linear import LinearAEParams as LinearAEParams
+from udd_jax.inner.linear import linear_ae_grad_closed_form as linear_ae_grad_closed_form
+from udd_jax.inner.linear import linear_ae_loss as linear_ae_loss
+from udd_jax.inner.linear import linear_ae_solution as linear_ae_solution
 from udd_jax.inner.grbm import sliced_score_matching_loss as sliced_score_matching_loss
 from udd_jax.inner.penalty import gradient_penalty as gradient_penalty
 from udd_jax.inner.learners import INNER_LOSSES as INNER_LOSSES
+from udd_jax.inner.learners import LEARNERS as LEARNERS
+from udd_jax.inner.learners import LinearAELearner as LinearAELearner
 from udd_jax.inner.learners import GRBMLearner as GRBMLearner
 from udd_jax.inner.learners import InnerLearner as InnerLearner
 from udd_jax.inner.learners import LeastSquares as LeastSquares

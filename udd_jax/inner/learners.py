@@ -23,12 +23,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 from udd_jax import _validation
-from udd_jax.inner import grbm
+from udd_jax.inner import grbm, linear
 
 
 class LeastSquares(NamedTuple):
@@ -175,7 +176,63 @@ class GRBMLearner(InnerLearner):
     return grbm.score(params, x, sigma2=self.sigma2)
 
 
-INNER_LOSSES = ("ae", "score_matching", "denoising_score_matching", "sliced_score_matching")
+@dataclasses.dataclass(frozen=True)
+class LinearAELearner(InnerLearner):
+  """The tied linear autoencoder with ordered ridge penalties (registered as ``"linear_ae"``).
+
+  Its argmin has a closed form (:func:`udd_jax.inner.linear.linear_ae_solution`), so it is the learner on which every
+  solver's hypergradient is checked exactly. The registered learner has ``reg = 0.01``;
+  another ``reg`` is named ``"linear_ae(reg=...)"``, which a saved set's config records and
+  ``load_distilled(path, learner=...)`` must be given.
+
+  Attributes:
+    reg: the largest ridge penalty ``lambda_K`` (the penalties are ``reg * (k + 1) / K``).
+  """
+
+  reg: float = 1e-2
+  name: str = dataclasses.field(default="linear_ae", init=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "reg", _validation.check_positive_float(self.reg, "reg"))
+    object.__setattr__(self, "name", "linear_ae" if self.reg == 1e-2 else f"linear_ae(reg={self.reg!r})")
+
+  def init(self, key, n_visible, n_hidden, *, init_scale=0.01, dtype=jnp.float32) -> linear.LinearAEParams:
+    W = init_scale * jax.random.normal(key, (n_visible, n_hidden), dtype)
+    return linear.LinearAEParams(W=W, a=jnp.zeros((n_visible,), dtype))
+
+  def loss(self, params: linear.LinearAEParams, x: Float[Array, "n d"], key: PRNGKeyArray) -> Scalar:
+    del key
+    return linear.linear_ae_loss(params, x, reg=self.reg)
+
+  def features(self, params: linear.LinearAEParams, x: Float[Array, "n d"]) -> Float[Array, "n K"]:
+    return (x - params.a) @ params.W
+
+  def check_params(self, params: Any, x: Any, name: str = "x") -> None:
+    linear.check_params(params, x, name)
+
+  def to_arrays(self, params: linear.LinearAEParams) -> dict[str, np.ndarray]:
+    return {"W": np.asarray(params.W), "a": np.asarray(params.a)}
+
+  def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> linear.LinearAEParams:
+    missing = [f for f in linear.LinearAEParams._fields if f not in arrays]
+    if missing:
+      raise ValueError(f"the {self.name} learner's parameters lack {missing}.")
+    return linear.LinearAEParams(*(arrays[f] for f in linear.LinearAEParams._fields))
+
+  def filters(self, params: linear.LinearAEParams) -> np.ndarray:
+    return np.asarray(params.W).T
+
+  def residual(self, params: linear.LinearAEParams, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+    y = x - params.a
+    return (y @ params.W) @ params.W.T - y
+
+  def solution(self, x: Float[Array, "n d"], n_hidden: int, signs_like: Any = None) -> linear.LinearAEParams:
+    """The exact minimiser of :meth:`loss` on ``x`` (:func:`linear_ae_solution`)."""
+    return linear.linear_ae_solution(x, n_hidden, reg=self.reg, signs_like=signs_like)
+
+
+INNER_LOSSES = ("ae", "score_matching", "denoising_score_matching", "sliced_score_matching")  # the GRBM's scoring rules
+LEARNERS = INNER_LOSSES + ("linear_ae",)  # every registered learner by name
 
 
 def get_inner_learner(name: str | InnerLearner, *, sigma2: float = 1.0, noise_std: float = 0.1) -> InnerLearner:
@@ -183,7 +240,8 @@ def get_inner_learner(name: str | InnerLearner, *, sigma2: float = 1.0, noise_st
 
   Args:
     name: ``"ae"`` (the seed's tied autoencoder), ``"score_matching"``,
-      ``"denoising_score_matching"`` or ``"sliced_score_matching"``.
+      ``"denoising_score_matching"``, ``"sliced_score_matching"`` (the GRBM's scoring rules)
+      or ``"linear_ae"`` (:class:`LinearAELearner`, whose argmin has a closed form).
     sigma2: visible variance of the GRBM.
     noise_std: corruption level of denoising score matching.
 
@@ -198,4 +256,6 @@ def get_inner_learner(name: str | InnerLearner, *, sigma2: float = 1.0, noise_st
   """
   if isinstance(name, InnerLearner):
     return name
+  if _validation.check_choice(name, "inner loss", LEARNERS) == "linear_ae":
+    return LinearAELearner()
   return GRBMLearner(name=name, sigma2=sigma2, noise_std=noise_std)  # which checks every setting
