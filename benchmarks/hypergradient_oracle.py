@@ -23,7 +23,8 @@ import optax
 jax.config.update("jax_enable_x64", True)
 
 sys.path.insert(0, "tests")
-from test_bilevel import SOLVER_CASES, ToyProblem, digits_tasks, make_solver, ridge_oracle, ridge_problem, run_solver  # noqa: E402
+from test_bilevel import SOLVER_CASES, ToyProblem, make_solver, ridge_oracle, ridge_problem, run_solver  # noqa: E402
+from test_linear_ae import exact_objective_problem  # noqa: E402
 
 import udd_jax  # noqa: E402
 from udd_jax import bilevel, training  # noqa: E402
@@ -95,13 +96,7 @@ def closed_form_learner(reg=0.3):
       g, stats = bilevel.implicit_hypergradient(inner, star, images, v, damping=0.0, tol=tol, max_steps=2000)
       print(f"| {tol:g} | {int(stats.num_steps)} | {rel(g, expected):.1e} |")
 
-  x, tasks, n_classes = digits_tasks(1)
-  problem = bilevel.make_problem(n_visible=64, n_hidden=4, n_classes=n_classes, inner=LinearAELearner(reg=reg),
-                                 head="ridge", init_scale=0.1)
-  batch = bilevel.sample_batch(jax.random.key(2), tasks, 512)
-  heads = problem.init_heads(jax.random.key(0), jnp.float64)
-  exact = jax.jit(lambda d: problem.outer_loss(linear_ae_solution(d, 4, reg=reg), heads, batch)[0])
-  images = x[:12]
+  problem, batch, exact, images = exact_objective_problem(reg)
   print()
   print(f"Digits, |D| = 12, K = 4, reg = {reg}: the exact bilevel objective F(D) under each solver (test settings)")
   print("| solver | F before | F after 150 steps | F after 600 steps |")

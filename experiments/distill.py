@@ -54,6 +54,8 @@ flags.DEFINE_string("baseline_cache", str(default_cache_dir()),
                     "Directory keeping the evaluation's baseline rows, shared by every set judged in the same setting "
                     f"(default ${CACHE_ENV}/baselines or ~/.cache/udd_jax/baselines; --baseline_cache= computes them "
                     "every time).")
+flags.DEFINE_string("prior", None, "A saved image prior (experiments/fit_prior.py): with --opt prior_weight=LAM D's outer "
+                    "objective adds -LAM mean log p(D); the report gives D's naturalness under it in any case.")
 flags.DEFINE_bool("rerun_evaluation", False, "Evaluate a finished run again instead of printing its saved report.")
 app_flags.define_devices()
 

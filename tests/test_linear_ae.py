@@ -141,6 +141,17 @@ def test_unrolled_hypergradient_converges_to_the_exact_one():
   assert errors[1] < 1e-6 < 1e-2 < errors[0], errors
 
 
+def exact_objective_problem(reg=REG):
+  """Digits, |D| = 12, K = 4, a ridge head: the problem, a real batch of 512, F(D) exact (jitted) and D0."""
+  x, tasks, n_classes = digits_tasks(1)
+  problem = bilevel.make_problem(n_visible=64, n_hidden=4, n_classes=n_classes, inner=LinearAELearner(reg=reg),
+                                 head="ridge", init_scale=0.1)
+  batch = bilevel.sample_batch(jax.random.key(2), tasks, 512)
+  heads = problem.init_heads(jax.random.key(0), jnp.float64)
+  exact = jax.jit(lambda d: problem.outer_loss(linear_ae_solution(d, 4, reg=reg), heads, batch)[0])
+  return problem, batch, exact, x[:12]
+
+
 # The penalty is left out: on this problem (inner Hessian condition number about 7000) its
 # jointly learned w stays far from W*(D) (after 600 steps at mu = 100, model_lr = 1e-3: inner
 # gap 1.32, gradient norm 0.05), so its D follows the wrong learner and F rises (0.634 -> 0.641;
@@ -153,13 +164,7 @@ def test_every_solver_descends_the_exact_bilevel_objective(name):
   The ridge head is refitted on the features (it has no parameters), so F depends on D
   alone and is invariant to the signs of W*'s columns.
   """
-  x, tasks, n_classes = digits_tasks(1)
-  problem = bilevel.make_problem(n_visible=64, n_hidden=4, n_classes=n_classes, inner=LinearAELearner(reg=REG),
-                                 head="ridge", init_scale=0.1)
-  batch = bilevel.sample_batch(jax.random.key(2), tasks, 512)
-  heads = problem.init_heads(jax.random.key(0), jnp.float64)
-  exact = jax.jit(lambda d: problem.outer_loss(linear_ae_solution(d, 4, reg=REG), heads, batch)[0])
-  images = x[:12]
+  problem, batch, exact, images = exact_objective_problem()
   state, _ = run_solver(make_solver(name), problem, images, 150, batch)
   before, after = float(exact(images)), float(exact(state.images))
   assert after < before - 0.02, (before, after)

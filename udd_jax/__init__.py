@@ -41,7 +41,11 @@ from udd_jax.inner import denoising_score_matching_loss as denoising_score_match
 from udd_jax.inner import features as features
 from udd_jax.inner import get_inner_learner as get_inner_learner
 from udd_jax.inner import gradient_penalty as gradient_penalty
+from udd_jax.inner import ImagePrior as ImagePrior
+from udd_jax.inner import fit_prior as fit_prior
 from udd_jax.inner import init_params as init_params
+from udd_jax.inner import load_prior as load_prior
+from udd_jax.inner import naturalness as naturalness
 from udd_jax.inner import linear_ae_loss as linear_ae_loss
 from udd_jax.inner import linear_ae_solution as linear_ae_solution
 from udd_jax.inner import score as score

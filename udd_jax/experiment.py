@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from udd_jax import _validation, io, reporting
 from udd_jax.bilevel.solvers import SOLVERS
@@ -23,7 +24,7 @@ from udd_jax.data.preprocessing import PREPROCESSING_METHODS, resize_images
 from udd_jax.driver import DEFAULT_SOLVER, INITS, config_differences, distill
 from udd_jax.driver.arguments import LR_SCHEDULES, solver_and_options
 from udd_jax.evaluation import BASELINES, evaluate
-from udd_jax.inner import LEARNERS
+from udd_jax.inner import LEARNERS, load_prior, naturalness
 from udd_jax.sharding import is_primary
 
 JOINT_SOLVERS = ("penalty", "value_function")
@@ -240,8 +241,14 @@ def run(
     transfer: Sequence[str] = (), options: dict[str, Any] | None = None, lr_schedule: str | None = None,
     progress: bool = True, log_every: int = 10, checkpoint_every: int = 50, max_seconds: float | None = None,
     rerun_evaluation: bool = False, devices: int | None = None, baseline_cache: str | None = None,
+    prior: str | None = None,
 ) -> dict[str, Any]:
   """Runs one distillation end to end and writes its artifacts into ``workdir``.
+
+  ``prior`` is the path of a saved image prior (``experiments/fit_prior.py``): with the
+  solver option ``prior_weight > 0`` the distillation adds it to its outer objective, and in
+  any case the summary holds D's naturalness under it (:func:`udd_jax.naturalness` against
+  the test images).
 
   ``devices`` is how many devices the distillation and the evaluation split their work
   over (:func:`run_devices`; docs/SCALING.md); in a multi-process run only process 0
@@ -276,6 +283,9 @@ def run(
   )
   transfers = [parse_transfer(t) for t in transfer]
   devices = run_devices(devices, eval_seeds)
+  image_prior = load_prior(prior) if prior else None
+  if (options or {}).get("prior_weight") and image_prior is None:
+    raise ValueError("--opt prior_weight needs --prior (the path of a saved prior, from experiments/fit_prior.py).")
   names = [n.strip() for n in dataset.split(",") if n.strip()]
   solver = solver or DEFAULT_SOLVER
   request = dict(dataset=",".join(names), n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver,
@@ -283,6 +293,8 @@ def run(
                  preprocessing=preprocessing, options=options, max_seconds=max_seconds, eval_every=eval_every,
                  log_every=log_every, checkpoint_every=checkpoint_every, eval_seeds=eval_seeds,
                  baselines=list(baselines), transfer=list(transfer))
+  if image_prior is not None:
+    request["prior"] = image_prior.record()
   workdir_path = pathlib.Path(workdir)
   saved, changed = finished_run(workdir_path, request)
   if saved is not None and not changed and not rerun_evaluation:
@@ -299,7 +311,8 @@ def run(
       *inputs, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver, steps=steps, seed=seed,
       workdir=workdir_path, batch_size=batch_size, init=init, preprocessing=preprocessing, eval_every=eval_every,
       eval_data=(x_train, y_train, x_test, y_test) if eval_every else None, progress=progress, log_every=log_every,
-      checkpoint_every=checkpoint_every, max_seconds=max_seconds, devices=devices, **options,
+      checkpoint_every=checkpoint_every, max_seconds=max_seconds, devices=devices,
+      prior=image_prior if (options or {}).get("prior_weight") else None, **(options or {}),
   )
   # A finished run asked again (more steps, another evaluation) adds this call's distillation to its own.
   distill_seconds = time.perf_counter() - t0 + (saved.get("distill_seconds") or 0.0 if saved is not None else 0.0)
@@ -315,6 +328,9 @@ def run(
     honest = report.rows[0]  # D, converged learner with the standard recipe: the headline
     summary.update(honest_accuracy=honest.mean, honest_std=honest.std,
                    joint_accuracy=next((r.mean for r in report.rows if r.name.startswith("jointly")), None))
+  if image_prior is not None:
+    summary["naturalness"] = naturalness(result.images.reshape(n_distill, -1), image_prior,
+                                         np.asarray(x_test, np.float32).reshape(len(x_test), -1))
   if not is_primary():  # the other processes of a multi-process run write nothing
     return summary
   title = f"{dataset}: |D| = {n_distill}, K = {n_hidden}, {inner}, {solver}"
@@ -324,6 +340,11 @@ def run(
   print(f"# {title}\n\n{table}")
   honest_text = "no final evaluation" if report is None else f"honest accuracy {100 * honest.mean:.2f} +- {100 * honest.std:.2f}%"
   print(f"\n{honest_text} | distillation {distill_seconds:.0f} s | report: {workdir_path / 'report.md'}")
+  if image_prior is not None:
+    nat = summary["naturalness"]
+    print(f"naturalness: mean log p(D) {nat['mean_log_p']:.1f} (real test images: quartiles {nat['real_log_p_q25']:.1f} / "
+          f"{nat['real_log_p_q50']:.1f} / {nat['real_log_p_q75']:.1f}); nearest real image at {nat['nearest_real_distance']:.2f} "
+          f"(real to real: {nat['real_nearest_distance']:.2f})")
   return summary
 
 

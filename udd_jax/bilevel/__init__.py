@@ -32,7 +32,9 @@ from udd_jax.bilevel.solvers import Unrolled as Unrolled
 from udd_jax.bilevel.solvers import UnrolledState as UnrolledState
 from udd_jax.bilevel.solvers import ValueFunction as ValueFunction
 from udd_jax.bilevel.solvers import ValueFunctionState as ValueFunctionState
+from udd_jax.bilevel.solvers import PriorState as PriorState
 from udd_jax.bilevel.solvers import add_diversity as add_diversity
+from udd_jax.bilevel.solvers import add_prior as add_prior
 from udd_jax.bilevel.solvers import diversity as diversity
 from udd_jax.bilevel.solvers import get_solver as get_solver
 from udd_jax.bilevel.solvers import mu_schedule as mu_schedule

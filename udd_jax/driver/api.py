@@ -30,7 +30,7 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
             recipe: Recipe | dict[str, Any] | None = None, workdir: str | os.PathLike | None = None,
             eval_data: tuple[Any, Any, Any, Any] | None = None,
             callback: Callable[[int, dict[str, float]], None] | None = None, devices: Any = None,
-            **options: Any) -> DistillResult:
+            prior: Any = None, **options: Any) -> DistillResult:
   """Distils real labelled data into ``n_distill`` unlabeled points for an unsupervised learner.
 
   The settings come in three groups: the problem (:class:`ProblemConfig`: the learner and
@@ -66,6 +66,12 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
       across them (``pool_size`` a multiple of their number), every other solver the real
       batch (``batch_size`` likewise); the results agree with one device's to float
       round-off, and a checkpoint resumes on any number of devices (docs/SCALING.md).
+    prior: a learned image prior (an :class:`~udd_jax.inner.prior.ImagePrior` from
+      :func:`udd_jax.fit_prior`, or the path of a saved one), with the solver option
+      ``prior_weight=lam > 0``: every solver adds ``-lam * mean_i log p(d_i)`` to its outer
+      objective (docs/METHOD.md section 2.6). It is data, not a setting: the config records its
+      fingerprint, and a replay (:func:`distill_arguments`) must pass it again. Needs
+      ``preprocessing="none"``.
     **options: fields of ``problem`` and ``run``, and the solver's options.
 
   Returns:
@@ -98,7 +104,7 @@ def distill(x: Any, y: Any = None, *, n_distill: int, problem: ProblemConfig | d
       checkpoint_every=run_config.checkpoint_every, eval_every=run_config.eval_every, eval_data=eval_data,
       progress=run_config.progress, callback=callback, max_seconds=run_config.max_seconds,
       eval_every_seconds=run_config.eval_every_seconds,
-      options=options | problem_options | dict(clip_images=run_config.clip_images))
+      options=options | problem_options | dict(clip_images=run_config.clip_images), prior=prior)
   layout = make_layout(devices)
   run = build(settings, layout)
   workdir = loop.check_workdir(pathlib.Path(workdir)) if workdir is not None else None

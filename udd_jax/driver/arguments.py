@@ -14,6 +14,7 @@ from udd_jax.bilevel import solvers as solvers_lib
 from udd_jax.bilevel.basis import check_image_basis
 from udd_jax.data.preprocessing import PREPROCESSING_METHODS
 from udd_jax.inner import learners
+from udd_jax.inner import prior as prior_lib
 from udd_jax.training.optimizers import LR_SCHEDULES as LR_SCHEDULES
 from udd_jax.training.recipes import Recipe
 
@@ -171,6 +172,7 @@ class Settings:
   eval_every_seconds: float | None
   problem_options: dict[str, Any]
   clip_images: bool = False
+  prior: Any = None  # a checked ImagePrior when the solver's prior_weight > 0
 
   @property
   def init_scale(self) -> float:
@@ -281,7 +283,8 @@ def solver_and_options(solver: Any, steps: int, options: dict[str, Any]) -> tupl
 def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str | learners.InnerLearner, solver: Any,
                     steps: int | None, seed: Any, batch_size: int, init: str, preprocessing: str, recipe: Any, log_every: int,
                     checkpoint_every: int, eval_every: int, eval_data: Any, progress: bool, callback: Any,
-                    max_seconds: float | None, eval_every_seconds: float | None, options: dict[str, Any]) -> Settings:
+                    max_seconds: float | None, eval_every_seconds: float | None, options: dict[str, Any],
+                    prior: Any = None) -> Settings:
   """Checks every argument of ``distill`` (same names); raises ValueError / TypeError naming the problem."""
   _validation.check_choice(preprocessing, "preprocessing", PREPROCESSING_METHODS)
   tasks = tasks_from_inputs(x, y, preprocessing)
@@ -306,14 +309,25 @@ def check_arguments(x: Any, y: Any, *, n_distill: int, n_hidden: int, inner: str
   _check_run(tasks, n_distill, init, eval_every, eval_every_seconds, max_seconds, eval_data, recipe, callback)
   clip_images = _validation.check_bool(options.get("clip_images", False), "clip_images")
   solver_obj, problem_options = solver_and_options(solver, steps, options)
-  check_image_basis(solver_obj.image_basis, int(np.prod(tasks[0][0].shape[1:])))
+  dim = int(np.prod(tasks[0][0].shape[1:]))
+  check_image_basis(solver_obj.image_basis, dim)
+  if prior is not None or solver_obj.prior_weight:
+    if prior is None:
+      raise ValueError(f"prior_weight is {solver_obj.prior_weight}, but no prior was given: pass prior= (an ImagePrior "
+                       "from udd_jax.fit_prior, or the path of a saved one).")
+    if not solver_obj.prior_weight:
+      raise ValueError("a prior was given, but prior_weight is 0: set prior_weight > 0 to use it.")
+    if preprocessing != "none":
+      raise ValueError(f"a prior needs preprocessing='none' (D is optimised in the inputs' own space, where the prior "
+                       f"was fitted); got preprocessing={preprocessing!r}.")
+    prior = prior_lib.check_prior(prior, dim)
   return Settings(
       tasks=tasks, n_distill=n_distill, n_hidden=n_hidden, inner=inner, solver=solver_obj, steps=steps, key=key,
       seed=seed_record, batch_size=batch_size, init=init, preprocessing=preprocessing,
       recipe=Recipe.from_config(recipe) if isinstance(recipe, dict) else recipe, log_every=log_every,
       checkpoint_every=checkpoint_every, eval_every=eval_every, eval_data=eval_data, progress=progress,
       callback=callback, max_seconds=max_seconds, eval_every_seconds=eval_every_seconds,
-      problem_options=problem_options, clip_images=clip_images)
+      problem_options=problem_options, clip_images=clip_images, prior=prior)
 
 
 # What distill_arguments takes from a run's config as it is (the arguments that decide D).

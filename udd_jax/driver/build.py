@@ -70,7 +70,7 @@ def _config(s: Settings, n_classes: list[int], image_shape: tuple[int, ...]) -> 
       batch_size=s.batch_size, init=s.init, preprocessing=s.preprocessing, n_classes=n_classes,
       image_shape=list(image_shape), problem_options=dict(s.problem_options), solver_options=solver.to_config(),
       given_recipe=s.recipe.to_config() if s.recipe is not None else None,
-  ) | ({"clip_images": True} if s.clip_images else {})
+  ) | ({"clip_images": True} if s.clip_images else {}) | ({"prior": s.prior.record()} if s.prior is not None else {})
 
 
 def state_shardings(layout: Layout, solver: Any, state: Any) -> Any:
@@ -148,7 +148,7 @@ def build(s: Settings, layout: Layout | None = None) -> Run:
   # The basis D is optimised in is data (a PCA of the real inputs, in the space the learner
   # sees): computed here, once, and kept in the solver's state, so the solver stays plain values.
   basis = make_image_basis(s.solver.image_basis, prep.dim, data=z_tasks[0][0])
-  state = s.solver.init(problem, k_state, images0, basis=basis)
+  state = s.solver.init(problem, k_state, images0, basis=basis, **({} if s.prior is None else {"prior": s.prior}))
   device_tasks = tuple((jnp.asarray(zj), jnp.asarray(yj)) for zj, yj in z_tasks)
   if layout is not None:
     state = layout.put(state, state_shardings(layout, s.solver, state))

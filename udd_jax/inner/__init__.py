@@ -17,6 +17,10 @@ from udd_jax.inner.linear import linear_ae_loss as linear_ae_loss
 from udd_jax.inner.linear import linear_ae_solution as linear_ae_solution
 from udd_jax.inner.grbm import sliced_score_matching_loss as sliced_score_matching_loss
 from udd_jax.inner.penalty import gradient_penalty as gradient_penalty
+from udd_jax.inner.prior import ImagePrior as ImagePrior
+from udd_jax.inner.prior import fit_prior as fit_prior
+from udd_jax.inner.prior import load_prior as load_prior
+from udd_jax.inner.prior import naturalness as naturalness
 from udd_jax.inner.learners import INNER_LOSSES as INNER_LOSSES
 from udd_jax.inner.learners import LEARNERS as LEARNERS
 from udd_jax.inner.learners import LinearAELearner as LinearAELearner

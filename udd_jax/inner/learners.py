@@ -104,6 +104,17 @@ class InnerLearner(abc.ABC):
     return None
 
 
+def _named_arrays(params: NamedTuple) -> dict[str, np.ndarray]:
+  return {field: np.asarray(value) for field, value in params._asdict().items()}
+
+
+def _from_named_arrays(cls: type, arrays: Mapping[str, np.ndarray], learner: str) -> Any:
+  missing = [f for f in cls._fields if f not in arrays]
+  if missing:
+    raise ValueError(f"the {learner} learner's parameters lack {missing}.")
+  return cls(*(arrays[f] for f in cls._fields))
+
+
 @dataclasses.dataclass(frozen=True)
 class GRBMLearner(InnerLearner):
   """The GRBM / tied autoencoder (:mod:`udd_jax.inner.grbm`) with one of its proper scoring rules.
@@ -143,13 +154,10 @@ class GRBMLearner(InnerLearner):
     grbm.check_params(params, x, name, sigma2=self.sigma2)
 
   def to_arrays(self, params: grbm.GRBMParams) -> dict[str, np.ndarray]:
-    return {field: np.asarray(value) for field, value in params._asdict().items()}
+    return _named_arrays(params)
 
   def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> grbm.GRBMParams:
-    missing = [f for f in grbm.GRBMParams._fields if f not in arrays]
-    if missing:
-      raise ValueError(f"the {self.name} learner's parameters lack {missing}.")
-    return grbm.GRBMParams(*(arrays[f] for f in grbm.GRBMParams._fields))
+    return _from_named_arrays(grbm.GRBMParams, arrays, self.name)
 
   def filters(self, params: grbm.GRBMParams) -> np.ndarray:
     return np.asarray(params.W).T
@@ -211,13 +219,10 @@ class LinearAELearner(InnerLearner):
     linear.check_params(params, x, name)
 
   def to_arrays(self, params: linear.LinearAEParams) -> dict[str, np.ndarray]:
-    return {"W": np.asarray(params.W), "a": np.asarray(params.a)}
+    return _named_arrays(params)
 
   def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> linear.LinearAEParams:
-    missing = [f for f in linear.LinearAEParams._fields if f not in arrays]
-    if missing:
-      raise ValueError(f"the {self.name} learner's parameters lack {missing}.")
-    return linear.LinearAEParams(*(arrays[f] for f in linear.LinearAEParams._fields))
+    return _from_named_arrays(linear.LinearAEParams, arrays, self.name)
 
   def filters(self, params: linear.LinearAEParams) -> np.ndarray:
     return np.asarray(params.W).T

@@ -55,7 +55,9 @@ from udd_jax.bilevel.solvers.base import Metrics as Metrics
 from udd_jax.bilevel.solvers.base import Problem as Problem
 from udd_jax.bilevel.solvers.base import SolverBase as SolverBase
 from udd_jax.bilevel.solvers.base import SolverState as SolverState
+from udd_jax.bilevel.solvers.base import PriorState as PriorState
 from udd_jax.bilevel.solvers.base import add_diversity as add_diversity
+from udd_jax.bilevel.solvers.base import add_prior as add_prior
 from udd_jax.bilevel.solvers.base import diversity as diversity
 from udd_jax.bilevel.solvers.base import project_onto_box as project_onto_box
 from udd_jax.bilevel.solvers.implicit import Implicit as Implicit

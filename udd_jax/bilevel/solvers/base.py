@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from udd_jax.bilevel import basis as basis_lib
 from udd_jax.bilevel import implicit_diff
 from udd_jax.bilevel.problem import BilevelProblem, TaskBatch
 from udd_jax.heads import linear as heads_lib
+from udd_jax.inner import prior as prior_lib
 from udd_jax.training import optimizers
 from udd_jax.training.recipes import STANDARD_RECIPE, Recipe
 
@@ -111,6 +112,10 @@ class SolverBase:
   Attributes:
     diversity: weight ``lambda`` of the seed's diversity term on D (0 disables it): the
       chain adds ``-lambda * grad div(D)`` to the hypergradient.
+    prior_weight: weight ``lambda`` of a learned image prior (0 disables it): the chain adds
+      the gradient of ``-lambda * mean_i log p(d_i)``, ``-lambda / N * s(d_i)`` per row, to the
+      hypergradient. The prior is data (:class:`~udd_jax.inner.prior.ImagePrior`), given to
+      ``init`` and kept in the chain's state like the basis.
     image_optimizer: optimiser of D (``"adam"`` or ``"sgd"``).
     image_lr: its step size.
     lr_schedule: ``"constant"``, or ``"cosine"`` to decay the outer step sizes (D's, and
@@ -132,6 +137,7 @@ class SolverBase:
   """
 
   diversity: float = 0.0
+  prior_weight: float = 0.0
   image_optimizer: str = "adam"
   image_lr: float = 1e-2
   lr_schedule: str = "constant"
@@ -145,7 +151,7 @@ class SolverBase:
   member_fields: ClassVar[tuple[str, ...]] = ()
   # Fields added after runs were recorded: left out of to_config() at their default, so that the
   # config.json of such a run still matches (resume, --rerun_evaluation) and replays unchanged.
-  recorded_unless_default: ClassVar[dict[str, Any]] = {"image_basis": "pixels"}
+  recorded_unless_default: ClassVar[dict[str, Any]] = {"image_basis": "pixels", "prior_weight": 0.0}
 
   @property
   def n_members(self) -> int:
@@ -159,6 +165,7 @@ class SolverBase:
 
   def __post_init__(self):
     _validation.check_positive_float(self.diversity, "diversity", allow_zero=True)
+    _validation.check_positive_float(self.prior_weight, "prior_weight", allow_zero=True)
     _validation.check_choice(self.image_optimizer, "image_optimizer", optimizers.OPTIMIZERS)
     _validation.check_positive_float(self.image_lr, "image_lr")
     _validation.check_choice(self.lr_schedule, "lr_schedule", optimizers.LR_SCHEDULES)
@@ -175,8 +182,8 @@ class SolverBase:
     """An outer step size under the solver's ``lr_schedule``."""
     return optimizers.learning_rate(value, self.lr_schedule, self.decay_steps)
 
-  def image_transform(self, paired: bool = False, basis: Any = None) -> optax.GradientTransformation:
-    """D's update as one optax chain: diversity, the optimiser (step size and schedule), the projection.
+  def image_transform(self, paired: bool = False, basis: Any = None, prior: Any = None) -> optax.GradientTransformation:
+    """D's update as one optax chain: diversity, the prior, the optimiser (step size and schedule), the projection.
 
     With an ``image_basis`` other than ``"pixels"``, the optimiser runs on D's coefficients
     in the basis (:func:`~udd_jax.bilevel.basis.in_basis`), before the projection.
@@ -187,10 +194,13 @@ class SolverBase:
       paired: the chain updates the pair ``(D, other)``.
       basis: the basis U (d, R), needed by the chain's ``init`` only (:meth:`init_image_state`
         passes it); a step's chain reads U from its state.
+      prior: the :class:`~udd_jax.inner.prior.ImagePrior`, likewise needed by ``init`` only.
     """
     parts = []
     if self.diversity and not self.diversity_in_objective:
       parts.append(add_diversity(self.diversity, paired))
+    if self.prior_weight:
+      parts.append(add_prior(self.prior_weight, prior, paired))
     optimizer = optimizers.optimizer(self.image_optimizer, self.outer_lr(self.image_lr))
     if self.image_basis != "pixels":
       optimizer = basis_lib.in_basis(optimizer, basis, paired)
@@ -199,8 +209,9 @@ class SolverBase:
       parts.append(project_onto_box(*self.image_bounds, paired=paired))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
-  def init_image_state(self, params: PyTree, basis: Any = None, paired: bool = False) -> optax.OptState:
-    """The initial state of :meth:`image_transform`'s chain at D (or at the pair ``(D, other)``), with D's basis in it.
+  def init_image_state(self, params: PyTree, basis: Any = None, paired: bool = False, prior: Any = None
+                       ) -> optax.OptState:
+    """The initial state of :meth:`image_transform`'s chain at D (or at the pair ``(D, other)``), with D's basis and prior in it.
 
     The basis is data (a PCA of the real inputs), so it is not a field of the solver: the
     caller computes it (:func:`~udd_jax.bilevel.basis.make_image_basis`; ``distill`` does) and
@@ -211,21 +222,30 @@ class SolverBase:
       basis: U (d, R) for ``image_basis``; None computes a data-free one (``"dct:R"``) and is
         the only value ``"pixels"`` accepts.
       paired: the chain updates the pair ``(D, other)``.
+      prior: the :class:`~udd_jax.inner.prior.ImagePrior` (or its path) when ``prior_weight > 0``.
 
     Raises:
       ValueError: a basis given with ``"pixels"``, ``"pca:R"`` without its basis, or a basis
-        of the wrong shape or not orthonormal.
+        of the wrong shape or not orthonormal; a prior missing with ``prior_weight > 0``, given
+        with ``prior_weight = 0``, or over another number of features than D.
     """
     images = params[0] if paired else params
+    d = images.shape[1]
+    if self.prior_weight and prior is None:
+      raise ValueError(f"prior_weight is {self.prior_weight}, but no prior was given: pass prior= (an ImagePrior, "
+                       "e.g. from udd_jax.fit_prior, or the path of a saved one).")
+    if prior is not None:
+      if not self.prior_weight:
+        raise ValueError("a prior was given, but prior_weight is 0: set prior_weight > 0 to use it.")
+      prior = prior_lib.check_prior(prior, d)
     if self.image_basis == "pixels":
       if basis is not None:
         raise ValueError("a basis was given, but the solver's image_basis is 'pixels': set image_basis to 'pca:R' or "
                          "'dct:R' to optimise D in it.")
-      return self.image_transform(paired).init(params)
-    d = images.shape[1]
+      return self.image_transform(paired, prior=prior).init(params)
     if basis is None:
       basis = basis_lib.make_image_basis(self.image_basis, d)
-    return self.image_transform(paired, basis_lib.check_basis(self.image_basis, basis, d)).init(params)
+    return self.image_transform(paired, basis_lib.check_basis(self.image_basis, basis, d), prior).init(params)
 
   def learner_params(self, state: SolverState) -> PyTree:
     """The single learner the driver reports on, probes and saves: ``state.params`` unless a solver keeps several."""
@@ -327,6 +347,37 @@ def _on_images(fn: Callable[[Array, Array], Array], paired: bool) -> optax.Gradi
 def add_diversity(weight: float, paired: bool = False) -> optax.GradientTransformation:
   """Adds ``-weight * grad div(D)`` to D's gradient (:func:`diversity`): a reward for spread-out points."""
   return _on_images(lambda g, images: g - weight * jax.grad(diversity)(images), paired)
+
+
+class PriorState(NamedTuple):
+  """The state of :func:`add_prior`: the prior, so that every step reads it."""
+
+  prior: Any
+
+
+def add_prior(weight: float, prior: Any = None, paired: bool = False) -> optax.GradientTransformation:
+  """Adds the gradient of ``-weight * mean_i log p(d_i)`` to D's gradient: ``-weight / N * s(d_i)`` per row.
+
+  Args:
+    weight: the prior's weight ``lambda``.
+    prior: the :class:`~udd_jax.inner.prior.ImagePrior`; only ``init`` reads it (``update``
+      takes it from the state).
+    paired: the updates are a pair ``(D, other)``; only D's is changed.
+  """
+
+  def init(params):
+    if prior is None:
+      raise ValueError("add_prior needs the prior at init (its update reads it from the state).")
+    return PriorState(prior)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_prior needs the current D: pass params to update.")
+    images, g = (params[0], updates[0]) if paired else (params, updates)
+    g = g - weight / images.shape[0] * state.prior.score(images).astype(g.dtype)
+    return ((g, *updates[1:]) if paired else g), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def project_onto_box(low: float, high: float, paired: bool = False) -> optax.GradientTransformation:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +90,12 @@ class Implicit(HeadFitting, SolverBase):
   def inner_transform(self) -> optax.GradientTransformation:
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
-           ) -> ImplicitState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None,
+           prior: Any = None) -> ImplicitState:
     params, heads, key = init_common(problem, key, images)
     check_curvature(problem, self.curvature, images)
     return ImplicitState(jnp.asarray(0), images, params, heads, self.inner_transform().init(params),
-                         optax.tree.zeros_like(params), self.init_image_state(images, basis),
+                         optax.tree.zeros_like(params), self.init_image_state(images, basis, prior=prior),
                          self.head_transform().init(heads), key)
 
   def step(self, problem: Problem, state: ImplicitState, batch: TaskBatch) -> tuple[ImplicitState, Metrics]:

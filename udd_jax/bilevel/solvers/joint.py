@@ -194,10 +194,10 @@ class Penalty(JointBase):
 
   name = "penalty"
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
-           ) -> PenaltyState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None,
+           prior: Any = None) -> PenaltyState:
     params, heads, key = init_common(problem, key, images)
-    return PenaltyState(jnp.asarray(0), images, params, heads, self.init_image_state(images, basis),
+    return PenaltyState(jnp.asarray(0), images, params, heads, self.init_image_state(images, basis, prior=prior),
                         self.model_transform().init((params, heads)), key)
 
   def step(self, problem: Problem, state: PenaltyState, batch: TaskBatch) -> tuple[PenaltyState, Metrics]:
@@ -243,11 +243,11 @@ class ValueFunction(JointBase):
   def inner_transform(self) -> optax.GradientTransformation:
     return optimizers.optimizer(self.inner_optimizer, self.inner_lr)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
-           ) -> ValueFunctionState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None,
+           prior: Any = None) -> ValueFunctionState:
     params, heads, key = init_common(problem, key, images)
     return ValueFunctionState(jnp.asarray(0), images, params, heads, params, self.inner_transform().init(params),
-                              self.init_image_state(images, basis), self.model_transform().init((params, heads)), key)
+                              self.init_image_state(images, basis, prior=prior), self.model_transform().init((params, heads)), key)
 
   def step(self, problem: Problem, state: ValueFunctionState, batch: TaskBatch) -> tuple[ValueFunctionState, Metrics]:
     key, k_inner = jax.random.split(state.key)

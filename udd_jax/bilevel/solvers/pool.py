@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -254,8 +254,8 @@ class Pool(FreshHeadsBase):
     """The inverse of :meth:`_groups`."""
     return tuple(stacks) if self.members else stacks[0]
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
-           ) -> PoolState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None,
+           prior: Any = None) -> PoolState:
     if isinstance(problem, BilevelProblem):
       problem.check_images(images)
     problems = self.group_problems(problem)
@@ -270,7 +270,7 @@ class Pool(FreshHeadsBase):
     # and from then on each group covers the whole lifetime evenly.
     age = [(jnp.arange(n) * self.lifetime) // n for _ in problems]
     return PoolState(jnp.asarray(0), images, self._pack(params), self._pack(opt_state), self._pack(age),
-                     self._pack([optax.tree.zeros_like(w) for w in params]), self.init_image_state(images, basis), key)
+                     self._pack([optax.tree.zeros_like(w) for w in params]), self.init_image_state(images, basis, prior=prior), key)
 
   def learner_params(self, state: PoolState) -> PyTree:
     """The oldest learner of the pool (of its first member group): the one nearest to convergence.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,11 +100,11 @@ class Unrolled(FreshHeadsBase):
     lrs = tuple(float(v) for v in np.exp(np.asarray(state.log_step_sizes)))
     return Recipe(self.inner_optimizer, lrs, self.unroll_steps, init_scale)
 
-  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None
-           ) -> UnrolledState:
+  def init(self, problem: Problem, key: PRNGKeyArray, images: Array, basis: jax.typing.ArrayLike | None = None,
+           prior: Any = None) -> UnrolledState:
     params, heads, key = init_common(problem, key, images)
     log_lr = jnp.full((self.unroll_steps,), jnp.log(self.inner_lr), images.dtype)
-    opt_state = self.init_image_state((images, log_lr), basis, paired=True)
+    opt_state = self.init_image_state((images, log_lr), basis, paired=True, prior=prior)
     return UnrolledState(jnp.asarray(0), images, params, heads, log_lr, opt_state, key)
 
   def step(self, problem: Problem, state: UnrolledState, batch: TaskBatch) -> tuple[UnrolledState, Metrics]:
