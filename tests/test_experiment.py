@@ -92,7 +92,7 @@ def test_helpfull_lists_choices_and_defaults_and_starts_no_run(tmp_path, name):
   assert "--workdir: (required)" in out
   assert "<digits|mnist_10k|mnist|fashion_mnist|usps>" in out
   if name != "seed_table":
-    assert "--inner: <ae|score_matching|denoising_score_matching|sliced_score_matching>" in out
+    assert "--inner:\n    <ae|score_matching|denoising_score_matching|sliced_score_matching|linear_ae>" in out
   if name == "distill":
     assert "--solver: <implicit|penalty|pool|unrolled|value_function>: Solver.\n    (default: 'pool')" in out
     assert "pool 500" in out and "unrolled 300" in out and "penalty 600" in out

@@ -242,10 +242,15 @@ class SolverBase:
       if basis is not None:
         raise ValueError("a basis was given, but the solver's image_basis is 'pixels': set image_basis to 'pca:R' or "
                          "'dct:R' to optimise D in it.")
-      return self.image_transform(paired, prior=prior).init(params)
+      return self._image_chain(paired, None, prior).init(params)
     if basis is None:
       basis = basis_lib.make_image_basis(self.image_basis, d)
-    return self.image_transform(paired, basis_lib.check_basis(self.image_basis, basis, d), prior).init(params)
+    return self._image_chain(paired, basis_lib.check_basis(self.image_basis, basis, d), prior).init(params)
+
+  def _image_chain(self, paired: bool, basis: Any, prior: Any) -> optax.GradientTransformation:
+    # ``prior`` is passed only when there is one, so a subclass whose ``image_transform`` predates it still works.
+    options = {} if basis is None else {"basis": basis}
+    return self.image_transform(paired, **options, **({} if prior is None else {"prior": prior}))
 
   def learner_params(self, state: SolverState) -> PyTree:
     """The single learner the driver reports on, probes and saves: ``state.params`` unless a solver keeps several."""
