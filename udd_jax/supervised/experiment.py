@@ -70,8 +70,10 @@ def _progress(method: str):
   t0 = time.perf_counter()
 
   def callback(iteration: int, record: dict[str, float]) -> None:
+    # The run's seconds (a resumed run's count those of its earlier calls too), else this call's.
+    seconds = record.get("seconds", time.perf_counter() - t0)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
-    print(f"{method} iteration {iteration} ({time.perf_counter() - t0:.0f} s): {shown}", flush=True)
+    print(f"{method} iteration {iteration} ({seconds:.0f} s): {shown}", flush=True)
 
   return callback
 
