@@ -134,3 +134,17 @@ def test_the_app_reports_naturalness_and_refuses_a_weight_without_a_prior(tmp_pa
   assert nat["real_log_p_q25"] < nat["real_log_p_q75"]
   with pytest.raises(ValueError, match="prior_weight needs --prior"):
     experiment.run(workdir=str(tmp_path / "run2"), options=dict(prior_weight=1.0), **common)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_prior_resumes_and_refuses_another_prior(tmp_path, digits_prior):
+  prior, x, _ = digits_prior
+  (_, y), _ = udd_jax.load_dataset("digits")
+  common = dict(n_distill=10, n_hidden=8, log_every=5, checkpoint_every=5, progress=False, prior_weight=5.0)
+  whole = udd_jax.distill(x, y, steps=10, prior=prior, **common)
+  udd_jax.distill(x, y, steps=5, prior=prior, workdir=tmp_path / "run", **common)
+  resumed = udd_jax.distill(x, y, steps=10, prior=prior, workdir=tmp_path / "run", **common)
+  np.testing.assert_allclose(resumed.images, whole.images, rtol=1e-6, atol=1e-7)
+  other = ImagePrior(prior.params._replace(a=prior.params.a + 0.1), prior.sigma2)
+  with pytest.raises(ValueError, match="prior"):
+    udd_jax.distill(x, y, steps=10, prior=other, workdir=tmp_path / "run", **common)
